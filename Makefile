@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# TORCH picks the torch build: the CPU wheel by default; e.g. `make demo TORCH=torch` for CUDA.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.respmotion-installed
+
+.PHONY: setup demo test bench bench-setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/respmotion demo --out out/demo
+
+test: setup
+	$(BIN)/python -m pytest -q -x tests
+
+bench-setup: setup
+	$(BIN)/pip install -q -e ".[test,bench]"
+
+bench: bench-setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf out runs

@@ -1,0 +1,41 @@
+"""The ``respmotion`` command: one subcommand per pipeline stage.
+
+Each subcommand lives in :mod:`respmotion.commands` (the CLI layer); it resolves its typed
+config (defaults < ``--config FILE`` < flags < ``key=value``) and calls the stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand module under respmotion.commands) in pipeline order; each defines register(subparsers).
+COMMAND_MODULES: tuple[str, ...] = (
+    "phantom",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="respmotion",
+        description="Learn breathing motion from 4D-CT and synthesize a 4D-CT from a static CT.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('respmotion').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"respmotion.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .commands._common import run_command
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

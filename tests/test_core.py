@@ -1,0 +1,126 @@
+"""Conventions of the core: sign, order and units of warping, composition and export."""
+
+import numpy as np
+import pytest
+import torch
+
+from respmotion.core import DisplacementField, Geometry, Volume
+from respmotion.core import ops
+from respmotion.core import warp as W
+from respmotion.io.volumes import load_field, load_volume, save_field, save_volume
+
+SPACING = (2.0, 1.5, 1.0)  # z, y, x mm
+
+
+def blob(shape, centre_idx, sigma=3.0):
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    d2 = (zz - centre_idx[0]) ** 2 + (yy - centre_idx[1]) ** 2 + (xx - centre_idx[2]) ** 2
+    return np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
+
+
+def centroid(a):
+    grids = np.meshgrid(*[np.arange(n) for n in a.shape], indexing="ij")
+    return np.array([(g * a).sum() / a.sum() for g in grids])
+
+
+def test_translation_sign_order_units():
+    shape = (24, 32, 40)
+    geom = Geometry(shape, SPACING)
+    moving = Volume(blob(shape, (12, 16, 20)), geom)
+    t_mm = np.array([2.0, -3.0, 4.0])  # +2 mm z, -3 mm y, +4 mm x
+    field = DisplacementField(np.broadcast_to(t_mm[:, None, None, None], (3, *shape)).astype(np.float32).copy(), geom)
+    warped = ops.warp_volume(moving, field)
+    # pull: warped(p) = moving(p + t) -> content moves by -t
+    shift_vox = centroid(warped.array) - centroid(moving.array)
+    np.testing.assert_allclose(shift_vox * np.array(SPACING), -t_mm, atol=0.05)
+
+
+def test_field_roundtrip_nifti_mha(tmp_path):
+    shape = (5, 6, 7)
+    direction = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=float)  # rotated axes
+    geom = Geometry(shape, SPACING, (-10.0, 20.5, 30.25), tuple(direction.ravel()))
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(3, *shape)).astype(np.float32)
+    field = DisplacementField(arr, geom)
+    for name in ("f.nii.gz", "f.mha", "f.nrrd", "f.npy"):
+        back = load_field(save_field(field, tmp_path / name))
+        assert back.geometry.same_as(geom), name
+        np.testing.assert_allclose(back.array, arr, atol=1e-5, err_msg=name)
+    vol = Volume(rng.normal(size=shape).astype(np.float32), geom)
+    for name in ("v.nii.gz", "v.mha", "v.npy"):
+        back = load_volume(save_volume(vol, tmp_path / name))
+        assert back.geometry.same_as(geom), name
+        np.testing.assert_allclose(back.array, vol.array, atol=1e-6, err_msg=name)
+
+
+def test_world_vectors_follow_direction():
+    direction = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=float)
+    geom = Geometry((2, 2, 2), SPACING, (0, 0, 0), tuple(direction.ravel()))
+    # a step of one voxel along array x = spacing_x mm along direction column 0
+    w = geom.index_to_world([0, 0, 1]) - geom.index_to_world([0, 0, 0])
+    np.testing.assert_allclose(w, direction[:, 0] * SPACING[2])
+    np.testing.assert_allclose(geom.axes_to_world(np.array([0.0, 0.0, SPACING[2]])), w)
+    np.testing.assert_allclose(geom.world_to_index(geom.index_to_world([1.2, 0.3, 0.7])), [1.2, 0.3, 0.7])
+
+
+def test_compose_matches_analytic_not_sum():
+    shape = (16, 20, 24)
+    sp = (1.0, 1.0, 1.0)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    # u(p) = (0.1 * y, 0, 0) (z shear); v(p) = (0, 0.05 * x + 1, 0)
+    u = torch.stack([0.1 * y, torch.zeros_like(y), torch.zeros_like(y)])[None]
+    v = torch.stack([torch.zeros_like(y), 0.05 * x + 1.0, torch.zeros_like(y)])[None]
+    w = W.compose(u, v, sp)
+    # analytic: w(p) = v(p) + u(p + v(p)) = (0.1 * (y + 0.05 x + 1), 0.05 x + 1, 0)
+    expect = torch.stack([0.1 * (y + 0.05 * x + 1.0), 0.05 * x + 1.0, torch.zeros_like(y)])[None]
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -4), slice(1, -1))  # p + v(p) stays inside
+    assert torch.allclose(w[inner], expect[inner], atol=1e-6)
+    assert not torch.allclose((u + v)[inner], expect[inner], atol=1e-2)
+    # and warping twice equals warping once by the composition
+    img = torch.rand(1, 1, *shape, dtype=torch.float64)
+    twice = W.warp(W.warp(img, u, sp), v, sp)
+    once = W.warp(img, w, sp)
+    core = (slice(None), slice(None), slice(2, -2), slice(2, -4), slice(2, -2))
+    assert torch.allclose(twice[core], once[core], atol=0.05)
+
+
+def test_move_points_inverts_pull():
+    shape = (20, 20, 20)
+    sp = (2.0, 1.0, 1.5)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    u = torch.stack([1.5 * torch.sin(y / 6), 0.8 * torch.cos(x / 5), 0.5 * z / 20])
+    p = torch.tensor([[10.0, 8.0, 7.0], [5.5, 12.0, 3.0]], dtype=torch.float64)
+    q = W.move_points(u, p, sp)
+    back = W.pull_points(u, q, sp)
+    assert torch.allclose(back, p, atol=1e-4)
+
+
+def test_jacobian_of_scaling():
+    shape = (10, 10, 10)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    u = torch.stack([0.2 * z, -0.5 * y, torch.zeros_like(x)])[None]  # mm, spacing 1
+    det = W.jacobian_determinant(u, (1.0, 1.0, 1.0))
+    assert torch.allclose(det, torch.full_like(det, 1.2 * 0.5))
+    fold = torch.stack([-2.0 * z, torch.zeros_like(y), torch.zeros_like(x)])[None]
+    assert W.folding_fraction(fold, (1.0, 1.0, 1.0)) == 1.0
+
+
+def test_resized_geometry_keeps_field_of_view():
+    g = Geometry((10, 100, 100), (3.0, 1.0, 1.0), (5.0, -2.0, 7.0))
+    r = g.resized((5, 50, 25))
+    lo_old = g.index_to_world([-0.5, -0.5, -0.5])
+    lo_new = r.index_to_world([-0.5, -0.5, -0.5])
+    np.testing.assert_allclose(lo_old, lo_new)
+    hi_old = g.index_to_world(np.array(g.shape) - 0.5)
+    hi_new = r.index_to_world(np.array(r.shape) - 0.5)
+    np.testing.assert_allclose(hi_old, hi_new)
+
+
+def test_exp_velocity_is_invertible_and_scales():
+    shape = (12, 16, 16)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    v = torch.stack([3.0 * torch.exp(-((y - 8) ** 2 + (x - 8) ** 2) / 20), 0 * y, 0 * x])[None]
+    u1 = W.exp_velocity(v, (1.0, 1.0, 1.0))
+    u2 = W.exp_velocity(2 * v, (1.0, 1.0, 1.0))
+    assert W.folding_fraction(u2, (1.0, 1.0, 1.0)) == 0.0
+    assert float(u2.abs().max()) > 1.8 * float(u1.abs().max())
