@@ -60,14 +60,14 @@ def _index_tensor(field: DisplacementField, points_xyz: np.ndarray) -> torch.Ten
     return torch.as_tensor(np.ascontiguousarray(field.geometry.world_to_index(points_xyz)), dtype=torch.float64)
 
 
-def _move_world(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
+def move_reference_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
     """Reference-frame LPS points moved into the target frame (inverse of the pull, core.warp.move_points)."""
     field_t = torch.as_tensor(field.array, dtype=torch.float64)
     q = W.move_points(field_t, _index_tensor(field, points_xyz), field.geometry.spacing)
     return field.geometry.index_to_world(q.numpy())
 
 
-def _pull_world(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
+def pull_target_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
     """Target-frame LPS points ``p`` -> ``p + u(p)`` in the reference frame (core.warp.pull_points)."""
     field_t = torch.as_tensor(field.array, dtype=torch.float64)
     q = W.pull_points(field_t, _index_tensor(field, points_xyz), field.geometry.spacing)
@@ -132,10 +132,10 @@ def landmark_error(
     if field is None:
         err = np.linalg.norm(tgt - ref, axis=1)
     elif direction == "move":
-        err = np.linalg.norm(_move_world(field, ref) - tgt, axis=1)
+        err = np.linalg.norm(move_reference_points(field, ref) - tgt, axis=1)
         off_grid = _outside_grid(field, ref) | _outside_grid(field, tgt)
     else:
-        err = np.linalg.norm(_pull_world(field, tgt) - ref, axis=1)
+        err = np.linalg.norm(pull_target_points(field, tgt) - ref, axis=1)
         off_grid = _outside_grid(field, ref) | _outside_grid(field, tgt)
     inside = points_in_mask(mask, ref) if mask is not None else None
     return LandmarkErrors(err, inside, off_grid)
