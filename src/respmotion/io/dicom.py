@@ -97,6 +97,15 @@ def is_dicom_file(path: Path) -> bool:
         raise DicomError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
 
 
+def series_uid_of(path: str | os.PathLike) -> str:
+    """SeriesInstanceUID of one DICOM file (header only)."""
+    path = Path(path)
+    uid = _dcmread(path, header_only=True).get("SeriesInstanceUID", None)
+    if not uid:
+        raise DicomError(f"{path}: no SeriesInstanceUID")
+    return str(uid)
+
+
 def list_dicom_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """DICOM files under ``folder`` (hidden files and DICOMDIR skipped), sorted by path."""
     folder = Path(folder)
@@ -117,11 +126,17 @@ def _text(ds, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+def phase_from_description(description: str) -> float | None:
+    """``"P4^P100^S102^I0, Gated, 40.0%"`` -> 40.0; None when there is no ``Gated, N%`` part."""
+    m = _GATED_RE.search(description or "")
+    return float(m.group(1)) if m else None
+
+
 def phase_percent(ds) -> float | None:
     """Respiratory phase in percent from SeriesDescription or the Elscint private tag; None if absent."""
-    m = _GATED_RE.search(_text(ds, "SeriesDescription"))
-    if m:
-        return float(m.group(1))
+    from_desc = phase_from_description(_text(ds, "SeriesDescription"))
+    if from_desc is not None:
+        return from_desc
     group, offset, creator = _PRIVATE_PHASE
     try:
         elem = ds.get_private_item(group, offset, creator)
@@ -227,17 +242,24 @@ def geometry_of_slices(slices: list[SliceInfo], where: Path) -> tuple[Geometry, 
 
 
 # ---------------------------------------------------------------- series discovery
-def scan_series(files: Iterable[Path]) -> list[SeriesFiles]:
+def scan_series(files: Iterable[Path], errors: list[DicomError] | None = None) -> list[SeriesFiles]:
     """Group image files by SeriesInstanceUID (headers only); non-image DICOM objects are skipped.
 
-    Raises :class:`DicomError` naming the file when one is unreadable.
+    An unreadable file raises :class:`DicomError` naming it, or, when an ``errors`` list is
+    given, is appended there (for the caller to report) and the scan goes on.
     """
     groups: dict[str, SeriesFiles] = {}
     for p in files:
-        ds = _dcmread(p, header_only=True)
-        if not _is_image(ds):
-            continue  # RTSTRUCT, RTPLAN, SR...: not part of an image volume
-        s = slice_info(p, ds)
+        try:
+            ds = _dcmread(p, header_only=True)
+            if not _is_image(ds):
+                continue  # RTSTRUCT, RTPLAN, SR...: not part of an image volume
+            s = slice_info(p, ds)
+        except DicomError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+            continue
         g = groups.get(s.series_uid)
         if g is None:
             g = groups[s.series_uid] = SeriesFiles(
