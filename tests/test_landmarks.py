@@ -1,5 +1,7 @@
 """Landmark readers (POPI, DIR-Lab, elastix) and the landmark error metric."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -105,6 +107,13 @@ def test_landmarks_json_roundtrip(tmp_path):
     assert sorted(back) == [0, 50]
     for k in pts:
         np.testing.assert_array_equal(back[k], pts[k])
+    # the phantom's landmarks.json carries extra keys (kind, in_lung); the reader accepts them
+    phantom_style = {"frame": "LPS mm (x, y, z)", "kind": ["nodule"], "in_lung": [True], "phases": {"00": [[1, 2, 3]]}}
+    (tmp_path / "phantom.json").write_text(json.dumps(phantom_style))
+    np.testing.assert_array_equal(read_landmarks_json(tmp_path / "phantom.json")[0], [[1.0, 2.0, 3.0]])
+    (tmp_path / "bad.json").write_text(json.dumps({"frame": "RAS", "phases": {}}))
+    with pytest.raises(LandmarkFileError, match="bad.json"):
+        read_landmarks_json(tmp_path / "bad.json")
 
 
 # ---------------------------------------------------------------- the metric on known fields

@@ -231,7 +231,8 @@ LANDMARKS_JSON_FRAME = "LPS mm (x, y, z)"
 def write_landmarks_json(path: str | os.PathLike, points: dict[int, np.ndarray]) -> None:
     """Write ``{phase %: (N, 3) LPS mm}`` as the layout's ``landmarks.json`` (atomic).
 
-    Schema: ``{"frame": "LPS mm (x, y, z)", "phases": {"0": [[x, y, z], ...], "50": [...]}}``; row i is the same
+    Schema: ``{"frame": "LPS mm (x, y, z)", "phases": {"00": [[x, y, z], ...], "50": [...]}}`` (extra keys such as
+    the phantom's ``kind`` / ``in_lung`` are allowed and ignored by the reader); row i is the same
     anatomical point in every phase.
     """
     n = {len(np.asarray(p)) for p in points.values()}
@@ -242,7 +243,7 @@ def write_landmarks_json(path: str | os.PathLike, points: dict[int, np.ndarray])
         arr = np.asarray(pts, dtype=np.float64)
         if arr.ndim != 2 or arr.shape[1] != 3:
             raise ValueError(f"landmarks of phase {phase} must be (N, 3), got {arr.shape}")
-        phases[str(int(phase))] = arr.tolist()
+        phases[f"{int(phase):02d}"] = arr.tolist()
     write_json(path, {"frame": LANDMARKS_JSON_FRAME, "phases": phases})
 
 
