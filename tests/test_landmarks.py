@@ -57,6 +57,20 @@ def test_popi_pts_match_lps_csv_and_no_motion_error(shared_data):
     assert stats["max"] == pytest.approx(12.1, abs=0.05)
 
 
+def test_popi_offset_matches_readme_voxels_and_resampled_roundtrip(shared_data):
+    pts_path = shared_data / "popi-4dct-phase00" / "landmarks" / "00-Landmarks.pts"
+    raw = np.loadtxt(pts_path, skiprows=1)  # POPI MetaImage mm
+    lps = read_popi_pts(pts_path)
+    # the DICOM series' geometry (README: SimpleITK origin, spacing; identity direction)
+    dicom = Geometry((141, 512, 512), (2.0, 0.9765625, 0.9765625), (-250.0, -164.0, -164.5))
+    readme_ijk = raw / [0.9765625, 0.9765625, 2.0] + [3, 19, 0]  # README: 0-based (i, j, k)
+    assert np.abs(dicom.world_to_index(lps)[:, ::-1] - readme_ijk).max() < 1e-3
+    model = dicom.resized((50, 256, 256))  # the model grid keeps the field of view
+    idx = model.world_to_index(lps)
+    assert np.all((idx > -0.5) & (idx < np.asarray(model.shape) - 0.5))
+    assert np.abs(model.index_to_world(idx) - lps).max() / min(model.spacing) < 0.5
+
+
 def test_elastix_pairs_inside_their_masks(shared_data):
     d = shared_data / "elastix-lung-ct-small"
     base = read_elastix_points(d / "baseline_landmarks_51.txt")

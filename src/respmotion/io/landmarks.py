@@ -33,7 +33,7 @@ from .atomic import read_json, write_json
 #: LPS offset (mm) added to POPI ``.pts`` coordinates to reach the POPI phase-00 DICOM series in shared/data
 #: (derived in that folder's README from a crop-offset fit: column +3, row +19 voxels of 0.9765625 mm,
 #: origin (-250, -164, -164.5)).
-POPI_PHASE00_OFFSET_XYZ: tuple[float, float, float] = (-247.0703, -145.4453, -164.5)
+POPI_PHASE00_OFFSET_XYZ: tuple[float, float, float] = (-250.0 + 3 * 0.9765625, -164.0 + 19 * 0.9765625, -164.5)
 
 #: DIR-Lab 4D-CT published voxel spacing (x, y, z) in mm and grid size (x, y, z), cases 1-10.
 #: Source: www.dir-lab.com "4DCT data" table; R. Castillo et al., Phys. Med. Biol. 54:1849-1870 (2009)
