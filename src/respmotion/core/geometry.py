@@ -90,7 +90,7 @@ class Geometry:
         p = np.asarray(world_xyz, dtype=np.float64) - np.asarray(self.origin)
         m = self.index_to_world_matrix()[:3, :3]
         ijk = np.linalg.solve(m, p.reshape(-1, 3).T).T.reshape(p.shape)
-        return ijk[..., ::-1]
+        return np.ascontiguousarray(ijk[..., ::-1])
 
     # ----------------------------------------------------------------- vectors
     def axes_to_world(self, vec_zyx: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -101,13 +101,13 @@ class Geometry:
         """
         v = np.moveaxis(np.asarray(vec_zyx, dtype=np.float64), axis, -1)[..., ::-1]
         w = v @ self.direction_matrix.T
-        return np.moveaxis(w, -1, axis)
+        return np.ascontiguousarray(np.moveaxis(w, -1, axis))
 
     def world_to_axes(self, vec_xyz: np.ndarray, axis: int = -1) -> np.ndarray:
         """Inverse of :meth:`axes_to_world` (direction matrices are orthonormal)."""
         v = np.moveaxis(np.asarray(vec_xyz, dtype=np.float64), axis, -1)
         w = (v @ self.direction_matrix)[..., ::-1]
-        return np.moveaxis(w, -1, axis)
+        return np.ascontiguousarray(np.moveaxis(w, -1, axis))
 
     # ----------------------------------------------------------------- normalised
     def index_to_normalized(self, index_zyx: np.ndarray) -> np.ndarray:

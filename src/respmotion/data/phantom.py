@@ -1,0 +1,473 @@
+"""A synthetic thoracic 4D-CT with exactly known motion (our ground truth).
+
+Anatomy (HU): body with a fat layer, chest-wall muscle, ribs, spine, two lungs with a textured
+parenchyma, branching vessels and nodules, heart, liver and a stomach gas bubble, a domed
+diaphragm.  It is drawn once in the *reference* (end-inhale, phase 00) frame on a grid twice as
+fine along z, extended below and above the field of view.
+
+Motion (analytic, in mm, pull convention of :mod:`respmotion.core.types`): for phase k with
+breathing amplitude ``s_k`` (0 at 00 = end-inhale, 1 at 50 = end-exhale)::
+
+    u_z(p) = -A * s * g(z, y, x) * w(y, x)   superior-inferior, largest at the diaphragm,
+                                              only inside the rib cage (w: sliding interface)
+    u_y(p) = -B * s * h(y)                    anterior-posterior, anterior wall moves most
+    u_x(p) = +C * s * x / X                   lateral contraction at exhale
+
+``phase_k(p) = phase_00(p + u_k(p))``.  Because ``u_y`` depends on y only and ``u_x`` on x only,
+the Jacobian matrix is triangular and ``det = (1 + du_z/dz)(1 + du_y/dy)(1 + du_x/dx)``, which is
+> 0 by construction even across the sliding interface, where ``u_z`` shears steeply in y and x
+(the lungs slide along the chest wall, the ribs and spine do not move superior-inferiorly).
+Landmarks move with the inverse map (solved to 1e-6 mm); consecutive-phase fields are exact
+compositions ``t_k = phi_k^-1 o phi_{k+1} - id``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.geometry import Geometry
+from ..core.types import DisplacementField, Volume
+from ..io.atomic import write_json, write_npy
+from ..io.layout import PHASES, StudyDir, next_phase
+
+FOV_MM = (150.0, 358.4, 358.4)  # z, y, x field of view
+DEFAULT_SHAPE = (50, 256, 256)
+_EXT_BELOW, _EXT_ABOVE = 36.0, 12.0  # mm of anatomy drawn beyond the FOV (motion pulls from there)
+
+HU_AIR, HU_LUNG, HU_FAT, HU_SOFT, HU_BLOOD, HU_LIVER, HU_BONE = -1000.0, -860.0, -100.0, 40.0, 45.0, 60.0, 650.0
+
+
+def breathing_amplitude(percent: float | np.ndarray) -> np.ndarray:
+    """Breathing state s in [0, 1]: 0 at phase 0 % (end-inhale), 1 at 50 % (end-exhale)."""
+    phi = np.asarray(percent, dtype=np.float64) / 100.0
+    return (1.0 - np.cos(2.0 * math.pi * phi)) / 2.0
+
+
+@dataclass
+class PhantomParams:
+    """Patient-specific anatomy and motion drawn from the seed (mm, HU)."""
+
+    body_ax: float
+    body_ay: float
+    cavity_scale: float
+    dome_z: float
+    dome_height: float
+    right_dome_offset: float
+    amp_si: float  # diaphragm superior-inferior excursion at end-exhale, mm
+    amp_ap: float  # anterior chest wall excursion, mm
+    amp_lr: float  # lateral excursion at the body edge, mm
+    lr_asym: float  # left/right SI amplitude asymmetry
+    abdomen_decay: float  # mm, SI motion decay below the diaphragm
+    slide_width: float  # mm, width of the sliding interface
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "PhantomParams":
+        return cls(
+            body_ax=rng.uniform(150, 168),
+            body_ay=rng.uniform(105, 122),
+            cavity_scale=rng.uniform(0.80, 0.84),
+            dome_z=rng.uniform(-50, -38),
+            dome_height=rng.uniform(14, 22),
+            right_dome_offset=rng.uniform(4, 12),
+            amp_si=rng.uniform(10, 20),
+            amp_ap=rng.uniform(3, 7),
+            amp_lr=rng.uniform(1.5, 3.5),
+            lr_asym=rng.uniform(-0.15, 0.15),
+            abdomen_decay=rng.uniform(60, 90),
+            slide_width=2.0,
+        )
+
+
+class Phantom:
+    """One synthetic patient: reference anatomy and analytic motion."""
+
+    def __init__(self, seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: float = 10.0):
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        self.p = PhantomParams.draw(self.rng)
+        self.noise_hu = float(noise_hu)
+        shape = tuple(int(s) for s in shape)
+        spacing = tuple(f / n for f, n in zip(FOV_MM, shape))
+        origin_xyz = (-FOV_MM[2] / 2 + spacing[2] / 2, -FOV_MM[1] / 2 + spacing[1] / 2, -FOV_MM[0] / 2 + spacing[0] / 2)
+        self.geometry = Geometry(shape, spacing, origin_xyz)
+        # fine reference grid: z spacing halved, extended beyond the FOV; same y, x samples
+        self.fine_dz = spacing[0] / 2.0
+        z0 = -FOV_MM[0] / 2 - _EXT_BELOW
+        nzf = int(math.ceil((FOV_MM[0] + _EXT_BELOW + _EXT_ABOVE) / self.fine_dz))
+        self.fine_z = z0 + self.fine_dz * (np.arange(nzf) + 0.5)
+        self.ys = origin_xyz[1] + spacing[1] * np.arange(shape[1])
+        self.xs = origin_xyz[0] + spacing[2] * np.arange(shape[2])
+        self._draw_anatomy()
+
+    # ------------------------------------------------------------------ shapes
+    def _cavity_r(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Normalised elliptic radius of the rib cage's inner surface (1 on the surface)."""
+        p = self.p
+        ax, ay = p.body_ax * p.cavity_scale, p.body_ay * p.cavity_scale
+        yc = -0.08 * p.body_ay  # cavity slightly anterior: the spine stays outside it
+        return np.sqrt((x / ax) ** 2 + ((y - yc) / ay) ** 2)
+
+    def dome(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """z (mm) of the diaphragm surface at (y, x): two domes, the right one higher."""
+        p = self.p
+        cx = 0.45 * p.body_ax * p.cavity_scale
+        r2 = ((np.abs(x) - cx) / (0.55 * p.body_ax * p.cavity_scale)) ** 2 + ((y + 0.05 * p.body_ay) / (0.8 * p.body_ay)) ** 2
+        right = 1.0 / (1.0 + np.exp(x / 15.0))  # smooth step: LPS -x is the patient's right
+        return p.dome_z + p.dome_height * np.exp(-1.5 * r2) + p.right_dome_offset * right
+
+    # ------------------------------------------------------------------ motion
+    # The motion model is separable: u_y depends on y, u_x on x, and u_z = amp2d(y, x) * g(z, dome(y, x)).
+    def _g(self, z: np.ndarray, zd: np.ndarray) -> np.ndarray:
+        """SI profile: 1 at the diaphragm (zero slope there, so the field is C1), falling
+        quadratically to 0 at the apex level and as a Gaussian into the abdomen."""
+        h = FOV_MM[0] / 2 + 40.0 - zd
+        above = np.clip(1.0 - ((z - zd) / h) ** 2, 0.0, 1.0)
+        below = np.exp(-(((zd - z) / self.p.abdomen_decay) ** 2))
+        return np.where(z >= zd, above, below)
+
+    def _dg(self, z: np.ndarray, zd: np.ndarray) -> np.ndarray:
+        """d g / d z."""
+        h = FOV_MM[0] / 2 + 40.0 - zd
+        above = np.where(z - zd < h, -2.0 * (z - zd) / h**2, 0.0)
+        below = 2.0 * (zd - z) / self.p.abdomen_decay**2 * self._g(z, zd)
+        return np.where(z >= zd, above, below)
+
+    def _uz_parts(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dome z, SI amplitude at s = 1 incl. sliding weight) at (y, x)."""
+        p = self.p
+        w = 1.0 / (1.0 + np.exp((self._cavity_r(y, x) - 1.0) * (p.body_ax * p.cavity_scale) / p.slide_width))
+        lr = 1.0 + p.lr_asym * np.tanh(x / 40.0)
+        return self.dome(y, x), -p.amp_si * w * lr
+
+    def _uy(self, y: np.ndarray) -> np.ndarray:
+        p = self.p
+        y_ant, y_post = -p.body_ay, 0.75 * p.body_ay
+        return -p.amp_ap * np.clip((y_post - y) / (y_post - y_ant), 0.0, 1.0) ** 1.5
+
+    def _ux(self, x: np.ndarray) -> np.ndarray:
+        return self.p.amp_lr * np.clip(x / self.p.body_ax, -1.2, 1.2)
+
+    def displacement(self, percent: float, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Exact pull field of ``percent`` relative to phase 0, at points (z, y, x) mm -> (3, ...) mm."""
+        s = float(breathing_amplitude(percent))
+        z, y, x = np.broadcast_arrays(np.asarray(z, float), np.asarray(y, float), np.asarray(x, float))
+        zd, amp = self._uz_parts(y, x)
+        return np.stack([s * amp * self._g(z, zd), s * self._uy(y), s * self._ux(x)])
+
+    def move_points(self, percent: float, points_zyx: np.ndarray, tol: float = 1e-7) -> np.ndarray:
+        """Where reference points (mm, z,y,x) are at ``percent``: solve q + u(q) = p."""
+        p = np.asarray(points_zyx, dtype=np.float64)
+        return self._solve_inverse(float(breathing_amplitude(percent)), p[..., 0], p[..., 1], p[..., 2], tol)
+
+    def _solve_inverse(self, s: float, tz, ty, tx, tol: float = 1e-7) -> np.ndarray:
+        """Solve q + s * U(q) = t component-wise (y and x are 1D problems; then z given y, x)."""
+        def fixed_point(f, t):
+            q = np.array(t, dtype=np.float64, copy=True)
+            for _ in range(200):
+                q_new = t - f(q)
+                if np.max(np.abs(q_new - q)) < tol:
+                    return q_new
+                q = q_new
+            raise RuntimeError("phantom inversion did not converge")
+
+        qy = fixed_point(lambda q: s * self._uy(q), np.asarray(ty, float))
+        qx = fixed_point(lambda q: s * self._ux(q), np.asarray(tx, float))
+        qz = self._solve_z(s, np.asarray(tz, float), qy, qx, tol)
+        return np.stack(np.broadcast_arrays(qz, qy, qx), -1)
+
+    def _solve_z(self, s: float, tz: np.ndarray, qy: np.ndarray, qx: np.ndarray, tol: float) -> np.ndarray:
+        """Newton's method for q + s * amp(y, x) * g(q, dome) = tz (g is piecewise smooth, 1 + s amp g' > 0)."""
+        zd, amp = self._uz_parts(qy, qx)
+        q = np.array(np.broadcast_to(tz, np.broadcast_shapes(tz.shape, zd.shape)), dtype=np.float64)
+        for _ in range(50):
+            g = self._g(q, zd)
+            dg = self._dg(q, zd)
+            step = (q + s * amp * g - tz) / (1.0 + s * amp * dg)
+            q -= step
+            if np.max(np.abs(step)) < tol:
+                return q
+        raise RuntimeError("phantom inversion did not converge")
+
+    # ------------------------------------------------------------------ anatomy
+    def _smooth_noise(self, shape: tuple[int, int, int], factor: int) -> np.ndarray:
+        small = [max(2, s // factor) for s in shape]
+        n = torch.from_numpy(self.rng.standard_normal(small).astype(np.float32))[None, None]
+        up = F.interpolate(n, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+        return up / (up.std() + 1e-6)
+
+    def _draw_anatomy(self) -> None:
+        p, rng = self.p, self.rng
+        Z = self.fine_z[:, None, None]
+        Y = self.ys[None, :, None]
+        X = self.xs[None, None, :]
+        shape = (len(self.fine_z), len(self.ys), len(self.xs))
+        img = np.full(shape, HU_AIR, dtype=np.float32)
+
+        body_r = np.sqrt((X / p.body_ax) ** 2 + (Y / p.body_ay) ** 2)  # (1, ny, nx)
+        body = np.broadcast_to(body_r <= 1.0, shape)
+        fat = body_r > 1.0 - 12.0 / p.body_ay
+        img[body] = HU_SOFT
+        img[np.broadcast_to(fat & (body_r <= 1.0), shape)] = HU_FAT
+        soft_tex = self._smooth_noise(shape, 8) * 12.0
+        img += np.where(body, soft_tex, 0.0).astype(np.float32)
+
+        # spine: vertebral body + canal, posterior midline
+        sy, srad = 0.72 * p.body_ay, 17.0
+        spine_r = np.sqrt(X**2 + (Y - sy) ** 2)
+        img[np.broadcast_to(spine_r < srad, shape)] = HU_BONE
+        img[np.broadcast_to(np.sqrt(X**2 + (Y - sy - 24) ** 2) < 8, shape)] = HU_SOFT
+
+        # ribs: bone bands on a shell just outside the cavity, periodic along z
+        cav = self._cavity_r(Y, X)  # (1, ny, nx)
+        shell = (cav > 1.02) & (cav < 1.10)
+        angle = np.arctan2(Y, X)
+        rib_phase = np.sin(2 * math.pi * (Z + 6.0 * angle) / 26.0)  # ribs slope
+        ribs = shell & (rib_phase > 0.55) & (Y < 0.7 * p.body_ay)
+        img[ribs] = HU_BONE
+
+        # lungs: inside the cavity, above the diaphragm, outside the mediastinum
+        zd = self.dome(Y, X)
+        med_half = 28.0 + 22.0 * np.clip(1.0 - (Y + 0.3 * p.body_ay) ** 2 / (0.5 * p.body_ay) ** 2, 0, 1)
+        lungs = (cav < 0.985) & (Z > zd + 1.5) & (np.abs(X) > med_half)
+        lungs = np.broadcast_to(lungs, shape)
+        self.lung_ref = lungs.copy()
+        lung_tex = self._smooth_noise(shape, 3) * 28.0 + self._smooth_noise(shape, 10) * 15.0
+        img[lungs] = (HU_LUNG + lung_tex)[lungs]
+
+        # heart: ellipsoid anterior-left, resting on the diaphragm
+        hc = (zd.mean() * 0 + p.dome_z + p.dome_height + 28.0, -0.25 * p.body_ay, 18.0)
+        heart = ((Z - hc[0]) / 42.0) ** 2 + ((Y - hc[1]) / 45.0) ** 2 + ((X - hc[2]) / 55.0) ** 2 < 1.0
+        heart &= Z > zd
+        img[heart] = HU_BLOOD + 10.0
+
+        # abdomen below the diaphragm inside the cavity: liver (right), stomach gas (left)
+        abd = (Z <= zd) & (cav < 1.0)
+        img[abd & (X < 10)] = HU_LIVER
+        stomach = ((Z - (p.dome_z - 18)) / 18.0) ** 2 + ((Y + 0.2 * p.body_ay) / 25.0) ** 2 + ((X - 55.0) / 30.0) ** 2 < 1.0
+        img[stomach & abd] = HU_AIR + 50.0
+
+        # vessels: branching tubes from the hila, only inside the lungs
+        self.landmarks_ref: list[np.ndarray] = []
+        self.landmark_kind: list[str] = []
+        for side in (-1.0, 1.0):
+            hilum = np.array([p.dome_z + p.dome_height + 45.0, -0.05 * p.body_ay, side * 40.0])
+            self._grow(img, lungs, hilum, np.array([-0.3, 0.1, side]), 40.0, 4.0, 4)
+
+        # nodules (the first one in the right lower lobe, the GTV stand-in)
+        self.nodules: list[tuple[np.ndarray, float]] = []
+        for i in range(2):
+            for _ in range(200):
+                if i == 0:
+                    c = np.array([p.dome_z + p.dome_height + rng.uniform(12, 30), rng.uniform(-0.3, 0.3) * p.body_ay,
+                                  -rng.uniform(55, 90)])
+                else:
+                    c = np.array([rng.uniform(-10, 50), rng.uniform(-0.4, 0.4) * p.body_ay,
+                                  rng.choice([-1, 1]) * rng.uniform(50, 95)])
+                r = rng.uniform(5.0, 8.0)
+                if self._inside_lung(c, margin=r + 3.0):
+                    break
+            else:
+                raise RuntimeError(f"phantom seed {self.seed}: could not place a nodule")
+            d = np.sqrt((Z - c[0]) ** 2 + (Y - c[1]) ** 2 + (X - c[2]) ** 2)
+            img[d < r] = HU_SOFT - 10.0 + 0.0
+            self.nodules.append((c, r))
+            self.landmarks_ref.append(c)
+            self.landmark_kind.append("nodule")
+
+        # extra landmarks: on ribs/spine (outside lungs) and random lung points near the base
+        for _ in range(12):
+            a = rng.uniform(-math.pi * 0.9, -math.pi * 0.1)
+            pt = np.array([rng.uniform(-40, 50), 1.06 * p.body_ay * p.cavity_scale * math.sin(a) - 0.08 * p.body_ay,
+                           1.06 * p.body_ax * p.cavity_scale * math.cos(a)])
+            self.landmarks_ref.append(pt)
+            self.landmark_kind.append("chest_wall")
+        # random lung points and points just below the lung base (sliding / abdomen)
+        lung_idx = np.argwhere(lungs[:: 4, :: 4, :: 4])
+        for i in rng.choice(len(lung_idx), size=min(150, len(lung_idx)), replace=False):
+            iz, iy, ix = lung_idx[i] * 4
+            self.landmarks_ref.append(np.array([self.fine_z[iz], self.ys[iy], self.xs[ix]]))
+            self.landmark_kind.append("lung_parenchyma")
+        for _ in range(40):
+            a = rng.uniform(0, 2 * math.pi)
+            r = rng.uniform(0.2, 0.95)
+            yy = r * math.sin(a) * p.body_ay * p.cavity_scale - 0.08 * p.body_ay
+            xx = r * math.cos(a) * p.body_ax * p.cavity_scale
+            zz = float(self.dome(np.array(yy), np.array(xx))) - rng.uniform(3, 15)
+            self.landmarks_ref.append(np.array([zz, yy, xx]))
+            self.landmark_kind.append("below_diaphragm")
+        self.reference_fine = img
+
+    def _inside_lung(self, c: np.ndarray, margin: float = 0.0) -> bool:
+        offs = np.array([[0, 0, 0], [margin, 0, 0], [-margin, 0, 0], [0, margin, 0], [0, -margin, 0], [0, 0, margin], [0, 0, -margin]])
+        for o in offs:
+            q = c + o
+            iz = int(round((q[0] - self.fine_z[0]) / self.fine_dz))
+            iy = int(round((q[1] - self.ys[0]) / (self.ys[1] - self.ys[0])))
+            ix = int(round((q[2] - self.xs[0]) / (self.xs[1] - self.xs[0])))
+            if not (0 <= iz < len(self.fine_z) and 0 <= iy < len(self.ys) and 0 <= ix < len(self.xs)):
+                return False
+            if not self.lung_ref[iz, iy, ix]:
+                return False
+        return True
+
+    def _grow(self, img, lungs, start, direction, length, radius, depth) -> None:
+        """Draw one vessel segment and recurse into two thinner children (bifurcation landmarks)."""
+        rng = self.rng
+        d = direction / np.linalg.norm(direction)
+        end = start + d * length
+        self._tube(img, lungs, start, end, radius)
+        if self._inside_lung(end):
+            self.landmarks_ref.append(end)
+            self.landmark_kind.append("vessel_bifurcation")
+        if depth == 0:
+            return
+        for _ in range(2):
+            nd = d + rng.normal(0, 0.55, 3) * np.array([1.0, 1.0, 1.0])
+            nd[0] -= 0.25  # the trees spread towards the base
+            self._grow(img, lungs, end, nd, length * rng.uniform(0.65, 0.85), max(1.0, radius * 0.72), depth - 1)
+
+    def _tube(self, img, lungs, a, b, radius) -> None:
+        dy, dx = self.ys[1] - self.ys[0], self.xs[1] - self.xs[0]
+        lo = np.minimum(a, b) - radius - 2
+        hi = np.maximum(a, b) + radius + 2
+        iz0 = max(0, int((lo[0] - self.fine_z[0]) / self.fine_dz)); iz1 = min(len(self.fine_z), int((hi[0] - self.fine_z[0]) / self.fine_dz) + 2)
+        iy0 = max(0, int((lo[1] - self.ys[0]) / dy)); iy1 = min(len(self.ys), int((hi[1] - self.ys[0]) / dy) + 2)
+        ix0 = max(0, int((lo[2] - self.xs[0]) / dx)); ix1 = min(len(self.xs), int((hi[2] - self.xs[0]) / dx) + 2)
+        if iz0 >= iz1 or iy0 >= iy1 or ix0 >= ix1:
+            return
+        Z = self.fine_z[iz0:iz1, None, None]
+        Y = self.ys[None, iy0:iy1, None]
+        X = self.xs[None, None, ix0:ix1]
+        ab = b - a
+        t = ((Z - a[0]) * ab[0] + (Y - a[1]) * ab[1] + (X - a[2]) * ab[2]) / float(ab @ ab)
+        t = np.clip(t, 0.0, 1.0)
+        dist = np.sqrt((Z - a[0] - t * ab[0]) ** 2 + (Y - a[1] - t * ab[1]) ** 2 + (X - a[2] - t * ab[2]) ** 2)
+        prof = np.clip(radius + 0.5 - dist, 0.0, 1.0)  # ~1 voxel soft edge
+        sub = img[iz0:iz1, iy0:iy1, ix0:ix1]
+        inside = lungs[iz0:iz1, iy0:iy1, ix0:ix1]
+        val = sub + prof * (HU_BLOOD - sub)
+        sub[inside] = np.maximum(sub, val)[inside]
+
+    # ------------------------------------------------------------------ sampling
+    def _sample_fine(self, fine: np.ndarray, pts_z, pts_y, pts_x) -> np.ndarray:
+        """Trilinear sample of fine-grid arrays ``(C, nzf, ny, nx)`` at mm points -> ``(C, *pts.shape)``."""
+        iz = (pts_z - self.fine_z[0]) / self.fine_dz
+        iy = (pts_y - self.ys[0]) / (self.ys[1] - self.ys[0])
+        ix = (pts_x - self.xs[0]) / (self.xs[1] - self.xs[0])
+        n = fine.shape[1:]
+        grid = np.stack([2 * ix / (n[2] - 1) - 1, 2 * iy / (n[1] - 1) - 1, 2 * iz / (n[0] - 1) - 1], -1)
+        g = torch.from_numpy(grid.astype(np.float32)).reshape(1, -1, 1, 1, 3)
+        src = torch.from_numpy(np.ascontiguousarray(fine, dtype=np.float32))[None]
+        out = F.grid_sample(src, g, mode="bilinear", padding_mode="border", align_corners=True)
+        return out.reshape((fine.shape[0],) + pts_z.shape).numpy()
+
+    def base_coords(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g = self.geometry
+        zs = g.origin[2] + g.spacing[0] * np.arange(g.shape[0])
+        return np.meshgrid(zs, self.ys, self.xs, indexing="ij")
+
+    def _unit_field(self) -> np.ndarray:
+        """Field at s = 1 (end-exhale) on the base grid (cached); phase k's field is s_k times it."""
+        if not hasattr(self, "_unit"):
+            Z, Y, X = self.base_coords()
+            self._unit = self.displacement(50, Z, Y, X).astype(np.float32)
+        return self._unit
+
+    def _fine_stack(self) -> np.ndarray:
+        """Reference image and lung mask on the fine grid, box-filtered over one base slice along z
+        (partial-volume averaging of the two fine sub-slices of a base voxel)."""
+        if not hasattr(self, "_stack"):
+            st = np.stack([self.reference_fine, self.lung_ref.astype(np.float32)])
+            pad = np.concatenate([st[:, :1], st, st[:, -1:]], axis=1)
+            self._stack = 0.25 * pad[:, :-2] + 0.5 * pad[:, 1:-1] + 0.25 * pad[:, 2:]
+        return self._stack
+
+    def phase(self, percent: int) -> dict[str, np.ndarray]:
+        """Image (HU), lung/body masks and exact field of one phase on the base grid."""
+        Z, Y, X = self.base_coords()
+        u = float(breathing_amplitude(percent)) * self._unit_field()
+        img, lung = self._sample_fine(self._fine_stack(), Z + u[0], Y + u[1], X + u[2])
+        if self.noise_hu > 0:
+            img += np.random.default_rng([self.seed, percent]).normal(0.0, self.noise_hu, img.shape).astype(np.float32)
+        body = img > -500.0
+        return {"image": img, "lung": (lung >= 0.5).astype(np.uint8), "body": body.astype(np.uint8), "dvf": u}
+
+    def landmarks(self) -> dict[str, Any]:
+        """Landmark positions (LPS mm) in every phase; kinds: nodule, vessel_bifurcation, chest_wall."""
+        ref = np.array(self.landmarks_ref)  # (N, 3) z,y,x mm == LPS (z, y, x) for identity direction
+        fov_lo = np.array(self.geometry.index_to_world([0, 0, 0]))[::-1]
+        fov_hi = np.array(self.geometry.index_to_world(np.array(self.geometry.shape) - 1))[::-1]
+        per_phase = {}
+        keep = np.ones(len(ref), bool)
+        for k in PHASES:
+            q = self.move_points(k, ref)
+            keep &= np.all((q >= fov_lo + 3.0) & (q <= fov_hi - 3.0), axis=1)
+            per_phase[f"{k:02d}"] = q
+        kinds = [k for k, m in zip(self.landmark_kind, keep) if m]
+        slide = (self._cavity_r(ref[:, 1], ref[:, 2]) - 1.0) * self.p.body_ax * self.p.cavity_scale
+        return {
+            "frame": "LPS mm (x, y, z)",
+            "kind": kinds,
+            "sliding_distance_mm": slide[keep].round(3).tolist(),  # approx. signed distance to the rib cage, < 0 inside
+            "sliding_width_mm": self.p.slide_width,
+            "in_lung": [bool(self._inside_lung(c)) for c, m in zip(ref, keep) if m],
+            "phases": {k: v[keep][:, ::-1].round(6).tolist() for k, v in per_phase.items()},
+        }
+
+
+def make_patient(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: float = 10.0) -> Phantom:
+    return Phantom(seed, shape, noise_hu)
+
+
+def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
+                  noise_hu: float = 10.0) -> StudyDir:
+    """Write one phantom patient (one study) in the cohort layout; skips a complete study."""
+    sd = StudyDir(Path(out) / patient_id / "study_0")
+    if sd.is_complete():
+        return sd
+    ph = make_patient(seed, shape, noise_hu)
+    g = ph.geometry
+    phases = {k: ph.phase(k) for k in PHASES}
+    for k in PHASES:
+        d = phases[k]
+        meta = {"patient": patient_id, "phase_percent": k, "source": "phantom", "seed": seed, "units": "HU"}
+        sd.save_phase(k, Volume(d["image"], g, meta))
+        write_npy(sd.mask_path("lung", k), d["lung"])
+        write_npy(sd.mask_path("body", k), d["body"])
+        sd.save_gt("ref", k, DisplacementField(d["dvf"], g, {"from": "phase_00", "to": f"phase_{k:02d}"}))
+    # exact consecutive-phase fields: x + t_k(x) = phi_k^-1(phi_{k+1}(x))
+    Z, Y, X = ph.base_coords()
+    for k in PHASES:
+        k1 = next_phase(k)
+        u1 = phases[k1]["dvf"].astype(np.float64)
+        q = ph._solve_inverse(float(breathing_amplitude(k)), Z + u1[0], (Y + u1[1])[:1, :, :1], (X + u1[2])[:1, :1, :], tol=1e-6)
+        t = np.stack([q[..., 0] - Z, q[..., 1] - Y, q[..., 2] - X]).astype(np.float32)
+        sd.save_gt("step", k, DisplacementField(t, g, {"from": f"phase_{k:02d}", "to": f"phase_{k1:02d}"}))
+    write_json(sd.landmarks_path, ph.landmarks())
+    p = ph.p
+    nod_traj = {f"{k:02d}": [c[::-1].tolist() for c in ph.move_points(k, np.array([n[0] for n in ph.nodules]))] for k in PHASES}
+    sd.mark_complete({
+        "patient": patient_id, "study": "study_0", "phases": list(PHASES), "source": "phantom", "seed": seed,
+        "reference_phase": 0, "geometry": g.to_dict(),
+        "motion": {"diaphragm_si_excursion_mm": p.amp_si, "ap_excursion_mm": p.amp_ap, "lr_excursion_mm": p.amp_lr},
+        "nodules": [{"center_lps_mm_phase00": n[0][::-1].tolist(), "radius_mm": n[1]} for n in ph.nodules],
+        "nodule_trajectory_lps_mm": nod_traj,
+    })
+    return sd
+
+
+def write_cohort(out: str | Path, patients: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
+                 noise_hu: float = 10.0, progress: bool = False) -> list[StudyDir]:
+    """Write ``patients`` phantom patients ``phantom_000``... (patient i uses seed ``seed * 1000 + i``)."""
+    from tqdm import tqdm
+
+    ids = range(patients)
+    it = tqdm(ids, desc="phantom", unit="patient") if progress else ids
+    return [write_patient(out, f"phantom_{i:03d}", seed * 1000 + i, shape, noise_hu) for i in it]
