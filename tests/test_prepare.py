@@ -10,7 +10,6 @@ from dicom_factory import gated_description, write_ct_series, write_study
 
 from respmotion.cli import main
 from respmotion.core.ops import resample_volume
-from respmotion.core.types import Volume
 from respmotion.data.prepare import TMP_STUDY_PREFIX, PrepareConfig, prepare, safe_name
 from respmotion.io.dicom import read_dicom_series
 from respmotion.io.layout import PHASES, StudyDir, iter_studies
@@ -47,7 +46,7 @@ def test_prepares_a_study_with_geometry_and_metadata(tmp_path):
         assert vol.meta["original_geometry"] == src_vol.geometry.to_dict()
         assert vol.meta["hu_window"] == [-1000.0, 1000.0]
     # field of view kept: the world extent of the volume is the same
-    g0 = Volume(hu, read_dicom_series(files[0][0].parent).geometry).geometry
+    g0 = read_dicom_series(files[0][0].parent).geometry
     g1 = sd.load_phase(0).geometry
     np.testing.assert_allclose(g1.index_to_world([-0.5, -0.5, -0.5]), g0.index_to_world([-0.5, -0.5, -0.5]), atol=1e-6)
     # idempotent

@@ -26,10 +26,10 @@ import multiprocessing
 import os
 import re
 import shutil
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -210,15 +210,26 @@ def _executor(workers: int) -> Executor | None:
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
 
 
-def _run(pool: Executor | None, fn, *args) -> Future:
-    if pool is not None:
-        return pool.submit(fn, *args)
-    fut: Future = Future()
-    try:
-        fut.set_result(fn(*args))
-    except DicomError as exc:  # delivered through the future like a pool would
-        fut.set_exception(exc)
-    return fut
+def _completed(pool: Executor | None, fn: Callable[..., Any], jobs: list[tuple]) -> Iterator[tuple[int, Any, DicomError | None]]:
+    """Run ``fn(*job)`` for every job (in ``pool``, or here one by one when it is None) and yield
+    ``(job index, result, None)`` or ``(job index, None, DicomError)`` as they finish.  Any other
+    exception is a bug and propagates.
+    """
+    if pool is None:
+        for i, job in enumerate(jobs):
+            try:
+                result = fn(*job)
+            except DicomError as exc:  # an input problem of this job: handed to the caller to report
+                yield i, None, exc
+                continue
+            yield i, result, None
+        return
+    futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+    for fut in as_completed(futures):
+        exc = fut.exception()
+        if exc is not None and not isinstance(exc, DicomError):
+            raise exc
+        yield futures[fut], (None if exc is not None else fut.result()), exc
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareReport:
@@ -240,9 +251,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareReport:
         folders = dicom_folders(src)
         if not folders:
             raise FileNotFoundError(f"{src}: no DICOM files found")
-        scans = [f.result() for f in tqdm(
-            as_completed([_run(pool, _scan_folder, d) for d in folders]), total=len(folders),
-            desc="scan", unit="folder", disable=not progress)]
+        scans = []
+        for _, scan, exc in tqdm(_completed(pool, _scan_folder, [(d,) for d in folders]), total=len(folders),
+                                 desc="scan", unit="folder", disable=not progress):
+            if exc is not None:  # a folder that cannot be listed: nothing sensible to prepare around it
+                raise exc
+            scans.append(scan)
         studies, orphan = group_studies(sorted(scans, key=lambda s: str(s[0])))
         report.skipped.update(orphan)
         todo: list[StudyPlan] = []
@@ -254,31 +268,29 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareReport:
                 report.skipped[key] = "; ".join(st.problems)
             else:
                 todo.append(st)
-        futures: dict[Future, tuple[StudyPlan, int]] = {}
+        jobs, owners = [], []
         for st in todo:
             tmp = out / st.folder_name[0] / (TMP_STUDY_PREFIX + st.folder_name[1])
             for p, s in sorted(st.series.items()):
                 meta = {"phase_percent": p, "study_uid": st.study_uid, "patient_id": st.patient_id,
                         "series_uid": s.series_uid, "series_description": s.series_description,
                         "source_folder": str(s.folder), "units": "HU", "hu_window": list(cfg.hu_window)}
-                fut = _run(pool, convert_series, sorted(s.files), s.folder, StudyDir(tmp).phase_path(p), shape, meta)
-                futures[fut] = (st, p)
+                jobs.append((sorted(s.files), s.folder, StudyDir(tmp).phase_path(p), shape, meta))
+                owners.append((st, p))
         geoms: dict[str, dict[int, dict]] = {}
         failed: set[str] = set()
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="prepare", unit="series", disable=not progress):
-            st, p = futures[fut]
+        for i, geom, exc in tqdm(_completed(pool, convert_series, jobs), total=len(jobs), desc="prepare",
+                                 unit="series", disable=not progress):
+            st, p = owners[i]
             key = "/".join(st.folder_name)
             tmp = out / st.folder_name[0] / (TMP_STUDY_PREFIX + st.folder_name[1])
-            exc = fut.exception()
-            if exc is not None and not isinstance(exc, DicomError):
-                raise exc
             if key in failed:
                 continue
             if exc is not None:  # the study's temporary folder is removed below, once its workers are done
                 failed.add(key)
                 report.skipped[key] = str(exc)
                 continue
-            geoms.setdefault(key, {})[p] = fut.result()
+            geoms.setdefault(key, {})[p] = geom
             if len(geoms[key]) == len(PHASES):
                 try:
                     _finalize(st, tmp, out.joinpath(*st.folder_name), geoms[key], cfg, src)
