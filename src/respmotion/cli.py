@@ -13,6 +13,9 @@ import sys
 # (subcommand module under respmotion.commands) in pipeline order; each defines register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     "phantom",
+    "data",
+    "render",
+    "synthesize",
 )
 
 

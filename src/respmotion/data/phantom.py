@@ -234,11 +234,11 @@ class Phantom:
 
         # lungs: inside the cavity, above the diaphragm, outside the mediastinum
         zd = self.dome(Y, X)
-        med_half = 28.0 + 22.0 * np.clip(1.0 - (Y + 0.3 * p.body_ay) ** 2 / (0.5 * p.body_ay) ** 2, 0, 1)
+        med_half = 22.0 + 18.0 * np.clip(1.0 - (Y + 0.3 * p.body_ay) ** 2 / (0.5 * p.body_ay) ** 2, 0, 1)
         lungs = (cav < 0.985) & (Z > zd + 1.5) & (np.abs(X) > med_half)
         lungs = np.broadcast_to(lungs, shape)
         self.lung_ref = lungs.copy()
-        lung_tex = self._smooth_noise(shape, 3) * 28.0 + self._smooth_noise(shape, 10) * 15.0
+        lung_tex = self._smooth_noise(shape, 2) * 45.0 + self._smooth_noise(shape, 8) * 25.0
         img[lungs] = (HU_LUNG + lung_tex)[lungs]
 
         # heart: ellipsoid anterior-left, resting on the diaphragm
@@ -257,8 +257,9 @@ class Phantom:
         self.landmarks_ref: list[np.ndarray] = []
         self.landmark_kind: list[str] = []
         for side in (-1.0, 1.0):
-            hilum = np.array([p.dome_z + p.dome_height + 45.0, -0.05 * p.body_ay, side * 40.0])
-            self._grow(img, lungs, hilum, np.array([-0.3, 0.1, side]), 40.0, 4.0, 4)
+            hilum = np.array([p.dome_z + p.dome_height + 45.0, -0.05 * p.body_ay, side * 34.0])
+            for d0 in ([-0.6, 0.1, side], [0.5, -0.2, side], [-0.2, 0.6, 0.6 * side], [-0.3, -0.6, 0.6 * side]):
+                self._grow(img, lungs, hilum, np.array(d0), 32.0, 3.5, 5)
 
         # nodules (the first one in the right lower lobe, the GTV stand-in)
         self.nodules: list[tuple[np.ndarray, float]] = []
@@ -329,9 +330,9 @@ class Phantom:
         if depth == 0:
             return
         for _ in range(2):
-            nd = d + rng.normal(0, 0.55, 3) * np.array([1.0, 1.0, 1.0])
-            nd[0] -= 0.25  # the trees spread towards the base
-            self._grow(img, lungs, end, nd, length * rng.uniform(0.65, 0.85), max(1.0, radius * 0.72), depth - 1)
+            nd = d + rng.normal(0, 0.6, 3)
+            nd[0] -= 0.15  # the trees spread towards the base
+            self._grow(img, lungs, end, nd, length * rng.uniform(0.6, 0.85), max(0.9, radius * 0.75), depth - 1)
 
     def _tube(self, img, lungs, a, b, radius) -> None:
         dy, dx = self.ys[1] - self.ys[0], self.xs[1] - self.xs[0]
