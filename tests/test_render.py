@@ -65,6 +65,11 @@ def test_flipped_and_permuted_storage_displays_the_same():
     canon = Canonical.from_geometry(perm)
     np.testing.assert_array_equal(canon.volume(vol.transpose(2, 1, 0)), ref)
     assert canon.spacing == SPACING
+    f = np.zeros((3, *SHAPE[::-1]), np.float32)
+    f[0], f[2] = 1.0, 2.0  # along array axis 0 (= world x, left) and axis 2 (= world z, superior)
+    fc = canon.field(f)
+    assert fc.shape == (3, *SHAPE)
+    assert np.allclose(fc[0], 2.0) and np.allclose(fc[1], 0.0) and np.allclose(fc[2], 1.0)
 
 
 def test_field_components_follow_the_display():
@@ -235,6 +240,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["render", "--data", str(data), "--patient", "999", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no complete study of patient '999'" in err and len(err.splitlines()) == 1
+    assert main(["render", "--data", str(data), "--patient", "TEST", "--out", str(tmp_path / "o")]) == 2
+    capsys.readouterr()
     assert main(["render", "--data", str(data), "--views", "axial,frontal", "--out", str(tmp_path / "o")]) == 2
     assert "views must be" in capsys.readouterr().err
     assert main(["render", "--data", str(data), "--fields", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2

@@ -40,7 +40,8 @@ class RenderJob:
     Attributes:
         data: dataset root (layout of :mod:`respmotion.io.layout`).
         out: output folder; GIFs go to ``<out>/<patient>/<study>/``.
-        patient: patient folder name, or its leading number (``117`` matches ``117_HM10395``);
+        patient: patient folder name, or its leading number (``117`` matches ``117_HM10395``,
+            ``phantom`` does not match ``phantom_000``);
             ``None`` = every patient.
         num_studies: first N studies of each patient.
         fields: ``None``, ``"gt"`` or a folder of ``dvf_XX`` files (see module docstring).
@@ -63,7 +64,8 @@ def select_studies(data: str | os.PathLike, patient: str | None, num_studies: in
         raise ValueError(f"num_studies must be >= 1, got {num_studies}")
     studies = list(iter_studies(data))
     if patient is not None:
-        studies = [s for s in studies if s.patient == patient or s.patient.split("_")[0] == patient]
+        studies = [s for s in studies
+                   if s.patient == patient or (patient.isdigit() and s.patient.split("_")[0] == patient)]
     picked: list[StudyDir] = []
     per_patient: dict[str, int] = {}
     for s in studies:
