@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -42,7 +43,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=key + ".")
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = [v for v in value.replace("x", ",").split(",") if v.strip()] if value else []
+            if re.fullmatch(r"\s*\d+(\s*x\s*\d+)+\s*", value):  # "50x256x256"
+                value = value.replace("x", ",")
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:

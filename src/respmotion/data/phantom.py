@@ -69,18 +69,24 @@ class PhantomParams:
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "PhantomParams":
+        """Anatomy is random; motion follows the anatomy visible at end-inhale (plus a little noise),
+        so a model that sees the reference CT can predict it better than a population mean:
+        a lower diaphragm at end-inhale means a deeper breath, a deeper chest a larger AP motion."""
+        body_ax, body_ay = rng.uniform(150, 168), rng.uniform(105, 122)
+        dome_z, right_offset = rng.uniform(-50, -38), rng.uniform(4, 12)
+        depth = np.clip((-38.0 - dome_z) / 12.0, 0.0, 1.0)
         return cls(
-            body_ax=rng.uniform(150, 168),
-            body_ay=rng.uniform(105, 122),
+            body_ax=body_ax,
+            body_ay=body_ay,
             cavity_scale=rng.uniform(0.80, 0.84),
-            dome_z=rng.uniform(-50, -38),
+            dome_z=dome_z,
             dome_height=rng.uniform(14, 22),
-            right_dome_offset=rng.uniform(4, 12),
-            amp_si=rng.uniform(10, 20),
-            amp_ap=rng.uniform(3, 7),
-            amp_lr=rng.uniform(1.5, 3.5),
-            lr_asym=rng.uniform(-0.15, 0.15),
-            abdomen_decay=rng.uniform(60, 90),
+            right_dome_offset=right_offset,
+            amp_si=10.0 + 10.0 * depth + rng.normal(0.0, 0.5),
+            amp_ap=3.0 + 4.0 * (body_ay - 105.0) / 17.0 + rng.normal(0.0, 0.3),
+            amp_lr=1.5 + 2.0 * (body_ax - 150.0) / 18.0,
+            lr_asym=(right_offset - 8.0) / 30.0,
+            abdomen_decay=rng.uniform(70, 80),
             slide_width=2.0,
         )
 

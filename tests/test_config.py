@@ -1,0 +1,50 @@
+"""The config system: precedence, coercion, unknown keys, saving."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from respmotion.config import ConfigError, load_config, save_config
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    views: tuple[str, ...] = ("axial",)
+
+
+@dataclass
+class Outer:
+    shape: tuple[int, int, int] = (50, 256, 256)
+    name: str = "a"
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_precedence_and_coercion(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: fromfile\ninner:\n  lr: 0.5\n")
+    cfg = load_config(Outer, f, {"name": "fromflag", "shape": "16,64,64"}, ["inner.lr=2e-4", "flag=true",
+                                                                          "inner.views=axial,coronal"])
+    assert cfg.name == "fromflag" and cfg.shape == (16, 64, 64) and cfg.flag is True
+    assert cfg.inner.lr == 2e-4 and cfg.inner.views == ("axial", "coronal")
+    assert load_config(Outer, None, None, ["shape=24x96x96"]).shape == (24, 96, 96)
+
+
+def test_unknown_key_names_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("nmae: x\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*unknown config key 'nmae'"):
+        load_config(Outer, f)
+    with pytest.raises(ConfigError, match="inner.lrr"):
+        load_config(Outer, None, None, ["inner.lrr=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(Outer, None, None, ["shape=1,2,x"])
+
+
+def test_saved_config_reloads(tmp_path):
+    cfg = load_config(Outer, None, None, ["inner.lr=0.25"])
+    p = save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load(p.read_text())["inner"]["lr"] == 0.25
+    assert load_config(Outer, p) == cfg
