@@ -1,0 +1,286 @@
+"""Anisotropic 3D autoencoders for CT volumes and displacement fields, built from MONAI blocks.
+
+Shapes (default configs, input ``(B, C, Z, Y, X)``; depth is never downsampled, 8x in-plane):
+
+* image autoencoder: ``(B, 1, 50, 256, 256)`` CT -> latent ``(B, 3, 50, 32, 32)``
+* DVF VAE:           ``(B, 3, 50, 256, 256)`` field -> latent ``(B, 9, 50, 32, 32)``
+
+In general ``(B, C_in, Z, Y, X) -> (B, latent_channels, Z, Y / 2**L, X / 2**L)`` with ``L`` =
+``len(channel_mults)``; ``Y`` and ``X`` must be divisible by ``2**L``.
+
+Why not :class:`monai.networks.nets.AutoencoderKL`: in MONAI 1.6.1 its ``AEKLDownsample`` is
+hard-wired to ``strides=2`` and its decoder upsamples with ``scale_factor=2.0`` in every spatial
+dimension, so it cannot keep the 50-slice depth while shrinking 8x in-plane (and with
+``channels=(96, 192, 384)`` it downsamples only ``len(channels) - 1`` = 2 times).  We therefore
+assemble the same kind of network from MONAI blocks: :class:`~monai.networks.blocks.ResidualUnit`
+with strides ``(1, 2, 2)`` to downsample and :class:`~monai.networks.blocks.UpSample` with
+``scale_factor=(1, 2, 2)`` to upsample.  Each level downsamples once (as the research code's
+``Downform`` blocks do), so three levels give 8x.
+
+Network units (the model carries them, see :meth:`Autoencoder.normalize`):
+
+* CT: Hounsfield units clipped to ``[hu_min, hu_max]`` (default ``[-1000, 1000]``) and mapped
+  linearly to ``[-1, 1]``.  (The research code used ``[-1024, 3071]``; the narrower window keeps
+  lung/soft-tissue contrast, and bone above 1000 HU saturates.)
+* DVF: millimetres divided by ``dvf_scale_mm`` (default 10 mm), components ``(z, y, x)``,
+  pull convention (see :mod:`respmotion.core.types`).
+
+Latents for diffusion: :meth:`Autoencoder.encode_latent` returns the (mean) latent multiplied by
+``latent_scale`` (set after training to ``1 / std`` of training latents, as in latent diffusion),
+:meth:`Autoencoder.decode_latent` inverts it and returns physical units (HU or mm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import Convolution, ResidualUnit, UpSample
+from monai.networks.layers.factories import Act
+
+KINDS = ("image", "dvf")
+
+
+@dataclass
+class AutoencoderNetConfig:
+    """Architecture and units of one autoencoder (stored in every checkpoint as a plain dict).
+
+    ``channel_mults`` give the channels of each level as ``base_channels * mult``; every level
+    halves ``Y`` and ``X`` (and ``Z`` too only when ``downsample_depth``).
+    """
+
+    kind: str = "image"
+    in_channels: int = 1
+    out_channels: int = 1
+    latent_channels: int = 3
+    base_channels: int = 96
+    channel_mults: tuple[int, ...] = (1, 2, 4)
+    res_units_per_level: int = 1
+    downsample_depth: bool = False
+    variational: bool = False
+    dropout: float = 0.05
+    norm_groups: int = 32
+    act: str = "swish"
+    hu_min: float = -1000.0
+    hu_max: float = 1000.0
+    dvf_scale_mm: float = 10.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["channel_mults"] = list(self.channel_mults)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AutoencoderNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown autoencoder setting '{unknown[0]}'")
+        d = dict(d)
+        if "channel_mults" in d:
+            d["channel_mults"] = tuple(int(m) for m in d["channel_mults"])
+        return cls(**d)
+
+
+def default_net_config(kind: str, **overrides: Any) -> AutoencoderNetConfig:
+    """Defaults of the spec: image 1->3 latent channels (AE), DVF 3->9 latent channels (VAE)."""
+    if kind == "image":
+        base = dict(kind="image", in_channels=1, out_channels=1, latent_channels=3, variational=False)
+    elif kind == "dvf":
+        base = dict(kind="dvf", in_channels=3, out_channels=3, latent_channels=9, variational=True)
+    else:
+        raise ValueError(f"autoencoder kind must be one of {KINDS}, got {kind!r}")
+    base.update(overrides)
+    return AutoencoderNetConfig(**base)
+
+
+class AutoencoderOutput(NamedTuple):
+    """``recon`` ``(B, C, Z, Y, X)`` network units; ``mu`` latent mean; ``logvar`` (VAE) or None."""
+
+    recon: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor | None
+
+
+def _groups(channels: int, wanted: int) -> int:
+    return math.gcd(channels, wanted)
+
+
+def _norm(channels: int, wanted: int) -> tuple:
+    return ("group", {"num_groups": _groups(channels, wanted)})
+
+
+class _Encoder(nn.Module):
+    """``(B, C_in, Z, Y, X) -> (B, C_out, Z', Y / 2**L, X / 2**L)`` features to latent."""
+
+    def __init__(self, cfg: AutoencoderNetConfig, out_channels: int, strides: tuple[int, int, int]) -> None:
+        super().__init__()
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        layers: list[nn.Module] = [
+            Convolution(3, cfg.in_channels, chans[0], kernel_size=3, conv_only=True)  # stem at full size
+        ]
+        prev = chans[0]
+        for c in chans:
+            # the first convolution of the unit is strided: the level's work runs at the reduced size
+            layers.append(
+                ResidualUnit(3, prev, c, strides=strides, subunits=2, act=cfg.act, norm=_norm(c, cfg.norm_groups),
+                             dropout=cfg.dropout or None)
+            )
+            for _ in range(cfg.res_units_per_level - 1):
+                layers.append(ResidualUnit(3, c, c, subunits=2, act=cfg.act, norm=_norm(c, cfg.norm_groups),
+                                           dropout=cfg.dropout or None))
+            prev = c
+        layers += [nn.GroupNorm(_groups(prev, cfg.norm_groups), prev), Act[cfg.act](),
+                   Convolution(3, prev, out_channels, kernel_size=3, conv_only=True)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _Decoder(nn.Module):
+    """``(B, latent, Z', Y', X') -> (B, C_out, Z, Y' * 2**L, X' * 2**L)``."""
+
+    def __init__(self, cfg: AutoencoderNetConfig, strides: tuple[int, int, int]) -> None:
+        super().__init__()
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        layers: list[nn.Module] = [Convolution(3, cfg.latent_channels, chans[-1], kernel_size=3, conv_only=True)]
+        for i in reversed(range(len(chans))):
+            c = chans[i]
+            for _ in range(cfg.res_units_per_level):
+                layers.append(ResidualUnit(3, c, c, subunits=2, act=cfg.act, norm=_norm(c, cfg.norm_groups),
+                                           dropout=cfg.dropout or None))
+            nxt = chans[i - 1] if i > 0 else chans[0]
+            # transposed convolution with kernel = stride = (1, 2, 2): cheap at the full size
+            layers.append(UpSample(3, c, nxt, scale_factor=strides, mode="deconv"))
+        head_c = chans[0]
+        layers += [nn.GroupNorm(_groups(head_c, cfg.norm_groups), head_c), Act[cfg.act](),
+                   Convolution(3, head_c, cfg.out_channels, kernel_size=3, conv_only=True)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class Autoencoder(nn.Module):
+    """3D (variational) autoencoder with anisotropic down/upsampling; see the module docstring.
+
+    ``forward(x)`` takes network units and returns :class:`AutoencoderOutput`.  In training mode a
+    variational model samples ``z = mu + sigma * eps``; in eval mode it decodes ``mu`` (so
+    evaluation and encoding are deterministic).
+    """
+
+    def __init__(self, cfg: AutoencoderNetConfig) -> None:
+        super().__init__()
+        if cfg.kind not in KINDS:
+            raise ValueError(f"autoencoder kind must be one of {KINDS}, got {cfg.kind!r}")
+        if not cfg.channel_mults:
+            raise ValueError("channel_mults must name at least one level")
+        self.cfg = cfg
+        self.strides = (2 if cfg.downsample_depth else 1, 2, 2)
+        enc_out = cfg.latent_channels * (2 if cfg.variational else 1)
+        self.encoder = _Encoder(cfg, enc_out, self.strides)
+        self.decoder = _Decoder(cfg, self.strides)
+        # 1 / std of training latents (set by the training task); persistent so it travels with weights
+        self.register_buffer("latent_scale", torch.tensor(1.0))
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def factor(self) -> tuple[int, int, int]:
+        """Downsampling factor per axis ``(z, y, x)``."""
+        n = len(self.cfg.channel_mults)
+        return (self.strides[0] ** n, 2**n, 2**n)
+
+    def latent_shape(self, shape_zyx: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        """Latent shape ``(C, Z', Y', X')`` of a volume ``(Z, Y, X)``; raises if not divisible."""
+        f = self.factor
+        bad = [n for n, k in zip(shape_zyx, f) if n % k]
+        if bad:
+            raise ValueError(f"volume shape {tuple(shape_zyx)} must be divisible by {f} (z, y, x) for this autoencoder")
+        return (self.cfg.latent_channels, *(n // k for n, k in zip(shape_zyx, f)))
+
+    # ------------------------------------------------------------------ units
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Physical units (HU, or mm for a DVF) -> network units (see module docstring)."""
+        c = self.cfg
+        if c.kind == "image":
+            x = torch.clamp(x, c.hu_min, c.hu_max)
+            return 2.0 * (x - c.hu_min) / (c.hu_max - c.hu_min) - 1.0
+        return x / c.dvf_scale_mm
+
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        """Network units -> HU (within the window) or mm."""
+        c = self.cfg
+        if c.kind == "image":
+            return (y + 1.0) * 0.5 * (c.hu_max - c.hu_min) + c.hu_min
+        return y * c.dvf_scale_mm
+
+    # ------------------------------------------------------------------ codec
+    def encode_dist(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Network-unit input -> latent ``(mu, logvar)`` (``logvar`` None for a plain AE)."""
+        self.latent_shape(tuple(x.shape[2:]))
+        h = self.encoder(x)
+        if not self.cfg.variational:
+            return h, None
+        mu, logvar = torch.chunk(h, 2, dim=1)
+        return mu, torch.clamp(logvar, -30.0, 20.0)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Network-unit input ``(B, C, Z, Y, X)`` -> latent mean ``(B, latent, Z', Y', X')`` (unscaled)."""
+        return self.encode_dist(x)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent -> reconstruction in network units."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
+        mu, logvar = self.encode_dist(x)
+        z = mu
+        if logvar is not None and self.training:
+            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return AutoencoderOutput(self.decode(z), mu, logvar)
+
+    # ------------------------------------------------------------------ diffusion interface
+    @torch.no_grad()
+    def encode_latent(self, x_physical: torch.Tensor) -> torch.Tensor:
+        """HU (image) or mm (DVF) ``(B, C, Z, Y, X)`` -> scaled latent for diffusion (mean, times latent_scale)."""
+        return self.encode(self.normalize(x_physical)) * self.latent_scale
+
+    def decode_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> HU or mm ``(B, C, Z, Y, X)`` (differentiable; wrap in no_grad for inference)."""
+        return self.denormalize(self.decode(z_scaled / self.latent_scale))
+
+
+def build_autoencoder(cfg: AutoencoderNetConfig) -> Autoencoder:
+    return Autoencoder(cfg)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) summed over latent elements, mean over the batch (a scalar)."""
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(1).mean()
+
+
+def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Autoencoder:
+    """Load a trained autoencoder from a training checkpoint (``<run>/<step>.pt`` or ``model.pt``).
+
+    Reads the ``model_config`` and ``model`` entries (see :mod:`respmotion.training.checkpoint`);
+    the returned model is in eval mode and carries its units and ``latent_scale``.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: autoencoder checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as exc:  # torch reports corrupt archives as RuntimeError
+        raise ValueError(f"{p}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{p}: not a respmotion autoencoder checkpoint (no 'model'/'model_config' entries)")
+    model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval().to(map_location)

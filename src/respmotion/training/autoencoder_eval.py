@@ -1,0 +1,114 @@
+"""Reconstruction metrics of a trained autoencoder on a patient split (the test split by default).
+
+Image autoencoder (physical units, target clipped to the model's HU window, which is all it can
+represent): MAE in HU, PSNR (MONAI :class:`~monai.metrics.PSNRMetric`, peak = window width) and
+3D SSIM (MONAI :class:`~monai.metrics.SSIMMetric`, data range = window width).
+DVF autoencoder: per-voxel error vector length ``|u_pred - u_true|`` in mm, mean and 95th
+percentile, also over the voxels that move more than 1 mm; as a yardstick, the same numbers for
+predicting no motion (``u = 0``).  Per-item values are averaged over items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import PSNRMetric, SSIMMetric
+
+from ..config import from_dict, save_config
+from ..io.atomic import write_json
+from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
+from .autoencoder import AutoencoderRunConfig, make_dataset
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .distributed import pick_device
+
+
+@dataclass
+class AEEvalConfig:
+    checkpoint: str = ""  # model.pt, a <step>.pt, or a run folder (its newest checkpoint)
+    data_root: str = ""  # default: the training run's data.root
+    split: str = "test"  # train | val | test (patients stored with the model)
+    out: str = ""  # default: <run folder>/eval_<split>
+    device: str = "auto"
+    max_items: int = 0  # 0 = all
+
+
+def _image_metrics(model: Autoencoder, x_hu: torch.Tensor) -> dict[str, float]:
+    c = model.cfg
+    target = torch.clamp(x_hu, c.hu_min, c.hu_max)
+    pred = torch.clamp(model.denormalize(model(model.normalize(x_hu)).recon.float()), c.hu_min, c.hu_max)
+    width = c.hu_max - c.hu_min
+    win = min(7, *[n if n % 2 else n - 1 for n in x_hu.shape[2:]])
+    return {
+        "mae_hu": float((pred - target).abs().mean()),
+        "psnr_db": float(PSNRMetric(max_val=width)(pred, target).mean()),
+        "ssim": float(SSIMMetric(spatial_dims=3, data_range=width, win_size=win)(pred, target).mean()),
+    }
+
+
+def _dvf_metrics(model: Autoencoder, u_mm: torch.Tensor) -> dict[str, float]:
+    pred = model.denormalize(model(model.normalize(u_mm)).recon.float())
+    err = (pred - u_mm).norm(dim=1).flatten().cpu().numpy()
+    mag = u_mm.norm(dim=1).flatten().cpu().numpy()
+    moving = mag > 1.0
+    out = {
+        "error_mean_mm": float(err.mean()),
+        "error_p95_mm": float(np.percentile(err, 95)),
+        "no_motion_error_mean_mm": float(mag.mean()),
+        "no_motion_error_p95_mm": float(np.percentile(mag, 95)),
+    }
+    if moving.any():
+        out["moving_error_mean_mm"] = float(err[moving].mean())
+        out["moving_error_p95_mm"] = float(np.percentile(err[moving], 95))
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(model: Autoencoder, dataset, device: torch.device, max_items: int = 0) -> dict[str, Any]:
+    """Metrics of ``model`` over ``dataset`` items (see module docstring)."""
+    model.eval().to(device)
+    n = len(dataset) if not max_items else min(max_items, len(dataset))
+    per_item = []
+    for i in range(n):
+        item = dataset[i]
+        x = item["x"][None].to(device)
+        m = _image_metrics(model, x) if model.cfg.kind == "image" else _dvf_metrics(model, x)
+        per_item.append({"key": item["key"], **m})
+    keys = sorted({k for r in per_item for k in r if k != "key"})
+    mean = {k: float(np.mean([r[k] for r in per_item if k in r])) for k in keys}
+    return {"kind": model.cfg.kind, "items": n, "mean": mean, "per_item": per_item}
+
+
+def evaluate_autoencoder(cfg: AEEvalConfig) -> tuple[dict[str, Any], Path]:
+    """Evaluate a checkpoint on its stored patient split; writes ``metrics.json`` + ``config.yaml``."""
+    if not cfg.checkpoint:
+        raise ValueError("no checkpoint given (--checkpoint)")
+    given = Path(cfg.checkpoint)
+    path = given / "model.pt" if (given / "model.pt").is_file() else latest_checkpoint(given)
+    ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt or not str(ckpt.get("task", "")).startswith("autoencoder"):
+        raise ValueError(f"{path}: not an autoencoder checkpoint (task {ckpt.get('task')!r})")
+    run_cfg = from_dict(AutoencoderRunConfig, ckpt["config"], source=str(path))
+    split = ckpt["extra"].get("split", {})
+    if cfg.split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {cfg.split!r}")
+    patients = split.get(cfg.split, [])
+    if not patients:
+        raise ValueError(f"{path}: the stored {cfg.split} split has no patients")
+    root = cfg.data_root or run_cfg.data.root
+    dataset = make_dataset(run_cfg, patients, root)
+    if len(dataset) == 0:
+        raise ValueError(f"{root}: no items for the {cfg.split} patients {patients}")
+    model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    device = pick_device(cfg.device)
+    metrics = evaluate_model(model, dataset, device, cfg.max_items)
+    metrics.update(checkpoint=str(path), step=int(ckpt["step"]), split=cfg.split, patients=list(patients),
+                   data_root=str(root))
+    out = Path(cfg.out) if cfg.out else path.parent / f"eval_{cfg.split}"
+    write_json(out / "metrics.json", metrics)
+    save_config(cfg, out / "config.yaml")
+    return metrics, out

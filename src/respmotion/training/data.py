@@ -1,0 +1,147 @@
+"""Datasets of CT volumes and displacement fields over the cohort layout (:mod:`respmotion.io.layout`).
+
+Items are dicts ``{"x": tensor, "key": str}`` in **physical units**: CT ``(1, Z, Y, X)`` in HU,
+fields ``(3, Z, Y, X)`` in mm (components ``z, y, x``, pull convention).  Models convert to
+network units themselves (:meth:`respmotion.models.autoencoder.Autoencoder.normalize`).
+
+Where displacement fields come from is a :class:`FieldSource`: :class:`GroundTruthFields` reads
+the phantom's exact fields (``gt/dvf_step_XX`` or ``gt/dvf_ref_XX``); registration output plugs
+in through any object with the same two methods (e.g. :class:`CallableFieldSource` wrapping the
+registration stage's "control points -> dense field" loader).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..core.types import DisplacementField
+from ..io.layout import PHASES, StudyDir, iter_studies, phase_name
+
+
+class FieldSource(Protocol):
+    """Where a study's displacement fields come from."""
+
+    name: str
+
+    def field_ids(self, study: StudyDir) -> list[str]:
+        """Ids of the fields this source has for ``study`` (e.g. ``"step_40"``), sorted."""
+        ...
+
+    def load(self, study: StudyDir, field_id: str) -> DisplacementField:
+        """The dense field ``(3, z, y, x)`` mm (pull) of ``field_id``."""
+        ...
+
+
+@dataclass(frozen=True)
+class GroundTruthFields:
+    """The phantom's exact fields: ``kind="step"`` (phase XX -> XX+10) or ``"ref"`` (phase XX vs 00).
+
+    ``ref_00`` (the identity) is left out.
+    """
+
+    kind: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("step", "ref"):
+            raise ValueError(f"ground-truth field kind must be 'step' or 'ref', got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        return f"gt_{self.kind}"
+
+    def field_ids(self, study: StudyDir) -> list[str]:
+        ids = []
+        for p in PHASES:
+            if self.kind == "ref" and p == 0:
+                continue
+            if study.gt_path(self.kind, p).exists():
+                ids.append(f"{self.kind}_{p:02d}")
+        return ids
+
+    def load(self, study: StudyDir, field_id: str) -> DisplacementField:
+        kind, pct = field_id.split("_")
+        return study.load_gt(kind, int(pct))
+
+
+@dataclass(frozen=True)
+class CallableFieldSource:
+    """Adapter for any loader, e.g. registration: ``ids(study) -> [ids]``, ``load(study, id) -> field``."""
+
+    name: str
+    ids: Callable[[StudyDir], list[str]]
+    loader: Callable[[StudyDir, str], DisplacementField]
+
+    def field_ids(self, study: StudyDir) -> list[str]:
+        return self.ids(study)
+
+    def load(self, study: StudyDir, field_id: str) -> DisplacementField:
+        return self.loader(study, field_id)
+
+
+def field_source(name: str) -> FieldSource:
+    """Field source by config name: ``gt_step`` or ``gt_ref`` (registration plugs in later)."""
+    if name in ("gt_step", "gt_ref"):
+        return GroundTruthFields(name.split("_")[1])
+    raise ValueError(f"unknown field source {name!r} (known: gt_step, gt_ref)")
+
+
+def studies_of(root: str | os.PathLike, patients: Sequence[str]) -> list[StudyDir]:
+    """Complete studies of ``patients`` under ``root``, sorted."""
+    wanted = set(patients)
+    return [s for s in iter_studies(root) if s.patient in wanted]
+
+
+class _ShapeChecked(Dataset):
+    """Base: every item must have the same spatial shape (batches need it)."""
+
+    def __init__(self) -> None:
+        self._shape: tuple[int, ...] | None = None
+
+    def _check(self, arr: np.ndarray, where: str) -> np.ndarray:
+        if self._shape is None:
+            self._shape = tuple(arr.shape)
+        elif tuple(arr.shape) != self._shape:
+            raise ValueError(f"{where}: shape {tuple(arr.shape)} differs from {self._shape} of the other items "
+                             "(resample the cohort to one shape)")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{where}: contains NaN or inf values")
+        return arr
+
+
+class VolumeDataset(_ShapeChecked):
+    """CT volumes of every phase of every study: item ``{"x": (1, Z, Y, X) HU float32, "key"}``."""
+
+    def __init__(self, studies: Sequence[StudyDir], phases: Sequence[int] = PHASES) -> None:
+        super().__init__()
+        self.items = [(s, p) for s in studies for p in phases if s.phase_path(p).exists()]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        study, p = self.items[i]
+        arr = self._check(study.load_phase(p).array.astype(np.float32, copy=False), str(study.phase_path(p)))
+        return {"x": torch.from_numpy(np.ascontiguousarray(arr))[None], "key": f"{study.key}/{phase_name(p)}"}
+
+
+class FieldDataset(_ShapeChecked):
+    """Displacement fields of a :class:`FieldSource`: item ``{"x": (3, Z, Y, X) mm float32, "key"}``."""
+
+    def __init__(self, studies: Sequence[StudyDir], source: FieldSource) -> None:
+        super().__init__()
+        self.source = source
+        self.items = [(s, f) for s in studies for f in source.field_ids(s)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        study, fid = self.items[i]
+        arr = self._check(self.source.load(study, fid).array.astype(np.float32, copy=False), f"{study.key} {fid}")
+        return {"x": torch.from_numpy(np.ascontiguousarray(arr)), "key": f"{study.key}/{fid}"}

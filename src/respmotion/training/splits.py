@@ -1,0 +1,60 @@
+"""Patient-level train/val/test split with a fixed seed: no patient is in two splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Split:
+    """Sorted patient ids of each split."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def get(self, name: str) -> tuple[str, ...]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {name!r}")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Sequence[str]]) -> "Split":
+        return cls(*(tuple(sorted(d.get(k, ()))) for k in ("train", "val", "test")))
+
+
+def split_patients(
+    patients: Sequence[str], ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 42
+) -> Split:
+    """Shuffle the sorted patient ids with ``seed`` and cut them by ``ratios`` (train, val, test).
+
+    Counts are rounded; a split with a positive ratio gets at least one patient when there are
+    enough patients for every such split to have one, and train always keeps at least one.
+    The result depends only on the set of ids, the ratios and the seed.
+    """
+    ids = sorted(set(patients))
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise ValueError(f"split ratios must be three non-negative numbers (train, val, test), got {list(ratios)}")
+    if not ids:
+        raise ValueError("no patients to split")
+    r = np.asarray(ratios, dtype=float) / float(sum(ratios))
+    n = len(ids)
+    wanted = [i for i in range(3) if r[i] > 0]
+    counts = [int(round(n * x)) for x in r]
+    if n >= len(wanted):
+        for i in wanted:
+            counts[i] = max(counts[i], 1)
+    counts[0] = max(1, n - counts[1] - counts[2])
+    while sum(counts) > n:  # trim the largest of val/test
+        j = 1 if counts[1] >= counts[2] else 2
+        counts[j] -= 1
+    order = np.random.default_rng(seed).permutation(n)
+    shuffled = [ids[i] for i in order]
+    a, b = counts[0], counts[0] + counts[1]
+    return Split(tuple(sorted(shuffled[:a])), tuple(sorted(shuffled[a:b])), tuple(sorted(shuffled[b:])))
