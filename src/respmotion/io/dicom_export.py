@@ -1,0 +1,403 @@
+"""Write a (synthesized) 4D-CT as DICOM CT series that 3D Slicer and planning systems import.
+
+One CT series per phase, one file per slice (CT Image Storage, explicit VR little endian, int16
+pixels with ``RescaleSlope`` 1 / ``RescaleIntercept`` -1024, ``RescaleType`` HU).  All phases share
+one new StudyInstanceUID; each gets a new SeriesInstanceUID and new SOPInstanceUIDs.  The phase is
+carried the way TCIA 4D-Lung does it, ``SeriesDescription = "<description>, Gated, 40.0%"`` (what
+:func:`respmotion.io.dicom.phase_from_description` parses), plus ``TemporalPositionIdentifier`` /
+``TemporalPositionIndex`` (1-based phase rank) and ``NumberOfTemporalPositions``.
+
+With a ``template`` (the folder of the input CT series):
+
+* geometry: when the phase volumes have the template's geometry (the normal case: synthesis on
+  the native grid), ImagePositionPatient, ImageOrientationPatient, PixelSpacing and SliceThickness
+  strings are copied slice by slice from the template; otherwise they are computed from the
+  volume's :class:`~respmotion.core.geometry.Geometry` (same patient coordinates, other grid);
+* FrameOfReferenceUID and the whitelisted patient/study attributes (:data:`COPIED_ATTRIBUTES`)
+  are copied; nothing else from the input is written (no private tags, no institution, no
+  device serials), and nothing is invented: an attribute the input lacks is written empty
+  (DICOM type 2) or left out.
+
+Without a template (NIfTI/MHA/phantom input) a fresh FrameOfReferenceUID is made and the patient
+is ``ANONYMOUS``.  Each series is written into a hidden temporary folder inside ``out_dir`` and
+renamed into place (``phase_00`` ... ``phase_90``) only when all phases are written; on any error
+nothing is left behind.
+
+Every input problem raises :class:`DicomExportError` (a ``ValueError``) whose one-line message
+names the file or folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..core.geometry import Geometry
+from ..core.types import Volume
+from .dicom import DicomError, geometry_of_slices, list_dicom_files, scan_series, slice_info
+
+#: patient/study attributes copied from the input series (a fixed whitelist; others are dropped).
+COPIED_ATTRIBUTES: tuple[str, ...] = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "StudyDescription",
+    "PatientPosition",
+    "PositionReferenceIndicator",
+)
+#: DICOM type-2 attributes: written (empty when unknown) even if the input lacks them.
+TYPE2_ATTRIBUTES: tuple[str, ...] = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "AccessionNumber", "ReferringPhysicianName", "StudyID", "PositionReferenceIndicator",
+)
+ANONYMOUS = "ANONYMOUS"
+RESCALE_INTERCEPT = -1024.0
+RESCALE_SLOPE = 1.0
+HU_MIN = -32768 + RESCALE_INTERCEPT  # representable HU range with int16 storage
+HU_MAX = 32767 + RESCALE_INTERCEPT
+TMP_DIR_PREFIX = ".tmp-dicom-"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+class DicomExportError(DicomError):
+    """A DICOM export problem; the message names the file or folder."""
+
+
+@dataclass
+class SeriesRef:
+    """What another object (an RTSTRUCT) needs to reference one CT series.
+
+    ``sop_instance_uids`` are in array slice order (index ``k`` of the ``(z, y, x)`` volume).
+    ``patient_study`` holds the whitelisted patient/study attributes (:data:`COPIED_ATTRIBUTES`).
+    """
+
+    geometry: Geometry
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    sop_instance_uids: list[str]
+    sop_class_uid: str = CT_IMAGE_STORAGE
+    patient_study: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (no per-slice UIDs)."""
+        return {
+            "folder": str(self.folder) if self.folder else None,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+            "slices": len(self.sop_instance_uids),
+            "geometry": self.geometry.to_dict(),
+        }
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "SeriesRef":
+        """Read the headers of the one CT series in ``folder`` (its geometry, UIDs, patient/study)."""
+        folder = Path(folder)
+        headers = _read_template_headers(folder)
+        geom, ordered = _template_geometry(folder, headers)
+        first = headers[ordered[0].path]
+        return cls(
+            geometry=geom,
+            study_uid=str(first.get("StudyInstanceUID", "")),
+            series_uid=str(first.SeriesInstanceUID),
+            frame_of_reference_uid=_required(first, "FrameOfReferenceUID", ordered[0].path),
+            sop_instance_uids=[str(headers[s.path].SOPInstanceUID) for s in ordered],
+            sop_class_uid=str(first.get("SOPClassUID", CT_IMAGE_STORAGE)),
+            patient_study=_whitelisted(first),
+            folder=folder,
+        )
+
+
+def gated_series_description(description: str, phase_percent: float) -> str:
+    """``("respmotion", 40) -> "respmotion, Gated, 40.0%"`` (TCIA 4D-Lung style)."""
+    return f"{description}, Gated, {float(phase_percent):.1f}%"
+
+
+# ---------------------------------------------------------------------------- template reading
+def _required(ds, keyword: str, path: Path) -> str:
+    value = ds.get(keyword, None)
+    if not value:
+        raise DicomExportError(f"{path}: template slice has no {keyword}")
+    return str(value)
+
+
+def _whitelisted(ds) -> dict[str, Any]:
+    """The :data:`COPIED_ATTRIBUTES` present in ``ds`` (values as pydicom gives them)."""
+    return {k: ds[k].value for k in COPIED_ATTRIBUTES if k in ds}
+
+
+def _read_template_headers(folder: Path) -> dict[Path, Any]:
+    """Headers of the one image series in ``folder`` keyed by path; errors name the folder."""
+    import pydicom
+
+    if not folder.is_dir():
+        raise DicomExportError(f"{folder}: template is not a folder of DICOM files")
+    files = list_dicom_files(folder)
+    series = scan_series(files)
+    if not series:
+        raise DicomExportError(f"{folder}: no CT image series in the template folder")
+    if len(series) > 1:
+        raise DicomExportError(f"{folder}: template folder holds {len(series)} series; give the folder of one series")
+    out = {}
+    for p in series[0].files:
+        try:
+            out[p] = pydicom.dcmread(str(p), stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many types; re-raised typed with the file name
+            raise DicomExportError(f"{p}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
+    return out
+
+
+def _template_geometry(folder: Path, headers: dict[Path, Any]):
+    infos = [slice_info(p, ds) for p, ds in headers.items()]
+    return geometry_of_slices(infos, folder)
+
+
+# ---------------------------------------------------------------------------- geometry strings
+def _ds(value: float) -> str:
+    """A DICOM decimal string (<= 16 characters) for ``value``."""
+    for digits in (10, 8, 6, 4):
+        s = f"{value:.{digits}g}"
+        if len(s) <= 16:
+            return s
+    raise DicomExportError(f"value {value!r} does not fit a DICOM decimal string")
+
+
+def _slice_geometry_from_volume(geometry: Geometry) -> list[dict[str, Any]]:
+    """Per-slice IPP/IOP/PixelSpacing/SliceThickness/SliceLocation strings from a Geometry."""
+    d = geometry.direction_matrix
+    row, col = d[:, 0], d[:, 1]
+    iop = [_ds(v) for v in (*row, *col)]
+    ps = [_ds(geometry.spacing[1]), _ds(geometry.spacing[2])]
+    dicom_normal = np.cross(row, col)
+    out = []
+    for k in range(geometry.shape[0]):
+        ipp = geometry.index_to_world([k, 0, 0])
+        out.append({
+            "ImagePositionPatient": [_ds(v) for v in ipp],
+            "ImageOrientationPatient": iop,
+            "PixelSpacing": ps,
+            "SliceThickness": _ds(geometry.spacing[0]),
+            "SliceLocation": _ds(float(np.dot(ipp, dicom_normal))),
+        })
+    return out
+
+
+def _slice_geometry_from_template(headers: dict[Path, Any], ordered) -> list[dict[str, Any]]:
+    """Per-slice geometry strings copied from the template, in slice order."""
+    out = []
+    for s in ordered:
+        ds = headers[s.path]
+        normal = np.cross(s.orientation[:3], s.orientation[3:])
+        rec = {
+            "ImagePositionPatient": list(ds["ImagePositionPatient"].value),
+            "ImageOrientationPatient": list(ds["ImageOrientationPatient"].value),
+            "PixelSpacing": list(ds["PixelSpacing"].value),
+            "SliceLocation": ds.SliceLocation if "SliceLocation" in ds else _ds(float(np.dot(s.position, normal))),
+        }
+        if "SliceThickness" in ds and ds.SliceThickness not in (None, ""):
+            rec["SliceThickness"] = ds.SliceThickness
+        out.append(rec)
+    return out
+
+
+# ---------------------------------------------------------------------------- writing
+def _hu_to_stored(array: np.ndarray, where: str) -> tuple[np.ndarray, int]:
+    """HU float -> int16 stored values (round((HU - intercept) / slope)), clipped; returns (stored, n_clipped)."""
+    a = np.asarray(array, dtype=np.float64)
+    if not np.all(np.isfinite(a)):
+        raise DicomExportError(f"{where}: volume holds NaN or infinite values")
+    stored = np.round((a - RESCALE_INTERCEPT) / RESCALE_SLOPE)
+    n_clipped = int(np.count_nonzero((stored < -32768) | (stored > 32767)))
+    return np.clip(stored, -32768, 32767).astype(np.int16), n_clipped
+
+
+def _now() -> tuple[str, str]:
+    t = _dt.datetime.now()
+    return t.strftime("%Y%m%d"), t.strftime("%H%M%S")
+
+
+def _write_series(
+    folder: Path, volume: Volume, slices: list[dict[str, Any]], common: dict[str, Any],
+    series_uid: str, series_number: int, description: str, temporal: tuple[int, int],
+) -> list[str]:
+    """Write one series (one file per slice) into ``folder``; returns the SOPInstanceUIDs in slice order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    stored, _ = _hu_to_stored(volume.array, str(folder))
+    nz, ny, nx = volume.array.shape
+    date, time = _now()
+    uids = []
+    for k in range(nz):
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        for key, value in common.items():
+            setattr(ds, key, value)
+        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+        ds.ContentDate, ds.ContentTime = date, time
+        ds.SeriesDate, ds.SeriesTime = date, time
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = description
+        ds.InstanceNumber = k + 1
+        ds.AcquisitionNumber = 1
+        ds.TemporalPositionIdentifier = temporal[0]
+        ds.TemporalPositionIndex = temporal[0]
+        ds.NumberOfTemporalPositions = temporal[1]
+        for key, value in slices[k].items():
+            setattr(ds, key, value)
+        ds.Rows, ds.Columns = ny, nx
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = _ds(RESCALE_INTERCEPT)
+        ds.RescaleSlope = _ds(RESCALE_SLOPE)
+        ds.RescaleType = "HU"
+        ds.PixelData = stored[k].tobytes()
+        ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
+        uids.append(sop_uid)
+    return uids
+
+
+def _common_attributes(template: dict[str, Any] | None, frame_uid: str, study_uid: str) -> dict[str, Any]:
+    """Patient, study, frame-of-reference, equipment and image-type attributes shared by every file."""
+    date, time = _now()
+    common: dict[str, Any] = {}
+    if template is None:
+        common.update(PatientName=ANONYMOUS, PatientID=ANONYMOUS, StudyDate=date, StudyTime=time,
+                      PatientIdentityRemoved="YES")
+    else:
+        common.update(template)
+    for key in TYPE2_ATTRIBUTES:
+        common.setdefault(key, "")
+    common.update(
+        StudyInstanceUID=study_uid,
+        FrameOfReferenceUID=frame_uid,
+        Modality="CT",
+        Manufacturer="respmotion",
+        ImageType=["DERIVED", "SECONDARY", "AXIAL"],
+        DerivationDescription="respiratory phase synthesized by respmotion",
+        BurnedInAnnotation="NO",
+        KVP="",
+    )
+    return common
+
+
+def write_dicom_4dct(
+    phases: Mapping[int, Volume],
+    out_dir: str | os.PathLike,
+    template: str | os.PathLike | None = None,
+    description: str = "respmotion",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write each phase volume (HU, ``(z, y, x)``) as a CT series ``out_dir/phase_XX/CT0001.dcm ...``.
+
+    Args:
+        phases: phase percent (0, 10, ..., 90) -> HU volume; all on one geometry.
+        out_dir: output folder (created); the series go into ``phase_XX`` sub-folders.
+        template: folder of the input CT series (copy geometry, FrameOfReferenceUID and the
+            whitelisted patient/study attributes), or None for a fresh anonymous study.
+        description: prefix of SeriesDescription (``"<description>, Gated, 40.0%"``).
+        overwrite: replace existing ``phase_XX`` folders (otherwise an existing one is an error).
+
+    Returns:
+        ``{"study_uid", "frame_of_reference_uid", "geometry_from": "template" | "volume" | "none",
+        "clipped_voxels", "series": {phase: SeriesRef}}``.
+    """
+    from pydicom.uid import generate_uid
+
+    out_dir = Path(out_dir)
+    if not phases:
+        raise DicomExportError(f"{out_dir}: no phases to write")
+    order = sorted(int(p) for p in phases)
+    geom = phases[order[0]].geometry
+    for p in order:
+        if not 0 <= p < 100:
+            raise DicomExportError(f"{out_dir}: phase {p}% is not in 0..99")
+        if not phases[p].geometry.same_as(geom):
+            raise DicomExportError(f"{out_dir}: phase {p}% has another geometry than phase {order[0]}%")
+    targets = {p: out_dir / f"phase_{p:02d}" for p in order}
+    existing = [t for t in targets.values() if t.exists()]
+    if existing and not overwrite:
+        raise DicomExportError(f"{existing[0]}: already exists (pass overwrite=True to replace)")
+
+    template_attrs: dict[str, Any] | None = None
+    if template is not None:
+        tfolder = Path(template)
+        headers = _read_template_headers(tfolder)
+        tgeom, ordered = _template_geometry(tfolder, headers)
+        first = headers[ordered[0].path]
+        frame_uid = _required(first, "FrameOfReferenceUID", ordered[0].path)
+        template_attrs = _whitelisted(first)
+        if tgeom.same_as(geom, tol=1e-3):
+            slices, geometry_from = _slice_geometry_from_template(headers, ordered), "template"
+        else:
+            slices, geometry_from = _slice_geometry_from_volume(geom), "volume"
+    else:
+        frame_uid = generate_uid()
+        slices, geometry_from = _slice_geometry_from_volume(geom), "none"
+
+    study_uid = generate_uid()
+    common = _common_attributes(template_attrs, frame_uid, study_uid)
+    clipped = sum(_hu_to_stored(phases[p].array, f"{out_dir} phase {p}%")[1] for p in order)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(TMP_DIR_PREFIX + "*"):  # left by an interrupted run
+        shutil.rmtree(stale)
+    tmp_dirs: dict[int, Path] = {}
+    refs: dict[int, SeriesRef] = {}
+    try:
+        for rank, p in enumerate(order):
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_DIR_PREFIX}{p:02d}-", dir=out_dir))
+            tmp_dirs[p] = tmp
+            series_uid = generate_uid()
+            uids = _write_series(
+                tmp, phases[p], slices, common, series_uid, 1000 + rank,
+                gated_series_description(description, p), (rank + 1, len(order)),
+            )
+            refs[p] = SeriesRef(geom, study_uid, series_uid, frame_uid, uids,
+                                patient_study={k: common[k] for k in COPIED_ATTRIBUTES if k in common},
+                                folder=targets[p])
+        for p in order:
+            if targets[p].exists():
+                shutil.rmtree(targets[p])
+            os.replace(tmp_dirs[p], targets[p])
+    finally:
+        for tmp in tmp_dirs.values():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return {
+        "study_uid": study_uid,
+        "frame_of_reference_uid": frame_uid,
+        "geometry_from": geometry_from,
+        "clipped_voxels": clipped,
+        "series": refs,
+    }

@@ -1,0 +1,116 @@
+"""Carry a structure (e.g. a GTV) drawn on the reference CT through the breathing cycle; its motion and ITV.
+
+Direction.  The phase-k field ``u_k`` (pull, on the phase-k grid) says where the content of
+phase-k voxel ``p`` comes from in the reference: ``phase_k(p) = ref(p + u_k(p))``.  A structure
+is anatomy, so the phase-k voxel ``p`` belongs to it exactly when the reference point it shows,
+``p + u_k(p)``, does: ``mask_k(p) = mask_ref(p + u_k(p))``.  That is *pulling* the reference mask
+with ``u_k`` -- the same motion as moving the structure's contour points with the inverse map
+(:func:`respmotion.core.ops.move_world_points`), but expressed directly on the target grid, with
+no inversion and no polygon re-rasterisation.  (Pushing the mask with ``u_k``, or pulling with
+``-u_k``, would move it the wrong way or only approximately.)  The mask is pulled trilinearly as
+0/1 floats and thresholded at 0.5 (partial volume at the edge decides by majority).
+
+Motion summary (:func:`structure_motion`): per phase the centroid of the mask voxels in LPS mm
+(``Geometry.index_to_world`` of the mean voxel index) and the volume in cm3; the peak-to-peak
+motion per LPS axis (max - min of the centroid over phases; x = left-right, y = anterior-posterior,
+z = superior-inferior); the ITV = union of the phase masks, with its volume in cm3.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..core import ops
+from ..core.geometry import Geometry
+from ..core.types import DisplacementField, Volume
+
+
+def propagate_structure(
+    mask_ref: np.ndarray | Volume, fields: Mapping[int, DisplacementField], threshold: float | None = 0.5
+) -> dict[int, np.ndarray]:
+    """Reference mask ``(z, y, x)`` -> ``{phase: mask (z, y, x)}`` pulled with each phase's field.
+
+    ``fields[k]`` is the pull field of phase k relative to the reference (``(3, z, y, x)`` mm on the
+    phase grid = the reference grid).  See the module docstring for why pulling is the right direction.
+    ``mask_ref`` is binary (non-zero = inside) or a partial-volume occupancy in [0, 1].  With a
+    ``threshold`` the result is a uint8 mask (occupancy >= threshold); with ``None`` it is the
+    pulled occupancy (float32 in [0, 1]), whose weighted centroid follows sub-voxel motion
+    (trilinear interpolation keeps the first moment), which binary masks of small structures do not.
+    """
+    arr = mask_ref.array if isinstance(mask_ref, Volume) else np.asarray(mask_ref)
+    occ = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else (arr != 0).astype(np.float32)
+    if occ.size and (occ.min() < 0 or occ.max() > 1):
+        raise ValueError("a fractional mask must hold occupancies in [0, 1]")
+    if not fields:
+        raise ValueError("no phase fields to propagate the structure with")
+    out: dict[int, np.ndarray] = {}
+    for k, f in sorted(fields.items()):
+        if tuple(arr.shape) != f.geometry.shape:
+            raise ValueError(f"mask shape {arr.shape} != field shape {f.geometry.shape} (phase {k})")
+        soft = ops.warp_volume(Volume(occ, f.geometry), f).array
+        out[int(k)] = np.clip(soft, 0.0, 1.0) if threshold is None else (soft >= threshold).astype(np.uint8)
+    return out
+
+
+def _occupancy(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    return m.astype(np.float64) if np.issubdtype(m.dtype, np.floating) else (m != 0).astype(np.float64)
+
+
+def centroid_lps(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Centroid (LPS mm, ``(x, y, z)``) of a binary mask or occupancy-weighted; error when empty."""
+    w = _occupancy(mask)
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("structure mask is empty")
+    idx = np.argwhere(w > 0)
+    mean_idx = (idx * w[tuple(idx.T)][:, None]).sum(0) / total
+    return geometry.index_to_world(mean_idx)
+
+
+def structure_motion(
+    masks_by_phase: Mapping[int, np.ndarray], geometry: Geometry, itv_threshold: float = 0.5
+) -> dict[str, Any]:
+    """Per-phase centroid/volume, peak-to-peak motion per axis and the ITV of a structure.
+
+    ``masks_by_phase`` holds binary masks or occupancies in [0, 1] (``propagate_structure(...,
+    threshold=None)``); centroids and volumes are occupancy-weighted, the ITV is the union of the
+    voxels with occupancy >= ``itv_threshold`` (for binary masks: the union of the masks).
+    Returns ``{"phases": {k: {"centroid_lps_mm": [x, y, z], "volume_cm3"}},
+    "peak_to_peak_mm": {"x_lr", "y_ap", "z_si", "vector_max"}, "itv_volume_cm3", "itv"}``;
+    ``"itv"`` is the uint8 union mask ``(z, y, x)`` (drop it for a JSON summary:
+    :func:`motion_summary`).  ``vector_max`` is the largest centroid distance between two phases.
+    """
+    if not masks_by_phase:
+        raise ValueError("no phase masks")
+    voxel_cm3 = geometry.voxel_volume_mm3() / 1000.0
+    phases: dict[int, dict[str, Any]] = {}
+    cents = []
+    itv = np.zeros(geometry.shape, dtype=bool)
+    for k, m in sorted(masks_by_phase.items()):
+        w = _occupancy(m)
+        if w.shape != geometry.shape:
+            raise ValueError(f"phase {k} mask shape {w.shape} != geometry shape {geometry.shape}")
+        if not w.any():
+            raise ValueError(f"structure is empty at phase {k}")
+        c = centroid_lps(w, geometry)
+        cents.append(c)
+        phases[int(k)] = {"centroid_lps_mm": [float(v) for v in c], "volume_cm3": float(w.sum() * voxel_cm3)}
+        itv |= w >= itv_threshold
+    cents_a = np.asarray(cents)
+    ptp = cents_a.max(0) - cents_a.min(0)
+    pair = np.linalg.norm(cents_a[:, None] - cents_a[None], axis=-1)
+    return {
+        "phases": phases,
+        "peak_to_peak_mm": {"x_lr": float(ptp[0]), "y_ap": float(ptp[1]), "z_si": float(ptp[2]),
+                            "vector_max": float(pair.max())},
+        "itv_volume_cm3": float(itv.sum() * voxel_cm3),
+        "itv": itv.astype(np.uint8),
+    }
+
+
+def motion_summary(motion: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of :func:`structure_motion`'s result (everything but the ITV mask)."""
+    return {k: v for k, v in motion.items() if k != "itv"}
