@@ -78,6 +78,7 @@ class SynthesisResult:
     summary: dict = field(default_factory=dict)
     cycles: list[dict[int, DisplacementField]] = field(default_factory=list)  # native grid
     phases: list[dict[int, Volume]] = field(default_factory=list)
+    dicom: list[dict] = field(default_factory=list)  # write_dicom_4dct results (SeriesRef per phase)
 
 
 def _write_4d_nifti(path: Path, phases: dict[int, Volume]) -> None:
@@ -125,6 +126,7 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
         cycles_model = [scale_motion(c, factor) for c in cycles_model]
         summary["amplitude_factor"] = factor
     result = SynthesisResult(out, summary)
+    t_write = time.perf_counter()
     for i, cyc in enumerate(cycles_model):
         sdir = out / f"sample_{i:02d}"
         native = {k: (f if f.geometry.same_as(ct.geometry) else
@@ -142,10 +144,14 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
             from ..io.dicom_export import write_dicom_4dct
 
             template = Path(ct.meta["source"]) if Path(ct.meta.get("source", "")).is_dir() else None
-            rec["dicom"] = write_dicom_4dct(phases, sdir / "dicom", template)
+            exported = write_dicom_4dct(phases, sdir / "dicom", template)
+            result.dicom.append(exported)
+            rec["dicom"] = {k: v for k, v in exported.items() if k != "series"}
+            rec["dicom"]["series"] = {f"{k:02d}": ref.to_dict() for k, ref in exported["series"].items()}
         summary["samples"].append(rec)
         result.cycles.append(native)
         result.phases.append(phases)
+    summary["seconds_warp_and_write"] = time.perf_counter() - t_write
     summary["seconds_total"] = time.perf_counter() - t0
     write_json(out / "summary.json", summary)
     return result

@@ -101,27 +101,27 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     contour_masks = None
     if structures:
         from ..io.volumes import save_volume
-        from .contours import propagate_structure, structure_motion
+        from .contours import motion_summary, propagate_structure, structure_motion
 
         summary["structures"] = {}
         contour_masks = []
+        sdir = out / "sample_00" / "structures"
         for name, mask in structures.items():
-            by_phase = propagate_structure(mask, result.cycles[0])
-            motion = structure_motion(by_phase, ct.geometry)
-            summary["structures"][name] = motion
+            occupancy = propagate_structure(mask, result.cycles[0], threshold=None)
+            motion = structure_motion(occupancy, ct.geometry)
+            summary["structures"][name] = motion_summary(motion)
+            by_phase = {k: (occupancy[k] >= 0.5).astype(np.uint8) for k in sorted(occupancy)}
             contour_masks.append([by_phase[k] for k in sorted(by_phase)])
-            sdir = out / "sample_00" / "structures"
             for k, m in by_phase.items():
-                save_volume(Volume(m.astype(np.uint8), ct.geometry), sdir / f"{name}_{k:02d}.nii.gz")
-            itv = np.any(np.stack(list(by_phase.values())), axis=0).astype(np.uint8)
-            save_volume(Volume(itv, ct.geometry), sdir / f"{name}_ITV.nii.gz")
+                save_volume(Volume(m, ct.geometry), sdir / f"{name}_{k:02d}.nii.gz")
+            save_volume(Volume(motion["itv"], ct.geometry), sdir / f"{name}_ITV.nii.gz")
             if cfg.dicom:
                 from ..io.rtstruct import write_rtstruct
 
+                series = result.dicom[0]["series"]
                 for k in sorted(by_phase):
-                    series = Path(summary["samples"][0]["dicom"]["phases"][f"{k:02d}"]["dir"])
-                    write_rtstruct({name: by_phase[k], f"{name}_ITV": itv}, series,
-                                   out / "sample_00" / "dicom" / f"rtstruct_{name}_{k:02d}.dcm")
+                    write_rtstruct({name: by_phase[k], f"{name}_ITV": motion["itv"]}, series[k],
+                                   out / "sample_00" / "dicom" / f"rtstruct_phase_{k:02d}_{name}.dcm")
     if cfg.trace:
         from ..core.ops import warp_volume
         from ..io.volumes import save_field, save_volume
