@@ -16,6 +16,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "data",
     "render",
     "synthesize",
+    "train",
+    "evaluate",
 )
 
 
