@@ -116,3 +116,17 @@ def test_synthesize_structures_dicom_amplitude(tmp_path, phantom_study):
     s2 = json.loads((out2 / "summary.json").read_text())["samples"][0]["phases"]["50"]
     s1 = s["samples"][0]["phases"]["50"]
     assert 1.8 < s2["mean_mm"] / s1["mean_mm"] < 2.2 and s2["folding_percent"] == 0.0
+
+
+def test_evaluate_synthesis_report(tmp_path):
+    data = tmp_path / "cohort"
+    assert main(["phantom", "--out", str(data), "--patients", "2", "--shape", "16,64,64", "--seed", "3"]) == 0
+    out = tmp_path / "ev"
+    assert main(["evaluate", "synthesis", "--data", str(data), "--model", "gt", "--patients", "phantom_001",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    h = rep["headline"]
+    assert h["model/dvf_error_lung_mean_mm"] < 1e-6  # the truth against itself
+    assert h["zero/dvf_error_lung_mean_mm"] > 2.0 and h["population_mean/dvf_error_lung_mean_mm"] > 0.1
+    assert abs(h["model/diaphragm_excursion_mm"] - h["truth/diaphragm_excursion_mm"]) < 1e-6
+    assert (out / "summary.png").stat().st_size > 10_000 and (out / "summary.html").exists()

@@ -13,7 +13,7 @@ import importlib
 from ._common import add_config_args, command, resolve_config
 
 # modules under respmotion.commands that add a target with add_parser(subparsers), e.g. "evaluate_synthesis"
-EVALUATE_TARGET_MODULES: tuple[str, ...] = ()
+EVALUATE_TARGET_MODULES: tuple[str, ...] = ("evaluate_synthesis",)
 
 
 def _evaluate_autoencoder(args: argparse.Namespace) -> int:

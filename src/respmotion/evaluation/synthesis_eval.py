@@ -158,16 +158,21 @@ def timed(fn, *a, **kw):
 
 def run_evaluation(studies: Sequence[StudyDir], model, train_studies: Sequence[StudyDir], out_dir: str | Path,
                    samples: int = 1, seed: int = 0, truth: str = "gt", title: str = "respmotion synthesis") -> dict:
-    """Synthesize for each held-out study (from phase 00) and write the report to ``out_dir``."""
+    """Synthesize for each held-out study (from phase 00) and write the report to ``out_dir``.
+
+    ``model`` is a motion model, or a function ``study -> motion model`` (e.g. the phantom's own
+    ground truth per study).
+    """
     from .report import write_report
 
     t0 = time.perf_counter()
     load = (lambda s, k: s.load_gt("ref", k)) if truth == "gt" else None
     baseline_mean = mean_fields(train_studies, load) if load is not None and train_studies else None
+    model_for = model if not hasattr(model, "generate") else (lambda _study: model)
     per_study = {}
     for sd in studies:
         ct = sd.load_phase(0)
-        cycles = model.generate(ct, samples, seed)
+        cycles = model_for(sd).generate(ct, samples, seed)
         cands: dict[str, Mapping[int, DisplacementField]] = {"model": cycles[0]}
         zero = {k: DisplacementField(np.zeros((3, *ct.geometry.shape), np.float32), ct.geometry) for k in PHASES}
         cands["zero"] = zero
