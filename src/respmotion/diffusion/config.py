@@ -76,3 +76,18 @@ class DiffusionModelConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGET_MODES:
             raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
+
+
+@dataclass
+class LatentsConfig:
+    """``respmotion latents``: encode a cohort into a mirror tree of latents."""
+
+    data: str = ""  # cohort folder (respmotion.io.layout)
+    image_ae: str = ""  # image autoencoder checkpoint (model.pt or <step>.pt)
+    dvf_ae: str = ""  # DVF autoencoder checkpoint
+    out: str = ""  # latent set folder
+    fields: tuple[str, ...] = ("gt_ref", "gt_step")  # field sources (respmotion.training.data.field_source)
+    image_phases: str = "reference"  # reference (phase 00 only: what synthesis conditions on) | all
+    device: str = "auto"
+    rank: int = -1  # -1: from torchrun's RANK (else 0)
+    world_size: int = -1  # -1: from torchrun's WORLD_SIZE (else 1)

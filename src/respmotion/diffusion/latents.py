@@ -1,0 +1,303 @@
+"""The latent set: every (reference CT, displacement field) of a cohort encoded by the two
+autoencoders into a mirror tree, and the dataset the diffusion model trains on.
+
+Layout (mirrors :mod:`respmotion.io.layout`)::
+
+    <out>/provenance.json                 # which autoencoders (path, sha256, step, latent_scale,
+                                          # units, architecture), data folder, field sources
+    <out>/<patient>/<study>/image_00.npy  # image latent (Ci, Z', Y', X') float32 (also image_XX with
+                                          # image_phases=all)
+    <out>/<patient>/<study>/dvf_ref_40.npy, dvf_step_40.npy ...   # DVF latents (Cd, Z', Y', X')
+    <out>/<patient>/<study>/latents.json  # written last: the study is complete (files, shapes)
+
+Latents are the autoencoders' ``encode_latent`` outputs: the latent *mean* times the
+autoencoder's ``latent_scale`` (1 / std of its training latents; recorded in the provenance).
+Writing: every file is atomic; a study whose marker exists is skipped, and within an
+interrupted study only missing files are computed, so a rerun (after kill -9) resumes.  Work
+is sharded by study: rank ``r`` of ``W`` takes studies ``r, r + W, ...`` of the sorted list
+(``--rank/--world-size`` or torchrun's ``RANK``/``WORLD_SIZE``; each rank uses
+``cuda:LOCAL_RANK`` when CUDA is there).  A rerun against different autoencoder checkpoints
+is refused instead of mixing latents of two encoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..io.atomic import read_json, read_npy, write_json, write_npy
+from ..io.layout import PHASES, StudyDir, iter_studies
+
+log = logging.getLogger("respmotion")
+
+FORMAT = "respmotion.latents/1"
+PROVENANCE = "provenance.json"
+STUDY_MARKER = "latents.json"
+REFERENCE_PHASE = 0
+
+
+# ---------------------------------------------------------------------------- sharding
+def resolve_rank(rank: int = -1, world_size: int = -1) -> tuple[int, int]:
+    """Explicit values win; ``-1`` falls back to torchrun's environment, then to rank 0 of 1."""
+    world = world_size if world_size > 0 else int(os.environ.get("WORLD_SIZE", "1"))
+    r = rank if rank >= 0 else int(os.environ.get("RANK", "0"))
+    if not 0 <= r < world:
+        raise ValueError(f"rank {r} is outside 0..{world - 1} (world size {world})")
+    return r, world
+
+
+def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Items ``rank, rank + world_size, ...`` (disjoint, together complete)."""
+    return list(items[rank::world_size])
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- provenance
+def autoencoder_record(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]:
+    """What identifies an autoencoder checkpoint in the provenance."""
+    from ..training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    extra = ckpt.get("extra", {}) or {}
+    return {
+        "path": str(Path(path).resolve()),
+        "sha256": file_sha256(path),
+        "step": int(ckpt.get("step", -1)),
+        "latent_scale": float(model.latent_scale),
+        "model_config": ckpt.get("model_config", {}),
+        "split": extra.get("split"),
+    }
+
+
+def _same_encoders(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("image_autoencoder", "dvf_autoencoder")
+    return all(a.get(k, {}).get("sha256") == b.get(k, {}).get("sha256") for k in keys) and \
+        list(a.get("fields", [])) == list(b.get("fields", [])) and a.get("image_phases") == b.get("image_phases")
+
+
+def read_provenance(root: str | os.PathLike) -> dict[str, Any]:
+    path = Path(root) / PROVENANCE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not a latent set (no {PROVENANCE}; run `respmotion latents`)")
+    prov = read_json(path)
+    if prov.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown latent set format {prov.get('format')!r}")
+    return prov
+
+
+# ---------------------------------------------------------------------------- encoding
+def latent_study_dir(out: Path, study: StudyDir) -> Path:
+    return out / study.patient / study.study
+
+
+def _encode(model: torch.nn.Module, arrays: list[np.ndarray], device: torch.device) -> list[np.ndarray]:
+    x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False)).to(device)
+    with torch.no_grad():
+        z = model.encode_latent(x)
+    return [a for a in z.float().cpu().numpy()]
+
+
+def encode_study(
+    study: StudyDir,
+    out_dir: Path,
+    image_ae: torch.nn.Module,
+    dvf_ae: torch.nn.Module,
+    sources: Sequence[Any],
+    image_phases: Sequence[int],
+    device: torch.device,
+    batch: int = 4,
+) -> int:
+    """Encode one study into ``out_dir`` (missing files only); returns the number of files written.
+
+    ``sources`` are :class:`respmotion.training.data.FieldSource` objects; images are encoded
+    from HU, fields from mm, by the autoencoders' ``encode_latent``.
+    """
+    written = 0
+    files: dict[str, list[int]] = {}
+    todo_img = [p for p in image_phases if not (out_dir / f"image_{p:02d}.npy").exists()]
+    for i in range(0, len(todo_img), batch):
+        chunk = todo_img[i:i + batch]
+        lat = _encode(image_ae, [study.load_phase(p).array[None] for p in chunk], device)
+        for p, z in zip(chunk, lat):
+            write_npy(out_dir / f"image_{p:02d}.npy", z)
+            written += 1
+    for p in image_phases:
+        files[f"image_{p:02d}.npy"] = list(read_npy(out_dir / f"image_{p:02d}.npy", mmap=True).shape)
+    ids = [fid for src in sources for fid in src.field_ids(study)]
+    owner = {fid: src for src in sources for fid in src.field_ids(study)}
+    todo = [fid for fid in ids if not (out_dir / f"dvf_{fid}.npy").exists()]
+    for i in range(0, len(todo), batch):
+        chunk = todo[i:i + batch]
+        lat = _encode(dvf_ae, [owner[f].load(study, f).array for f in chunk], device)
+        for fid, z in zip(chunk, lat):
+            write_npy(out_dir / f"dvf_{fid}.npy", z)
+            written += 1
+    for fid in ids:
+        files[f"dvf_{fid}.npy"] = list(read_npy(out_dir / f"dvf_{fid}.npy", mmap=True).shape)
+    write_json(out_dir / STUDY_MARKER, {"study": study.key, "source": str(study.path.resolve()), "files": files})
+    return written
+
+
+def build_latent_set(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    image_ae_path: str | os.PathLike,
+    dvf_ae_path: str | os.PathLike,
+    fields: Sequence[str] = ("gt_ref", "gt_step"),
+    image_phases: str = "reference",
+    device: str = "auto",
+    rank: int = -1,
+    world_size: int = -1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Encode this rank's shard of the cohort at ``data`` into ``out`` (see module docstring).
+
+    Returns a summary: studies done/skipped, files written, seconds.
+    """
+    from ..models.autoencoder import load_autoencoder
+    from ..training.data import field_source
+    from ..training.distributed import pick_device
+
+    if image_phases not in ("reference", "all"):
+        raise ValueError(f"image_phases must be 'reference' or 'all', got {image_phases!r}")
+    r, world = resolve_rank(rank, world_size)
+    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    out = Path(out)
+    image_ae = load_autoencoder(str(image_ae_path), map_location=dev)
+    dvf_ae = load_autoencoder(str(dvf_ae_path), map_location=dev)
+    if image_ae.cfg.kind != "image" or dvf_ae.cfg.kind != "dvf":
+        raise ValueError(f"expected an image and a DVF autoencoder, got kinds {image_ae.cfg.kind!r} ({image_ae_path}) "
+                         f"and {dvf_ae.cfg.kind!r} ({dvf_ae_path})")
+    sources = [field_source(name) for name in fields]
+    prov = {
+        "format": FORMAT,
+        "data": str(Path(data).resolve()),
+        "image_autoencoder": autoencoder_record(image_ae_path, image_ae),
+        "dvf_autoencoder": autoencoder_record(dvf_ae_path, dvf_ae),
+        "fields": list(fields),
+        "image_phases": image_phases,
+        "units": {"image_input": "HU", "dvf_input": "mm (z, y, x), pull",
+                  "latents": "autoencoder mean latent times its latent_scale"},
+    }
+    if (out / PROVENANCE).exists():
+        old = read_provenance(out)
+        if not _same_encoders(old, prov):
+            raise ValueError(f"{out}: holds latents of other autoencoders/fields ({old['image_autoencoder']['path']}, "
+                             f"{old['dvf_autoencoder']['path']}, {old.get('fields')}); use a new --out")
+    else:
+        write_json(out / PROVENANCE, {**prov, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    studies = list(iter_studies(data))
+    if not studies:
+        raise ValueError(f"{data}: no complete studies to encode")
+    mine = shard(studies, r, world)
+    phases = [REFERENCE_PHASE] if image_phases == "reference" else list(PHASES)
+    t0 = time.perf_counter()
+    done = skipped = files = 0
+    it = mine
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(mine, desc=f"latents rank {r}/{world}", unit="study")
+    for study in it:
+        sdir = latent_study_dir(out, study)
+        if (sdir / STUDY_MARKER).exists():
+            skipped += 1
+            continue
+        files += encode_study(study, sdir, image_ae, dvf_ae, sources, phases, dev)
+        done += 1
+    summary = {"rank": r, "world_size": world, "studies": len(mine), "encoded": done, "skipped": skipped,
+               "files_written": files, "seconds": round(time.perf_counter() - t0, 2), "device": str(dev)}
+    log.info("latents rank %d/%d: %d studies encoded, %d already there, %d files in %.1f s", r, world, done,
+             skipped, files, summary["seconds"])
+    return summary
+
+
+# ---------------------------------------------------------------------------- dataset
+def field_kind(field_id: str) -> tuple[str, int]:
+    """``"ref_40"`` -> ``("ref", 40)``."""
+    kind, _, pct = field_id.rpartition("_")
+    if not kind or not pct.isdigit():
+        raise ValueError(f"field id {field_id!r} is not <kind>_<phase>")
+    return kind, int(pct)
+
+
+class LatentDataset(Dataset):
+    """Training items of the diffusion model for one target mode.
+
+    Item: ``{"x": DVF latent (Cd, Z, Y, X), "image": reference image latent (Ci, Z, Y, X),
+    "phase": phase index 0..9 (long), "key": str}``.  ``target="ref"``: fields ``ref_10..ref_90``
+    (phase k relative to 00); ``"step"``: ``step_00..step_90`` (phase k -> k + 10).  The image is
+    always the reference phase's: synthesis conditions on one CT.
+    """
+
+    def __init__(self, root: str | os.PathLike, patients: Sequence[str] | None, target: str = "ref") -> None:
+        if target not in ("ref", "step"):
+            raise ValueError(f"target must be ref or step, got {target!r}")
+        self.root = Path(root)
+        self.target = target
+        read_provenance(self.root)
+        wanted = set(patients) if patients is not None else None
+        self.items: list[tuple[Path, str, int]] = []
+        for marker in sorted(self.root.glob(f"*/*/{STUDY_MARKER}")):
+            sdir = marker.parent
+            if wanted is not None and sdir.parent.name not in wanted:
+                continue
+            names = read_json(marker)["files"]
+            for name in sorted(names):
+                if not name.startswith("dvf_"):
+                    continue
+                kind, pct = field_kind(name[4:-4])
+                if kind == target and not (kind == "ref" and pct == REFERENCE_PHASE):
+                    self.items.append((sdir, name, pct))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sdir, name, pct = self.items[i]
+        x = read_npy(sdir / name)
+        img = read_npy(sdir / f"image_{REFERENCE_PHASE:02d}.npy")
+        if x.shape[1:] != img.shape[1:]:
+            raise ValueError(f"{sdir}: DVF latent {x.shape} and image latent {img.shape} differ in size")
+        return {"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
+                "phase": torch.tensor(pct // 10, dtype=torch.long),
+                "key": f"{sdir.parent.name}/{sdir.name}/{name[:-4]}"}
+
+    @property
+    def patients(self) -> list[str]:
+        return sorted({sdir.parent.name for sdir, _, _ in self.items})
+
+
+def channel_stats(ds: LatentDataset, key: str, max_items: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of ``key`` ("x" or "image") over up to ``max_items`` items."""
+    n = min(len(ds), max_items)
+    if n == 0:
+        raise ValueError("no latents to compute statistics from")
+    idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
+    s = s2 = None
+    count = 0
+    for i in idx:
+        z = ds[int(i)][key].double()
+        flat = z.reshape(z.shape[0], -1)
+        s = flat.sum(1) if s is None else s + flat.sum(1)
+        s2 = (flat**2).sum(1) if s2 is None else s2 + (flat**2).sum(1)
+        count += flat.shape[1]
+    mean = s / count
+    std = torch.sqrt(torch.clamp(s2 / count - mean**2, min=1e-12))
+    return mean.float(), std.float()

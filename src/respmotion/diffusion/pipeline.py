@@ -1,0 +1,135 @@
+"""What the synthesis stage calls: CT in, a coherent breathing cycle of displacement fields out.
+
+    gen = MotionGenerator.from_checkpoints("runs/diffusion/<run>/model.pt", device="cuda")
+    fields = gen.cycle(ct_hu, spacing_zyx, sampler=SamplerConfig(name="dpmpp2m", steps=20), seed=0)
+    # fields: (S, 10, 3, Z, Y, X) float32 mm, phase k relative to phase 00 (pull: phase_k(p) =
+    # ct(p + u_k(p))), phases 00, 10, ..., 90; fields[:, 0] == 0.
+
+Steps: encode the CT with the image autoencoder (HU -> scaled latent -> normalised), sample the
+normalised DVF latents of every phase from **one draw** (:func:`~respmotion.diffusion.sampling.sample_cycles`),
+denormalise and decode them with the DVF autoencoder into mm.  In ``ref`` mode (default) phase
+00 is the identity and is not sampled.  In ``step`` mode the ten transitions k -> k + 10 are
+sampled and chained by composition (:func:`respmotion.core.warp.compose`, never a sum):
+``ref_{k+1} = compose(ref_k, step_k)``; ``closure_mm`` reports how far the composed 90 -> 00
+transition is from closing the cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import from_dict
+from ..core import warp as W
+from ..io.layout import PHASES
+from .config import DiffusionModelConfig, SamplerConfig
+from .model import LatentDiffusion
+from .sampling import sample_cycles
+from .schedulers import NoiseSchedule, make_sampler
+
+
+def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> tuple[LatentDiffusion, dict[str, Any]]:
+    """Rebuild :class:`LatentDiffusion` from a checkpoint (``model.pt`` or ``<step>.pt``); eval mode."""
+    from ..training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, map_location=device)
+    if ckpt.get("task") != "diffusion":
+        raise ValueError(f"{path}: a checkpoint of task {ckpt.get('task')!r}, not a diffusion model")
+    mc = dict(ckpt["model_config"])
+    ema_decay = float(mc.pop("ema_decay", 0.999))
+    model = LatentDiffusion(from_dict(DiffusionModelConfig, mc), ema_decay=ema_decay)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), dict(ckpt.get("extra", {}))
+
+
+@dataclass
+class CycleResult:
+    """``fields`` (S, P, 3, Z, Y, X) mm relative to phase 00 for ``phases``; ``steps`` the sampled
+    transitions in step mode (S, 10, 3, Z, Y, X) else None; ``closure_mm`` mean |composed cycle|
+    per sample in step mode."""
+
+    phases: list[int]
+    fields: torch.Tensor
+    steps: torch.Tensor | None = None
+    closure_mm: list[float] | None = None
+
+
+class MotionGenerator:
+    """Diffusion model + the two autoencoders it was trained with."""
+
+    def __init__(self, diffusion: LatentDiffusion, image_ae: torch.nn.Module, dvf_ae: torch.nn.Module,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.diffusion, self.image_ae, self.dvf_ae = diffusion.eval(), image_ae.eval(), dvf_ae.eval()
+        self.extra = extra or {}
+        self.target = diffusion.cfg.target
+        self.schedule = NoiseSchedule(diffusion.cfg.schedule)
+        self.device = next(diffusion.parameters()).device
+
+    @classmethod
+    def from_checkpoints(cls, diffusion_path: str | Path, image_ae_path: str | Path | None = None,
+                         dvf_ae_path: str | Path | None = None, device: str | torch.device = "cpu") -> "MotionGenerator":
+        """Autoencoder paths default to those recorded in the latent set's provenance."""
+        from ..models.autoencoder import load_autoencoder
+
+        model, extra = load_diffusion(diffusion_path, device)
+        prov = extra.get("latent_provenance", {})
+        paths = []
+        for given, key in ((image_ae_path, "image_autoencoder"), (dvf_ae_path, "dvf_autoencoder")):
+            p = given or prov.get(key, {}).get("path")
+            if not p:
+                raise ValueError(f"{diffusion_path}: no {key.replace('_', ' ')} recorded; pass its checkpoint")
+            paths.append(p)
+        return cls(model, load_autoencoder(str(paths[0]), device), load_autoencoder(str(paths[1]), device), extra)
+
+    @property
+    def default_sampler(self) -> SamplerConfig:
+        return from_dict(SamplerConfig, self.extra["sampler"]) if "sampler" in self.extra else SamplerConfig()
+
+    @torch.no_grad()
+    def encode_image(self, ct_hu: torch.Tensor) -> torch.Tensor:
+        """CT ``(Z, Y, X)`` HU -> normalised image latent ``(Ci, Z', Y', X')``."""
+        z = self.image_ae.encode_latent(ct_hu.to(self.device, torch.float32)[None, None])
+        return self.diffusion.image_norm.normalize(z)[0]
+
+    @torch.no_grad()
+    def decode(self, latents_n: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        """Normalised DVF latents ``(..., Cd, Z', Y', X')`` -> fields ``(..., 3, Z, Y, X)`` in mm."""
+        lead = latents_n.shape[:-4]
+        flat = latents_n.reshape(-1, *latents_n.shape[-4:])
+        outs = [self.dvf_ae.decode_latent(self.diffusion.dvf_norm.denormalize(flat[i:i + batch].to(self.device)))
+                for i in range(0, flat.shape[0], batch)]
+        out = torch.cat(outs, 0).float()
+        return out.reshape(*lead, *out.shape[1:])
+
+    @torch.no_grad()
+    def sample_latents(self, image_latent_n: torch.Tensor, phases: Sequence[int], sampler: SamplerConfig | None = None,
+                       seed: int = 0, num_samples: int = 1) -> torch.Tensor:
+        """Normalised DVF latents ``(S, P, Cd, Z', Y', X')``, one draw per sample (see sampling)."""
+        cfg = sampler or self.default_sampler
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        net = self.diffusion.sampling_net(cfg.use_ema)
+        return sample_cycles(net, image_latent_n, list(phases), make_sampler(self.schedule, cfg), gen, num_samples,
+                             cfg.shared_noise)
+
+    @torch.no_grad()
+    def cycle(self, ct_hu: torch.Tensor, spacing: Sequence[float], sampler: SamplerConfig | None = None,
+              seed: int = 0, num_samples: int = 1) -> CycleResult:
+        """Reference-relative fields of phases 00..90 for a CT ``(Z, Y, X)`` HU with ``spacing`` (z, y, x) mm."""
+        img = self.encode_image(ct_hu)
+        phases = list(PHASES)
+        if self.target == "ref":
+            lat = self.sample_latents(img, phases[1:], sampler, seed, num_samples)
+            moving = self.decode(lat)  # (S, 9, 3, Z, Y, X)
+            zero = torch.zeros_like(moving[:, :1])
+            return CycleResult(phases, torch.cat([zero, moving], 1))
+        lat = self.sample_latents(img, phases, sampler, seed, num_samples)
+        steps = self.decode(lat)  # (S, 10, 3, Z, Y, X): step k pulls phase k into k + 10
+        refs = [torch.zeros_like(steps[:, 0])]
+        for k in range(len(phases) - 1):
+            refs.append(W.compose(refs[-1], steps[:, k], spacing))
+        closed = W.compose(refs[-1], steps[:, -1], spacing)
+        closure = [float(c.norm(dim=0).mean()) for c in closed]
+        return CycleResult(phases, torch.stack(refs, 1), steps, closure)

@@ -1,0 +1,73 @@
+"""The diffusion model as a task of the shared training engine (:mod:`respmotion.training.engine`).
+
+Loss (per batch of latent items, see :class:`~respmotion.diffusion.latents.LatentDataset`):
+normalise the DVF and image latents with the per-channel statistics of the training set, draw
+``t ~ U{0..T-1}`` and ``eps ~ N(0, I)``, noise ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``, and
+regress the network output on ``eps`` (or ``v``) with MSE.  Validation draws ``t`` and ``eps``
+from a generator seeded by the items' keys, so validation losses are comparable across steps.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import to_dict
+from ..training.engine import Task, unwrap
+from .config import DiffusionModelConfig, SamplerConfig
+from .model import LatentDiffusion
+from .sampling import LatentNorm
+from .schedulers import NoiseSchedule
+
+
+class DiffusionTask(Task):
+    """Engine task: builds :class:`LatentDiffusion`, computes the denoising loss, updates the EMA."""
+
+    name = "diffusion"
+
+    def __init__(self, model_cfg: DiffusionModelConfig, image_norm: LatentNorm, dvf_norm: LatentNorm,
+                 ema_decay: float, total_steps: int, extra: dict[str, Any] | None = None,
+                 sampler: SamplerConfig | None = None) -> None:
+        self.model_cfg = model_cfg
+        self.image_norm, self.dvf_norm = image_norm, dvf_norm
+        self.ema_decay = float(ema_decay)
+        self.total_steps = int(total_steps)
+        self.schedule = NoiseSchedule(model_cfg.schedule)
+        self._extra = dict(extra or {})
+        self.sampler = sampler or SamplerConfig()
+
+    def build_model(self) -> nn.Module:
+        return LatentDiffusion(self.model_cfg, LatentNorm(self.image_norm.mean, self.image_norm.std),
+                               LatentNorm(self.dvf_norm.mean, self.dvf_norm.std), self.ema_decay)
+
+    def model_config(self) -> dict[str, Any]:
+        return {**to_dict(self.model_cfg), "ema_decay": self.ema_decay}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        m: LatentDiffusion = unwrap(model)
+        if model.training and step > 0:
+            m.update_ema(step)  # weights after `step` optimizer steps, once per step
+        x0 = m.dvf_norm.normalize(batch["x"].float())
+        img = m.image_norm.normalize(batch["image"].float())
+        dev = x0.device
+        gen = None
+        if not model.training:
+            gen = torch.Generator(device=dev).manual_seed(zlib.crc32("|".join(batch.get("key", [])).encode()))
+        t = torch.randint(0, self.schedule.T, (x0.shape[0],), device=dev, generator=gen)
+        noise = torch.randn(x0.shape, device=dev, generator=gen)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        pred = model(x_t, img, t, batch["phase"])
+        loss = F.mse_loss(pred.float(), self.schedule.target(x0, noise, t))
+        return {"loss": loss}
+
+    def extra(self, model: nn.Module) -> dict[str, Any]:
+        return {**self._extra, **unwrap(model).describe(), "target": self.model_cfg.target,
+                "sampler": to_dict(self.sampler)}
+
+    @torch.no_grad()
+    def on_train_end(self, model: nn.Module, train_set, device: torch.device) -> None:
+        unwrap(model).update_ema(self.total_steps)
