@@ -1,0 +1,336 @@
+"""Cubic B-spline displacement fields: control grid, separable evaluation, derivatives, storage.
+
+A field is ``u(p) = sum_k c_k  b((p_z - q_kz)/s_z) b((p_y - q_ky)/s_y) b((p_x - q_kx)/s_x)`` with ``b`` the
+cubic B-spline, control points ``c`` ``(3, Kz, Ky, Kx)`` in **mm** (components z, y, x along the array axes,
+pull convention of :mod:`respmotion.core.types`) and control point ``k`` at full-resolution voxel index
+``q_k = (k - 1) * stride`` per axis (control point 1 sits on voxel 0; one extra point before the first voxel and
+two after the last one give every voxel its 4x4x4 support).
+
+Evaluation is separable: for any set of sample positions along each axis we build a small dense
+basis matrix ``B_axis`` ``(n_positions, K_axis)`` and compute ``u = B_z (B_y (c B_x^T))`` with three matrix
+products (BLAS; autograd gives the transposed products for the backward pass).  The same code evaluates the
+field on the full grid, on a coarse pyramid level, on a strided subset of voxels, and -- with derivative basis
+matrices -- its Jacobian and bending energy.
+
+Storage (:class:`BSplineField`): the control points (float32 by default, float16 on request: measured error
+below) and a JSON record with the image geometry and the control grid; :func:`dense_field` is the one function
+later stages call to get the dense :class:`~respmotion.core.types.DisplacementField` at load time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.geometry import Geometry
+from ..core.types import DisplacementField
+from ..io.atomic import atomic_path
+
+FORMAT = "respmotion.bspline/1"
+
+
+# ----------------------------------------------------------------------------- control grid
+@dataclass(frozen=True)
+class ControlGrid:
+    """Control lattice of a B-spline field over an image grid.
+
+    Args:
+        image_shape: full-resolution image shape ``(Z, Y, X)``.
+        stride: control point spacing in full-resolution voxels ``(z, y, x)`` (may be fractional).
+    """
+
+    image_shape: tuple[int, int, int]
+    stride: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_shape", tuple(int(n) for n in self.image_shape))
+        object.__setattr__(self, "stride", tuple(float(s) for s in self.stride))
+        if len(self.image_shape) != 3 or len(self.stride) != 3 or min(self.stride) <= 0:
+            raise ValueError(f"bad control grid: image shape {self.image_shape}, stride {self.stride}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Number of control points per axis ``(Kz, Ky, Kx)``."""
+        return tuple(int(np.floor((n - 1) / s + 1e-9)) + 4 for n, s in zip(self.image_shape, self.stride))
+
+    def positions(self, axis: int) -> np.ndarray:
+        """Full-resolution voxel index of each control point along ``axis``."""
+        return (np.arange(self.shape[axis]) - 1.0) * self.stride[axis]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_shape_zyx": list(self.image_shape), "stride_zyx_voxels": list(self.stride),
+                "shape_zyx": list(self.shape), "first_point_index": -1.0}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ControlGrid":
+        return cls(tuple(d["image_shape_zyx"]), tuple(d["stride_zyx_voxels"]))
+
+
+def _bspline_weights(f: np.ndarray, deriv: int) -> np.ndarray:
+    """Cubic B-spline weights ``(N, 4)`` of the 4 supporting points for fractional offsets ``f`` (N,)."""
+    if deriv == 0:
+        return np.stack([(1 - f) ** 3, 3 * f**3 - 6 * f**2 + 4, -3 * f**3 + 3 * f**2 + 3 * f + 1, f**3], 1) / 6.0
+    if deriv == 1:
+        return np.stack([-((1 - f) ** 2), 3 * f**2 - 4 * f, -3 * f**2 + 2 * f + 1, f**2], 1) / 2.0
+    if deriv == 2:
+        return np.stack([1 - f, 3 * f - 2, 1 - 3 * f, f], 1)
+    raise ValueError(f"derivative order {deriv} not supported")
+
+
+def basis_matrix(positions: np.ndarray, stride: float, n_points: int, deriv: int = 0) -> np.ndarray:
+    """Dense basis ``(len(positions), n_points)`` for full-resolution voxel positions along one axis.
+
+    ``deriv`` = 1 or 2 gives d/dindex or d2/dindex2 (per full-resolution voxel, not per mm).
+    """
+    t = np.asarray(positions, dtype=np.float64) / stride + 1.0
+    j = np.floor(t).astype(np.int64)
+    f = t - j
+    w = _bspline_weights(f, deriv) / stride**deriv
+    out = np.zeros((len(t), n_points), dtype=np.float64)
+    rows = np.arange(len(t))
+    for a in range(4):
+        col = j - 1 + a
+        ok = (col >= 0) & (col < n_points)
+        np.add.at(out, (rows[ok], col[ok]), w[ok, a])
+    return out
+
+
+def level_positions(full_n: int, level_n: int) -> np.ndarray:
+    """Full-resolution voxel index of each voxel of a pyramid level with ``level_n`` voxels (same field of
+    view, the mapping of :meth:`Geometry.resized`)."""
+    scale = full_n / level_n
+    return (np.arange(level_n) + 0.5) * scale - 0.5
+
+
+# ----------------------------------------------------------------------------- evaluation (torch)
+def evaluate(coef: torch.Tensor, bz: torch.Tensor, by: torch.Tensor, bx: torch.Tensor) -> torch.Tensor:
+    """Separable evaluation: ``coef`` ``(B, C, Kz, Ky, Kx)`` -> ``(B, C, Nz, Ny, Nx)`` with ``B_axis`` ``(N, K)``."""
+    b, c, kz, ky, kx = coef.shape
+    t = torch.matmul(coef, bx.T)  # (B, C, Kz, Ky, Nx)
+    t = torch.matmul(by, t)  # (B, C, Kz, Ny, Nx)
+    ny, nx = t.shape[-2:]
+    t = torch.matmul(bz, t.reshape(b * c, kz, ny * nx))  # (B*C, Nz, Ny*Nx)
+    return t.reshape(b, c, bz.shape[0], ny, nx)
+
+
+class Basis:
+    """Basis matrices of one control grid for given per-axis sample positions (cached per device/dtype)."""
+
+    def __init__(self, grid: ControlGrid, positions: Sequence[np.ndarray], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.grid = grid
+        self.positions = [np.asarray(p, dtype=np.float64) for p in positions]
+        self.device, self.dtype = torch.device(device), dtype
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def matrix(self, axis: int, deriv: int = 0) -> torch.Tensor:
+        key = (axis, deriv)
+        if key not in self._cache:
+            m = basis_matrix(self.positions[axis], self.grid.stride[axis], self.grid.shape[axis], deriv)
+            self._cache[key] = torch.as_tensor(m, dtype=self.dtype, device=self.device)
+        return self._cache[key]
+
+    def field(self, coef: torch.Tensor, derivs: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+        """Field (or a partial derivative per voxel index, ``derivs`` per axis z, y, x) at the positions."""
+        return evaluate(coef, self.matrix(0, derivs[0]), self.matrix(1, derivs[1]), self.matrix(2, derivs[2]))
+
+    @classmethod
+    def full(cls, grid: ControlGrid, device: torch.device | str = "cpu", dtype=torch.float32) -> "Basis":
+        return cls(grid, [np.arange(n, dtype=np.float64) for n in grid.image_shape], device, dtype)
+
+
+def jacobian_determinant(basis: Basis, coef_mm: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """Analytic det of the Jacobian of ``p -> p + u(p)`` at the basis positions, ``(B, Nz, Ny, Nx)``.
+
+    Same quantity as :func:`respmotion.core.warp.jacobian_determinant` (which uses finite differences).
+    """
+    s = torch.as_tensor(spacing, dtype=coef_mm.dtype, device=coef_mm.device)
+    coef_vox = coef_mm / s[None, :, None, None, None]
+    d = [basis.field(coef_vox, tuple(int(a == j) for a in range(3))) for j in range(3)]  # d u_vox / d idx_j
+    j = [[d[col][:, row] + (1.0 if row == col else 0.0) for col in range(3)] for row in range(3)]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def bending_energy(basis: Basis, coef_mm: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """Mean bending energy per pair ``(B,)`` in mm^-2: sum of squared second derivatives (mm/mm^2) of the
+    three components (mixed terms counted twice), averaged over the basis positions."""
+    s = [float(v) for v in spacing]
+    total = 0.0
+    for a in range(3):
+        for b in range(a, 3):
+            derivs = [0, 0, 0]
+            derivs[a] += 1
+            derivs[b] += 1
+            d2 = basis.field(coef_mm, tuple(derivs)) / (s[a] * s[b])
+            total = total + (1.0 if a == b else 2.0) * (d2**2).sum(1).mean(dim=(1, 2, 3))
+    return total
+
+
+# ----------------------------------------------------------------------------- knot-based regularisers
+_KNOT = {0: (1 / 6, 4 / 6, 1 / 6), 1: (-0.5, 0.0, 0.5), 2: (1.0, -2.0, 1.0)}  # b, b', b'' at -1, 0, +1 knots
+
+
+def _knot_kernels(orders: Sequence[tuple[int, int, int]], stride: Sequence[float], dtype, device) -> torch.Tensor:
+    """3x3x3 kernels ``(len(orders), 1, 3, 3, 3)``: derivative ``orders`` (per axis z, y, x, per voxel index) of
+    a cubic B-spline evaluated exactly at its knots (control point positions)."""
+    ks = []
+    for o in orders:
+        k = torch.ones(3, 3, 3, dtype=torch.float64)
+        for ax in range(3):
+            w = torch.tensor(_KNOT[o[ax]], dtype=torch.float64) / float(stride[ax]) ** o[ax]
+            shape = [1, 1, 1]
+            shape[ax] = 3
+            k = k * w.view(shape)
+        ks.append(k)  # conv3d correlates: out[i] = sum_t k[t] c[i + t], t = 0..2 <-> knots i-1..i+1
+    return torch.stack(ks)[:, None].to(dtype=dtype, device=device)
+
+
+_SECOND = [(2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
+_FIRST = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+
+
+def knot_derivatives(coef: torch.Tensor, grid: ControlGrid, orders) -> torch.Tensor:
+    """Derivatives of the field at the interior knots: ``(B, 3, K...)`` -> ``(B, 3, len(orders), K-2...)``."""
+    b, c = coef.shape[:2]
+    k = _knot_kernels(orders, grid.stride, coef.dtype, coef.device)
+    out = F.conv3d(coef.reshape(b * c, 1, *coef.shape[2:]), k)
+    return out.reshape(b, c, len(orders), *out.shape[2:])
+
+
+def bending_energy_knots(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequence[float]) -> torch.Tensor:
+    """Bending energy ``(B,)`` in mm^-2 at the interior control points (same quantity as
+    :func:`bending_energy` evaluated at knot positions), one 3D convolution."""
+    d2 = knot_derivatives(coef_mm, grid, _SECOND)
+    s = [float(v) for v in spacing]
+    scale = torch.tensor([1 / (s[a] * s[b]) ** 2 * (1.0 if a == b else 2.0) for a, b in
+                          [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]], dtype=coef_mm.dtype, device=coef_mm.device)
+    return (d2**2 * scale.view(1, 1, 6, 1, 1, 1)).sum((1, 2)).mean(dim=(1, 2, 3))
+
+
+def jacobian_knots(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequence[float]) -> torch.Tensor:
+    """Jacobian determinant of ``p -> p + u(p)`` at the interior control points ``(B, K-2...)``."""
+    s = torch.as_tensor(spacing, dtype=coef_mm.dtype, device=coef_mm.device)
+    d = knot_derivatives(coef_mm / s.view(1, 3, 1, 1, 1), grid, _FIRST)  # (B, 3 comps, 3 dirs, ...)
+    j = [[d[:, r, c] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+# ----------------------------------------------------------------------------- storage
+@dataclass
+class BSplineField:
+    """Stored registration result on the fixed image's grid (pull, mm, components z, y, x).
+
+    ``coef``: control points ``(3, Kz, Ky, Kx)`` in mm, or ``(2, 3, Kz, Ky, Kx)`` for a sliding pair: field 0
+    applies inside ``lung`` (fixed-phase lung mask ``(z, y, x)``, 0/1), field 1 outside.  ``meta`` (pair,
+    quality record, settings) is saved as JSON.
+    """
+
+    coef: np.ndarray
+    grid: ControlGrid
+    geometry: Geometry
+    meta: dict[str, Any] = field(default_factory=dict)
+    lung: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        k = tuple(self.grid.shape)
+        if self.coef.shape not in ((3, *k), (2, 3, *k)):
+            raise ValueError(f"control points shape {self.coef.shape} is neither (3, {k}) nor (2, 3, {k})")
+        if tuple(self.geometry.shape) != tuple(self.grid.image_shape):
+            raise ValueError(f"geometry shape {self.geometry.shape} != control grid image shape {self.grid.image_shape}")
+        if self.sliding and (self.lung is None or tuple(self.lung.shape) != tuple(self.geometry.shape)):
+            raise ValueError("a sliding B-spline field needs a lung mask of the fixed image's shape")
+
+    @property
+    def sliding(self) -> bool:
+        return self.coef.ndim == 5
+
+    def header(self) -> dict[str, Any]:
+        return {"format": FORMAT, "convention": "pull; control points (3,z,y,x) mm along array axes",
+                "geometry": self.geometry.to_dict(), "control_grid": self.grid.to_dict(),
+                "sliding": self.sliding, "dtype": str(self.coef.dtype), "meta": self.meta}
+
+
+def dense_tensor(coef: torch.Tensor, grid: ControlGrid, lung: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense field ``(B, 3, Z, Y, X)`` mm from control points ``(B, 3, K...)`` or sliding ``(B, 2, 3, K...)``
+    (then ``lung`` ``(B, Z, Y, X)`` blends inside/outside)."""
+    basis = Basis.full(grid, coef.device, coef.dtype)
+    if coef.ndim == 5:
+        return basis.field(coef)
+    w = lung.to(coef.dtype)[:, None]
+    return w * basis.field(coef[:, 0]) + (1.0 - w) * basis.field(coef[:, 1])
+
+
+def dense_field(stored: BSplineField | str | os.PathLike, device: str | torch.device = "cpu") -> DisplacementField:
+    """Dense pull field ``(3, z, y, x)`` in mm on the fixed image's grid from stored control points (or a path).
+
+    This is the one load-time conversion: ``fixed(p) ~= moving(p + u(p))``.
+    """
+    if not isinstance(stored, BSplineField):
+        stored = load_bspline(stored)
+    coef = torch.as_tensor(stored.coef.astype(np.float32), device=device)[None]
+    lung = None if stored.lung is None else torch.as_tensor(stored.lung.astype(np.float32), device=device)[None]
+    u = dense_tensor(coef, stored.grid, lung)[0]
+    return DisplacementField(u.cpu().numpy().astype(np.float32), stored.geometry, dict(stored.meta))
+
+
+def save_bspline(stored: BSplineField, path: str | os.PathLike) -> Path:
+    """Write one ``.npz`` atomically: ``coef``, ``header`` (JSON text) and for sliding pairs ``lung_bits``."""
+    path = Path(path)
+    arrays = {"coef": np.ascontiguousarray(stored.coef),
+              "header": np.frombuffer(json.dumps(stored.header(), default=_json_default).encode(), dtype=np.uint8)}
+    if stored.lung is not None:
+        arrays["lung_bits"] = np.packbits(stored.lung.astype(bool).ravel())
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    return path
+
+
+def load_bspline(path: str | os.PathLike) -> BSplineField:
+    """Read a stored B-spline field; a damaged or foreign file raises ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            coef = np.array(z["coef"])
+            head = json.loads(bytes(z["header"]).decode())
+            bits = np.array(z["lung_bits"]) if "lung_bits" in z.files else None
+    except (ValueError, OSError, KeyError, EOFError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable B-spline field ({type(exc).__name__}: {exc})") from exc
+    if head.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {head.get('format')!r} (expected {FORMAT})")
+    try:
+        geometry = Geometry.from_dict(head["geometry"])
+        lung = None
+        if bits is not None:
+            n = int(np.prod(geometry.shape))
+            if bits.size * 8 < n:
+                raise ValueError(f"lung mask has {bits.size * 8} bits for {n} voxels")
+            lung = np.unpackbits(bits, count=n).reshape(geometry.shape)
+        return BSplineField(coef, ControlGrid.from_dict(head["control_grid"]), geometry, head.get("meta", {}), lung)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: inconsistent B-spline record ({exc})") from exc
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

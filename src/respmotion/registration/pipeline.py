@@ -1,0 +1,210 @@
+"""Register the phase pairs of a cohort: shard, skip finished pairs, batch a study's pairs, write atomically.
+
+Each pair becomes ``<out>/<patient>/<study>/<name>.npz`` (:func:`~.bspline.save_bspline`, atomic) followed by
+``<name>.json`` (its quality record).  A pair is finished when its ``.npz`` loads; a rerun after a crash (even
+``kill -9``) skips those, removes the temporary files of its own unfinished pairs and redoes them.  Load a
+result as a dense field with :func:`respmotion.registration.load_pair_field` or :func:`~.bspline.dense_field`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from itertools import groupby
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.geometry import Geometry
+from ..io.atomic import TMP_PREFIX, read_json, write_json, write_npy
+from ..io.layout import StudyDir, iter_studies
+from .bspline import BSplineField, ControlGrid, dense_tensor, load_bspline, save_bspline
+from .config import RegisterConfig
+from .ffd import register
+from .masks import body_mask, lung_mask
+from .pairs import Pair, resolve_rank, shard, study_pairs
+from .quality import quality_record
+
+log = logging.getLogger("respmotion.register")
+
+
+def pair_done(pair: Pair, out: str | os.PathLike) -> bool:
+    """True when every stored name of ``pair`` loads (missing aliases/quality files are restored)."""
+    paths = pair.paths(out)
+    good = None
+    for p in paths:
+        if p.exists():
+            try:
+                good = load_bspline(p)
+                break
+            except ValueError:
+                log.warning("%s: unreadable, will redo", p)
+                p.unlink()
+    if good is None:
+        return False
+    for p in paths:
+        if not p.exists():
+            save_bspline(good, p)
+        if not p.with_suffix(".json").exists():
+            write_json(p.with_suffix(".json"), good.meta)
+    return True
+
+
+def _clean_own_tmp(pair: Pair, out: str | os.PathLike) -> None:
+    d = pair.out_dir(out)
+    if d.is_dir():
+        for name in pair.names:
+            for t in d.glob(f"{TMP_PREFIX}{name}-*"):
+                t.unlink()
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but torch sees no CUDA device")
+        if name == "cuda" and "LOCAL_RANK" in os.environ:
+            return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    elif name != "cpu":
+        raise ValueError(f"device must be cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+class _StudyCache:
+    """Phases, body masks and lung masks of one study, loaded once."""
+
+    def __init__(self, study: StudyDir, cfg: RegisterConfig):
+        self.study, self.cfg = study, cfg
+        self.images: dict[int, np.ndarray] = {}
+        self.body: dict[int, np.ndarray] = {}
+        self.lung: dict[int, np.ndarray] = {}
+        self.geometry: Geometry | None = None
+
+    def image(self, k: int) -> np.ndarray:
+        if k not in self.images:
+            vol = self.study.load_phase(k)
+            if self.geometry is None:
+                self.geometry = vol.geometry
+            elif not vol.geometry.same_as(self.geometry):
+                raise ValueError(f"{self.study.phase_path(k)}: geometry differs from the study's other phases")
+            self.images[k] = vol.array.astype(np.float32)
+        return self.images[k]
+
+    def body_mask(self, k: int) -> np.ndarray:
+        if k not in self.body:
+            self.body[k] = body_mask(self.image(k), self.cfg.body_threshold_hu)
+        return self.body[k]
+
+    def lung_mask(self, k: int) -> np.ndarray:
+        if k not in self.lung:
+            self.lung[k] = lung_mask(self.image(k), self.body_mask(k), self.cfg.lung_threshold_hu)
+        return self.lung[k]
+
+
+def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, out: Path,
+                   device: torch.device, mask_owner: set[int]) -> list[dict]:
+    """Register ``batch`` (pairs of one study) in one tensor and write every result; returns their records."""
+    t0 = time.perf_counter()
+    fixed = np.stack([cache.image(p.fixed) for p in batch])
+    moving = np.stack([cache.image(p.moving) for p in batch])
+    body = np.stack([cache.body_mask(p.fixed) for p in batch])
+    lung = np.stack([cache.lung_mask(p.fixed) for p in batch]) if cfg.ffd.sliding else None
+    geom = cache.geometry
+    to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    coef, opt_log = register(to(fixed), to(moving), to(body), geom.spacing, cfg.ffd,
+                             lung=None if lung is None else to(lung))
+    seconds = (time.perf_counter() - t0) / len(batch)
+    grid = ControlGrid(geom.shape, cfg.ffd.stride)
+    records = []
+    for b, pair in enumerate(batch):
+        stored_coef = coef[b].cpu().numpy().astype(cfg.coef_dtype)
+        u = dense_tensor(torch.as_tensor(stored_coef.astype(np.float32))[None], grid,
+                         None if lung is None else torch.as_tensor(lung[b:b + 1]))[0]
+        q = quality_record(torch.as_tensor(fixed[b]), torch.as_tensor(moving[b]), torch.as_tensor(body[b]), u,
+                           geom.spacing)
+        meta = {"patient": pair.study.patient, "study": pair.study.study, "names": list(pair.names),
+                "fixed_phase": pair.fixed, "moving_phase": pair.moving,
+                "convention": "pull: fixed(p) ~= moving(p + u(p)); u (3,z,y,x) mm on the fixed grid",
+                "quality": {**q, "seconds": seconds, "batch_size": len(batch), "device": str(device)},
+                "optimiser": {"levels": [{k: v for k, v in lv.items() if k != "trace"} for lv in opt_log["levels"]]},
+                "settings": _settings_dict(cfg)}
+        stored = BSplineField(stored_coef, grid, geom, meta, None if lung is None else lung[b])
+        for path in pair.paths(out):
+            save_bspline(stored, path)
+        for path in pair.paths(out):
+            write_json(path.with_suffix(".json"), meta)
+        records.append(meta)
+    if cfg.write_masks:
+        for k in sorted({p.fixed for p in batch} & mask_owner):
+            write_npy(out / cache.study.patient / cache.study.study / "masks" / f"body_{k:02d}.npy",
+                      cache.body_mask(k))
+    return records
+
+
+def _settings_dict(cfg: RegisterConfig) -> dict:
+    from ..config import to_dict
+
+    d = to_dict(cfg)
+    for k in ("data", "out", "rank", "world_size", "device", "threads"):
+        d.pop(k, None)
+    return d
+
+
+def run_registration(cfg: RegisterConfig) -> dict:
+    """Register this rank's share of the cohort's pairs; returns a summary (counts, seconds)."""
+    cfg.check()
+    if not cfg.data or not cfg.out:
+        raise ValueError("register needs --data and --out")
+    rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    device = _device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    studies = list(iter_studies(cfg.data))
+    if not studies:
+        raise ValueError(f"{cfg.data}: no complete study (study.json) found")
+    all_pairs = [p for s in studies for p in study_pairs(s, cfg.pairs, cfg.reference)]
+    mine = shard(all_pairs, rank, world)
+    # the body mask of a phase is written by the rank that owns the first pair with that fixed phase
+    owners: dict[str, set[int]] = {}
+    for i, p in enumerate(all_pairs):
+        first = next(q for q in all_pairs if q.study == p.study and q.fixed == p.fixed)
+        if first is p and i % world == rank:
+            owners.setdefault(p.study.key, set()).add(p.fixed)
+    summary = {"rank": rank, "world_size": world, "pairs_assigned": len(mine), "skipped": 0, "registered": 0,
+               "seconds": 0.0}
+    t0 = time.perf_counter()
+    for study_key, group in groupby(mine, key=lambda p: p.study.key):
+        group = list(group)
+        for p in group:
+            _clean_own_tmp(p, out)
+        todo = [p for p in group if not pair_done(p, out)]
+        summary["skipped"] += len(group) - len(todo)
+        if not todo:
+            continue
+        cache = _StudyCache(group[0].study, cfg)
+        size = cfg.batch_size or len(todo)
+        for i in range(0, len(todo), size):
+            batch = todo[i:i + size]
+            recs = register_batch(cache, batch, cfg, out, device, owners.get(study_key, set()))
+            summary["registered"] += len(batch)
+            for r in recs:
+                q = r["quality"]
+                log.info("%s/%s %s: NCC %.4f -> %.4f, folding %.3f %%, min det %.3f, %.1f s", r["patient"],
+                         r["study"], ",".join(r["names"]), q["ncc_before"], q["ncc_after"], q["folding_percent"],
+                         q["jacobian_min"], q["seconds"])
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def load_pair_field(out: str | os.PathLike, patient: str, study: str, name: str):
+    """Dense :class:`~respmotion.core.types.DisplacementField` of a stored pair, e.g. ``name="ref_50"``."""
+    from .bspline import dense_field
+
+    return dense_field(Path(out) / patient / study / f"{name}.npz")
+
+
+def read_quality(out: str | os.PathLike) -> list[dict]:
+    """All quality records under ``out`` (one per stored name), sorted by path."""
+    return [read_json(p) for p in sorted(Path(out).glob("*/*/*.json"))]
