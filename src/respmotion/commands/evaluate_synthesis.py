@@ -47,7 +47,7 @@ def add_parser(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, help="samples per study")
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"])
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "dpmpp2m"])
     p.add_argument("--steps", type=int)
     add_config_args(p)
     command(p, run)

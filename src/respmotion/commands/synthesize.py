@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="trained model bundle folder, or 'gt' (phantom study's exact motion)")
     p.add_argument("--samples", type=int, help="number of breathing cycles to draw")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm"], help="diffusion sampler")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "dpmpp2m"], help="diffusion sampler")
     p.add_argument("--steps", type=int, help="sampling steps")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--amplitude", type=float, help="breathing amplitude factor (1 = model's motion)")
