@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -84,11 +85,48 @@ class CallableFieldSource:
         return self.loader(study, field_id)
 
 
+@dataclass(frozen=True)
+class RegistrationFields:
+    """Fields of ``respmotion register`` (B-spline control points turned dense at load time).
+
+    ``root`` is the registration output folder; ``kind`` is ``ref`` or ``step`` (same ids as ``gt/``).
+    """
+
+    root: str
+    kind: str = "ref"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("step", "ref"):
+            raise ValueError(f"registration field kind must be 'step' or 'ref', got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        return f"reg_{self.kind}@{self.root}"
+
+    def _path(self, study: StudyDir, field_id: str) -> Path:
+        return Path(self.root) / study.patient / study.study / f"{field_id}.npz"
+
+    def field_ids(self, study: StudyDir) -> list[str]:
+        ids = [f"{self.kind}_{p:02d}" for p in PHASES if not (self.kind == "ref" and p == 0)]
+        return [i for i in ids if self._path(study, i).exists()]
+
+    def load(self, study: StudyDir, field_id: str) -> DisplacementField:
+        from ..registration.bspline import dense_field
+
+        return dense_field(self._path(study, field_id))
+
+
 def field_source(name: str) -> FieldSource:
-    """Field source by config name: ``gt_step`` or ``gt_ref`` (registration plugs in later)."""
+    """Field source by config name: ``gt_step``, ``gt_ref`` (phantom ground truth) or
+    ``reg_ref@DIR`` / ``reg_step@DIR`` (registration output folder ``DIR``)."""
     if name in ("gt_step", "gt_ref"):
         return GroundTruthFields(name.split("_")[1])
-    raise ValueError(f"unknown field source {name!r} (known: gt_step, gt_ref)")
+    if name.startswith(("reg_ref@", "reg_step@")):
+        kind, root = name[4:].split("@", 1)
+        if not Path(root).is_dir():
+            raise ValueError(f"{root}: registration output folder not found (field source {name!r})")
+        return RegistrationFields(root, kind)
+    raise ValueError(f"unknown field source {name!r} (known: gt_step, gt_ref, reg_ref@DIR, reg_step@DIR)")
 
 
 def studies_of(root: str | os.PathLike, patients: Sequence[str]) -> list[StudyDir]:
