@@ -147,3 +147,41 @@ def test_cli_latents(cohort, capsys):
     assert (out / "latents_config.rank2.yaml").exists()
     bad = parser.parse_args(["latents", "--data", str(cohort["root"]), "--out", str(out)])
     assert run_command(bad) == 2
+
+
+TINY_UNET = ["model.unet.channels=[8,16,16]", "model.unet.attention_levels=[false,false,false]",
+             "model.unet.norm_num_groups=8", "model.unet.num_head_channels=8", "model.unet.num_res_blocks=1",
+             "train.batch_size=2", "train.grad_accum=2", "train.warmup_steps=1", "train.num_workers=0",
+             "train.val_every=0", "train.log_every=1000", "train.image_every=0", "train.ckpt_every=2",
+             "train.keep_checkpoints=0", "ema_decay=0.9"]
+
+
+def test_train_diffusion_cli_resume_is_exact(cohort, monkeypatch):
+    """`respmotion train diffusion` 4 steps == its step-2 checkpoint resumed to 4 (weights and EMA)."""
+    import shutil
+
+    from respmotion.commands import train as train_cmd
+    from respmotion.commands._common import run_command
+    from respmotion.training.checkpoint import load_checkpoint
+
+    out = cohort["tmp"] / "set"
+    if not (out / PROVENANCE).exists():
+        _build(cohort, out)
+    monkeypatch.setattr(train_cmd, "TRAIN_TARGET_MODULES", ("train_diffusion",))
+    parser = argparse.ArgumentParser(prog="respmotion")
+    train_cmd.register(parser.add_subparsers(dest="command"))
+    runs = cohort["tmp"] / "runs"
+    args = ["train", "diffusion", "--latents", str(out), "--device", "cpu", "--target", "step",
+            "--run-dir", str(runs / "a"), "--steps", "4", *TINY_UNET]
+    assert run_command(parser.parse_args(args)) == 0
+    (runs / "b").mkdir()
+    for name in ("00000002.pt", "config.yaml", "split.json"):  # the run as it was when killed after step 2
+        shutil.copy(runs / "a" / name, runs / "b" / name)
+    assert run_command(parser.parse_args(["train", "diffusion", "--resume", str(runs / "b")])) == 0
+    a, b = load_checkpoint(runs / "a" / "model.pt"), load_checkpoint(runs / "b" / "model.pt")
+    assert a["step"] == b["step"] == 4 and a["extra"]["target"] == "step"
+    assert int(a["model"]["ema_updates"]) == 4
+    assert not torch.equal(a["model"]["ema.net.conv_in.conv.weight"], a["model"]["unet.net.conv_in.conv.weight"])
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["extra"]["split"]["test"] == ["phantom_002"]  # the autoencoders' split is reused

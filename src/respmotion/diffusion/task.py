@@ -3,8 +3,13 @@
 Loss (per batch of latent items, see :class:`~respmotion.diffusion.latents.LatentDataset`):
 normalise the DVF and image latents with the per-channel statistics of the training set, draw
 ``t ~ U{0..T-1}`` and ``eps ~ N(0, I)``, noise ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``, and
-regress the network output on ``eps`` (or ``v``) with MSE.  Validation draws ``t`` and ``eps``
-from a generator seeded by the items' keys, so validation losses are comparable across steps.
+regress the network output on ``eps`` (or ``v``) with MSE.
+
+``t`` and ``eps`` come from a generator seeded by (optimizer step, the items' keys), not from the
+global RNG: a resumed run then draws exactly what the uninterrupted run drew (the global stream
+is shifted by one draw when a resumed run creates its DataLoader iterator), DDP ranks draw
+independently (different items), and validation (seeded by the keys only) gives losses that are
+comparable across steps.
 """
 
 from __future__ import annotations
@@ -54,9 +59,9 @@ class DiffusionTask(Task):
         x0 = m.dvf_norm.normalize(batch["x"].float())
         img = m.image_norm.normalize(batch["image"].float())
         dev = x0.device
-        gen = None
-        if not model.training:
-            gen = torch.Generator(device=dev).manual_seed(zlib.crc32("|".join(batch.get("key", [])).encode()))
+        keys = "|".join(batch.get("key", [])).encode()
+        seed = zlib.crc32(keys) if not model.training else zlib.crc32(keys, step + 1) + 1_000_003 * step
+        gen = torch.Generator(device=dev).manual_seed(seed)
         t = torch.randint(0, self.schedule.T, (x0.shape[0],), device=dev, generator=gen)
         noise = torch.randn(x0.shape, device=dev, generator=gen)
         x_t = self.schedule.add_noise(x0, noise, t)
