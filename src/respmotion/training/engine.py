@@ -207,10 +207,6 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.steps < 1:
             raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = task.build_model().to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr_max, betas=tuple(cfg.betas),
@@ -322,8 +318,9 @@ class Trainer:
     def _loader(self, start_micro: int) -> DataLoader:
         sampler = GlobalBatches(len(self.train_set), self.cfg.batch_size, self.info.rank, self.info.world_size,
                                 self.cfg.seed, start=start_micro)
+        # own generator: creating the iterator must not draw from the global RNG (exact resume)
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(start_micro))
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -333,7 +330,7 @@ class Trainer:
         model = unwrap(self.model)
         model.eval()
         loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False,
-                            num_workers=self.cfg.num_workers)
+                            num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.step))
         total, n = 0.0, 0
         first = None
         for i, batch in enumerate(loader):
@@ -359,12 +356,23 @@ class Trainer:
     def _stop_nonfinite(self, loss: torch.Tensor, batch: dict[str, Any], micro: int) -> None:
         keys = batch.get("key", [])
         raise TrainingDiverged(
-            f"training loss became {float(loss)} at step {self.step + 1} (micro-batch {micro}, items {list(keys)}); "
+            f"training loss became {float(loss.detach())} at step {self.step + 1} (micro-batch {micro}, items {list(keys)}); "
             f"stopped. Last checkpoint: {self.last_checkpoint or 'none'}. Try a lower train.lr_max, "
             "train.precision=fp32 or a smaller train.grad_clip")
 
     def fit(self, resume: str | os.PathLike | None = None, init: str | os.PathLike | None = None) -> FitResult:
         """Train until ``cfg.steps`` optimizer steps; returns the history and file paths."""
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        if self.cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        try:
+            return self._fit(resume, init)
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+
+    def _fit(self, resume: str | os.PathLike | None, init: str | os.PathLike | None) -> FitResult:
         cfg, info = self.cfg, self.info
         if resume is not None and init is not None:
             raise ValueError("use either resume (continue a run) or init (warm start), not both")
@@ -410,7 +418,7 @@ class Trainer:
             self.step += 1
             mean_loss = float(D.mean_across(step_loss, info))
             self.history["train"].append([self.step, mean_loss])
-            if info.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            if info.is_main and ((cfg.log_every and self.step % cfg.log_every == 0) or self.step == cfg.steps):
                 dt = time.perf_counter() - t0
                 vals = {k: float(v) for k, v in logs.items()}
                 self._scalars("train", vals)
@@ -425,7 +433,7 @@ class Trainer:
                         self._scalars("val", {"loss": val})
                         log.info("step %d  validation loss %.5f", self.step, val)
                 self.history["val"] = D.broadcast_object(self.history["val"], info)
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps:
                 self.save()
         return self._finish()
 
