@@ -37,6 +37,9 @@ def test_unknown_key_names_file(tmp_path):
     f.write_text("nmae: x\n")
     with pytest.raises(ConfigError, match=r"bad.yaml.*unknown config key 'nmae'"):
         load_config(Outer, f)
+    f.write_text("inner:\n  colormap: jet\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'inner.colormap'"):
+        load_config(Outer, f)
     with pytest.raises(ConfigError, match="inner.lrr"):
         load_config(Outer, None, None, ["inner.lrr=1"])
     with pytest.raises(ConfigError, match="expected int"):

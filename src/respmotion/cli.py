@@ -14,9 +14,11 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "phantom",
     "data",
-    "render",
-    "synthesize",
+    "register",
     "train",
+    "latents",
+    "synthesize",
+    "render",
     "evaluate",
 )
 

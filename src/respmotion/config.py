@@ -87,7 +87,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", source: str 
     if unknown:
         where = f"{source}: " if source else ""
         raise ConfigError(f"{where}unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    try:
+        kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    except ConfigError as exc:
+        if source and not str(exc).startswith(f"{source}: "):
+            raise ConfigError(f"{source}: {exc}") from None  # nested sections: name the file too
+        raise
     return cls(**kwargs)
 
 

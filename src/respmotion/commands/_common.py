@@ -42,6 +42,8 @@ def command(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace]
 def run_command(args: argparse.Namespace) -> int:
     """Run the selected subcommand; input problems become one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # pydicom logs warnings about files it then fails on (or reads anyway); our errors name the file
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     try:
         rc = args.func(args)
     except (UserError, ConfigError, FileNotFoundError, ValueError) as exc:

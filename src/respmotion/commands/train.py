@@ -16,7 +16,7 @@ from pathlib import Path
 from ._common import UserError, add_config_args, command, resolve_config
 
 # modules under respmotion.commands that add a target with add_parser(subparsers), e.g. "train_diffusion"
-TRAIN_TARGET_MODULES: tuple[str, ...] = ()
+TRAIN_TARGET_MODULES: tuple[str, ...] = ("train_diffusion",)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

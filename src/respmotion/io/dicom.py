@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -80,7 +81,10 @@ def _dcmread(path: Path, header_only: bool):
     import pydicom
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=header_only)
+        with warnings.catch_warnings():
+            # pydicom warns about what it then fails on; our error names the file instead
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(str(path), stop_before_pixels=header_only)
     except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, struct/OSErrors...; re-raised typed
         raise DicomError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 
@@ -100,9 +104,10 @@ def is_dicom_file(path: Path) -> bool:
 def series_uid_of(path: str | os.PathLike) -> str:
     """SeriesInstanceUID of one DICOM file (header only)."""
     path = Path(path)
-    uid = _dcmread(path, header_only=True).get("SeriesInstanceUID", None)
+    ds = _dcmread(path, header_only=True)
+    uid = ds.get("SeriesInstanceUID", None)
     if not uid:
-        raise DicomError(f"{path}: no SeriesInstanceUID")
+        raise DicomError(f"{path}: not a readable DICOM image (no SeriesInstanceUID; corrupt or truncated file)")
     return str(uid)
 
 
@@ -176,8 +181,21 @@ def slice_info(path: Path, ds=None) -> SliceInfo:
     )
 
 
-def _is_image(ds) -> bool:
-    return "Rows" in ds and "ImagePositionPatient" in ds
+_NON_IMAGE_MODALITIES = {"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "SEG", "RWV"}
+
+
+def _is_image(ds, path: Path | None = None) -> bool:
+    """True for an image slice; False for a non-image object (RTSTRUCT, SR...) that a folder may
+    also hold; a file that claims to be an image (CT/MR/... or has Rows) but lacks its position is
+    a broken (e.g. truncated) header and raises."""
+    if "Rows" in ds and "ImagePositionPatient" in ds:
+        return True
+    modality = str(ds.get("Modality", "")).upper()
+    if modality in _NON_IMAGE_MODALITIES:
+        return False
+    if modality or "Rows" in ds or "PixelData" in ds:
+        raise DicomError(f"{path}: incomplete image header (no ImagePositionPatient/Rows); truncated or damaged file")
+    return False
 
 
 def read_pixels_hu(path: Path, ds=None) -> np.ndarray:
@@ -252,7 +270,7 @@ def scan_series(files: Iterable[Path], errors: list[DicomError] | None = None) -
     for p in files:
         try:
             ds = _dcmread(p, header_only=True)
-            if not _is_image(ds):
+            if not _is_image(ds, p):
                 continue  # RTSTRUCT, RTPLAN, SR...: not part of an image volume
             s = slice_info(p, ds)
         except DicomError as exc:

@@ -89,6 +89,15 @@ def _geometry_from_affine(affine: np.ndarray, shape_zyx: tuple[int, int, int]) -
     return Geometry(shape_zyx, tuple(spacing_xyz[::-1]), tuple(lps[:3, 3]), tuple(direction.ravel()))
 
 
+def check_finite(array: np.ndarray, where: str | os.PathLike) -> np.ndarray:
+    """Raise a one-line error naming ``where`` if a float array holds NaN or infinite values."""
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise ValueError(f"{where}: {int(bad.sum())} voxels are NaN or infinite")
+    return array
+
+
 # ---------------------------------------------------------------- volumes
 def save_volume(volume: Volume, path: str | os.PathLike) -> Path:
     """Write ``volume`` atomically; format from the file name (see module docstring)."""
@@ -130,7 +139,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
             raise ValueError(f"{side}: no 'geometry' entry")
         if arr.ndim != 3:
             raise ValueError(f"{path}: expected a 3D (z, y, x) array, got shape {arr.shape}")
-        return Volume(arr, Geometry.from_dict(info["geometry"]), info.get("meta", {}))
+        return Volume(check_finite(arr, path), Geometry.from_dict(info["geometry"]), info.get("meta", {}))
     if kind == "nifti":
         import nibabel as nib
 
@@ -141,7 +150,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
             raise ValueError(f"{path}: not a readable NIfTI file ({exc})") from exc
         if data.ndim != 3:
             raise ValueError(f"{path}: expected a 3D NIfTI volume, got shape {data.shape}")
-        arr = np.ascontiguousarray(data.transpose(2, 1, 0))
+        arr = check_finite(np.ascontiguousarray(data.transpose(2, 1, 0)), path)
         return Volume(arr, _geometry_from_affine(img.affine, arr.shape), {"source": str(path)})
     if kind == "sitk":
         import SimpleITK as sitk
@@ -153,7 +162,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
         if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
             raise ValueError(f"{path}: expected a 3D scalar image, got {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} components")
         arr, geom = from_sitk(img)
-        return Volume(arr, geom, {"source": str(path)})
+        return Volume(check_finite(arr, path), geom, {"source": str(path)})
     from .dicom import read_dicom_series
 
     return read_dicom_series(path)
@@ -188,7 +197,7 @@ def load_field(path: str | os.PathLike) -> DisplacementField:
         info = read_json(sidecar(path))
         if arr.ndim != 4 or arr.shape[0] != 3:
             raise ValueError(f"{path}: expected a (3, z, y, x) field, got shape {arr.shape}")
-        return DisplacementField(arr, Geometry.from_dict(info["geometry"]), info.get("meta", {}))
+        return DisplacementField(check_finite(arr, path), Geometry.from_dict(info["geometry"]), info.get("meta", {}))
     if kind in ("nifti", "sitk"):
         import SimpleITK as sitk
 
@@ -199,5 +208,5 @@ def load_field(path: str | os.PathLike) -> DisplacementField:
         if img.GetNumberOfComponentsPerPixel() != 3 or img.GetDimension() != 3:
             raise ValueError(f"{path}: expected a 3D image with 3-component vectors")
         arr, geom = from_sitk(img, vector=True)
-        return DisplacementField(arr, geom, {"source": str(path)})
+        return DisplacementField(check_finite(arr, path), geom, {"source": str(path)})
     raise ValueError(f"{path}: not a displacement field format")

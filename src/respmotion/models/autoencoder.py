@@ -270,6 +270,7 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
     Reads the ``model_config`` and ``model`` entries (see :mod:`respmotion.training.checkpoint`);
     the returned model is in eval mode and carries its units and ``latent_scale``.
     """
+    import pickle
     from pathlib import Path
 
     p = Path(path)
@@ -279,8 +280,13 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError) as exc:  # torch reports corrupt archives as RuntimeError
         raise ValueError(f"{p}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: report, never execute
+        raise ValueError(f"{p}: checkpoint holds objects other than tensors and plain data; refused") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{p}: not a respmotion autoencoder checkpoint (no 'model'/'model_config' entries)")
+    task = str(ckpt.get("task", "autoencoder"))
+    if not task.startswith("autoencoder"):
+        raise ValueError(f"{p}: a checkpoint of task {task!r}, not an autoencoder")
     model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval().to(map_location)

@@ -22,6 +22,7 @@ Checkpoint dict (plain containers, tensors and numbers only)::
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -57,6 +58,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:  # torch signals bad archives as RuntimeError
         raise ValueError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: report, never execute
+        raise ValueError(f"{path}: checkpoint holds objects other than tensors and plain data; refused "
+                         f"(weights_only loading)") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a respmotion checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
     return ckpt
