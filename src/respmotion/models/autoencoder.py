@@ -278,7 +278,8 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
         raise FileNotFoundError(f"{p}: autoencoder checkpoint not found")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError) as exc:  # torch reports corrupt archives as RuntimeError
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+        # corrupt archives (RuntimeError) or garbage for the weights-only unpickler: an unreadable file
         raise ValueError(f"{p}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
     except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: report, never execute
         raise ValueError(f"{p}: checkpoint holds objects other than tensors and plain data; refused") from exc

@@ -178,7 +178,10 @@ class AutoencoderTask(Task):
 
 # ---------------------------------------------------------------------------- data
 def make_split(cfg: AutoencoderRunConfig) -> Split:
-    return split_patients(list_patients(cfg.data.root), cfg.data.split_ratios, cfg.data.split_seed)
+    patients = list_patients(cfg.data.root)
+    if not patients:
+        raise ValueError(f"{cfg.data.root}: no studies to train on (no complete study with a study.json)")
+    return split_patients(patients, cfg.data.split_ratios, cfg.data.split_seed)
 
 
 def make_dataset(cfg: AutoencoderRunConfig, patients: tuple[str, ...] | list[str], root: str | None = None) -> Dataset:

@@ -56,7 +56,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # torch signals bad archives as RuntimeError
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+        # torch signals bad archives as RuntimeError; the weights-only unpickler fails on garbage with
+        # IndexError/KeyError/TypeError: all mean an unreadable file, reported with its name
         raise ValueError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
     except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: report, never execute
         raise ValueError(f"{path}: checkpoint holds objects other than tensors and plain data; refused "
