@@ -23,7 +23,7 @@ N = 20000
 
 @pytest.fixture(scope="module")
 def sched() -> NoiseSchedule:
-    return NoiseSchedule(ScheduleConfig())
+    return NoiseSchedule(ScheduleConfig(prediction_type="epsilon"))
 
 
 def gaussian_oracle(sch: NoiseSchedule, m: float, s: float, v: bool = False):
