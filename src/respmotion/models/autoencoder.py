@@ -271,6 +271,7 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
     the returned model is in eval mode and carries its units and ``latent_scale``.
     """
     import pickle
+    import pickle
     from pathlib import Path
 
     p = Path(path)

@@ -382,6 +382,8 @@ class Trainer:
             if init is not None:
                 self.warm_start(init)
             torch.manual_seed(cfg.seed + info.rank)  # per-rank stream for dropout / sampling
+        if info.is_main:
+            _ = self.writer  # opened now, so a resumed run purges TensorBoard events after its checkpoint
         self.model.train()
         if info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
