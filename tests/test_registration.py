@@ -18,15 +18,15 @@ from respmotion.core import DisplacementField, Geometry, Volume
 from respmotion.core import warp as W
 from respmotion.io.layout import PHASES, StudyDir
 from respmotion.registration.bspline import (Basis, BSplineField, ControlGrid, bending_energy, bending_energy_knots,
-                                             dense_field, jacobian_determinant, jacobian_knots, load_bspline,
+                                             dense_field, dense_tensor, jacobian_determinant, jacobian_knots, load_bspline,
                                              save_bspline)
 from respmotion.registration.ffd import FFDSettings, _Level, register
-from respmotion.registration.masks import body_mask
+from respmotion.registration.masks import body_mask, lung_mask
 from respmotion.registration.pairs import study_pairs
 
 SPACING = (3.0, 1.4, 1.4)
 FAST = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((2, 2, 2), (1, 1, 1)), iterations=(60, 40), lr_mm=(0.5, 0.2),
-                   subsample=((1, 1, 1), (1, 1, 1)), bending_weight=1.0)
+                   subsample=((1, 1, 1), (1, 1, 1)), bending_weight=1.0, sliding=False)
 
 
 def texture(shape, seed=0, sigma=1.2):
@@ -112,15 +112,19 @@ def test_phantom_end_inhale_to_end_exhale_recovery():
     ph = make_patient(7, (16, 64, 64))
     p0, p50 = ph.phase(0), ph.phase(50)
     g = ph.geometry
-    settings = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((2, 2, 2), (1, 1, 1)), iterations=(150, 80),
-                           lr_mm=(1.0, 0.4), subsample=((1, 1, 1), (1, 1, 1)), bending_weight=1.0)
+    settings = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((2, 2, 2), (1, 1, 1)), iterations=(100, 40),
+                           lr_mm=(1.0, 0.4), subsample=((1, 1, 1), (1, 1, 1)), bending_weight=1.0, sliding=True)
     fixed, moving = torch.as_tensor(p50["image"])[None], torch.as_tensor(p0["image"])[None]
-    coef, _ = register(fixed, moving, torch.as_tensor(body_mask(p50["image"]))[None], g.spacing, settings)
-    u = Basis.full(ControlGrid(g.shape, settings.stride)).field(coef)[0].numpy()
+    body = body_mask(p50["image"])
+    lung_est = torch.as_tensor(lung_mask(p50["image"], body))[None]
+    coef, _ = register(fixed, moving, torch.as_tensor(body)[None], g.spacing, settings, lung=lung_est)
+    u = dense_tensor(coef, ControlGrid(g.shape, settings.stride), lung_est)[0].numpy()
     lung = p50["lung"] > 0
     err = np.linalg.norm(u - p50["dvf"], axis=0)[lung]
     none = np.linalg.norm(p50["dvf"], axis=0)[lung]
-    assert W.folding_fraction(torch.as_tensor(u)[None], g.spacing) == 0.0
+    # sliding blends two fields across a binary lung mask; on 9.4 mm slices a few interface voxels fold
+    # (measured 0.04 %, ~26 voxels); the bound leaves 2.5x margin.  Error: see the print on failure.
+    assert W.folding_fraction(torch.as_tensor(u)[None], g.spacing) < 1e-3
     assert err.mean() < 0.35 * none.mean(), (err.mean(), none.mean())
 
 

@@ -49,6 +49,7 @@ class FFDSettings:
     clip_hu: tuple[float, float] = (-1000.0, 1000.0)
     smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (full-res voxels) on both images
     sliding: bool = True
+    sliding_normal_weight: float = 0.0  # (off: 0.01 raised the 16x64x64 error 3.6 -> 5.1 mm) penalty (mm^-2) on inside/outside fields parting along the lung normal
     seed: int = 0
 
     def check(self) -> None:
@@ -112,6 +113,13 @@ class _Level:
         self.a = torch.as_tensor(a, dtype=dtype, device=device)
         self.b = torch.as_tensor(b, dtype=dtype, device=device)
         self.inv_spacing = 1.0 / torch.as_tensor(spacing, dtype=dtype, device=device)
+        self.lung_grad = None
+        self.last_gap = None
+
+    def set_lung(self, lung_level: torch.Tensor, spacing_level: Sequence[float]) -> None:
+        """Soft lung weight at this level ``(B, z, y, x)``: its gradient (1/mm) marks the sliding interface."""
+        w = gaussian_blur(lung_level[:, None], (0.7, 0.7, 0.7))[:, 0]
+        self.lung_grad = torch.stack(torch.gradient(w, spacing=[float(v) for v in spacing_level], dim=(1, 2, 3)), 1)
 
     def displacement(self, coef: torch.Tensor, offset: Sequence[int], step: Sequence[int], lung=None) -> torch.Tensor:
         """The field the optimiser uses at level voxels ``offset::step``: ``(B, 3, z', y', x')`` mm."""
@@ -120,7 +128,14 @@ class _Level:
         if coef.ndim == 5:
             return evaluate(coef, bz, by, bx)
         wl = lung[:, sl[0], sl[1], sl[2]][:, None]
-        return wl * evaluate(coef[:, 0], bz, by, bx) + (1.0 - wl) * evaluate(coef[:, 1], bz, by, bx)
+        ui, uo = evaluate(coef[:, 0], bz, by, bx), evaluate(coef[:, 1], bz, by, bx)
+        self.last_gap = None
+        if self.lung_grad is not None:
+            g = self.lung_grad[:, :, sl[0], sl[1], sl[2]]  # (B, 3, ...) gradient of the soft lung weight, 1/mm
+            gn = g.norm(dim=1).clamp_min(1e-6)
+            # normal component of the inside/outside difference, averaged over the interface (mm^2)
+            self.last_gap = (((ui - uo) * g).sum(1) ** 2 / gn).sum((1, 2, 3)) / gn.sum((1, 2, 3)).clamp_min(1e-6)
+        return wl * ui + (1.0 - wl) * uo
 
     def sample(self, coef: torch.Tensor, offset: Sequence[int], step: Sequence[int], lung=None):
         """Warped moving, fixed and weights at the voxel subset ``offset::step``: each ``(B, z', y', x')``."""
@@ -186,6 +201,8 @@ def register(
         if sliding:
             lw = _downsample(lung.to(dtype)[:, None], lev.shape)[:, 0]
             blend_lung = lw
+            if s.sliding_normal_weight > 0:
+                lev.set_lung(lw, [sp * n / m for sp, n, m in zip(spacing, grid.image_shape, lev.shape)])
         opt = torch.optim.Adam([coef], lr=float(s.lr_mm[li]))
         step = s.subsample[li]
         ncc_val = None
@@ -196,6 +213,8 @@ def register(
             if sliding:
                 warped, f, w = lev.sample(coef, off, step, lung=blend_lung)
                 reg = _regulariser(grid, coef[:, 0], spacing, s) + _regulariser(grid, coef[:, 1], spacing, s)
+                if lev.last_gap is not None:
+                    reg = reg + s.sliding_normal_weight * lev.last_gap
             else:
                 warped, f, w = lev.sample(coef, off, step)
                 reg = _regulariser(grid, coef, spacing, s)
