@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "synthesize",
     "render",
     "evaluate",
+    "demo",
 )
 
 
