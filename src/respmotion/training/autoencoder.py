@@ -191,6 +191,16 @@ def make_dataset(cfg: AutoencoderRunConfig, patients: tuple[str, ...] | list[str
     return FieldDataset(studies, field_source(cfg.data.field_source))
 
 
+def _check_resumable(path: Path, kind: str) -> None:
+    """A one-line error naming ``path`` when it is unreadable or of another model kind."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    task = str(ckpt.get("task", ""))
+    if task != f"autoencoder_{kind}":
+        raise ValueError(f"{path}: a checkpoint of task {task!r}, cannot resume a {kind!r} autoencoder run")
+
+
 def _new_run_dir(cfg: AutoencoderRunConfig) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)
@@ -221,6 +231,7 @@ def train_autoencoder(
             from .checkpoint import latest_checkpoint
 
             resume = latest_checkpoint(resume)
+            _check_resumable(resume, cfg.kind)  # before anything is logged or written
             run_dir = resume.parent
         else:
             run_dir = D.broadcast_object(_new_run_dir(cfg) if info.is_main else None, info)
