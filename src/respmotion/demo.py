@@ -35,7 +35,7 @@ class DemoConfig:
     register_iterations: tuple[int, int, int] = (30, 20, 15)  # FFD iterations per level (coarse -> fine)
     ae_steps: int = 100
     dvf_steps: int = 120
-    diffusion_steps: int = 400
+    diffusion_steps: int = 250
     ae_channels: int = 8
     unet_channels: tuple[int, int, int] = (16, 32, 32)
     sampler: str = "dpmpp2m"
