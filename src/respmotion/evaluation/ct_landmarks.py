@@ -58,8 +58,9 @@ def evaluate_ct_landmarks(ct_path: str | Path, landmarks_path: str | Path, model
             "no_motion/landmark_error_phase50_mm": per_phase["50"]["no_motion"]["mean"] if "50" in per_phase else None,
             "n_landmarks": int(len(lms[0])),
         },
-        "landmarks": {"model": {k: v["model"]["mean"] for k, v in per_phase.items() if v["model"]},
-                      "no_motion": {k: v["no_motion"]["mean"] for k, v in per_phase.items()}},
+        "landmarks": {"units": "mm", "phases": {str(int(k)): {"no_motion": {"all": v["no_motion"]},
+                                                               **({"field": {"all": v["model"]}} if v["model"] else {})}
+                                                 for k, v in per_phase.items()}},
         "per_phase": per_phase,
         "seconds": time.perf_counter() - t0,
     }

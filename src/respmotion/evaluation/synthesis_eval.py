@@ -101,10 +101,10 @@ def evaluate_fields(study: StudyDir, fields: Mapping[int, DisplacementField],
         for k in PHASES:
             if k == 0 or k not in lms:
                 continue
-            le = landmark_error(_on(fields[k], ct.geometry), lms[0], lms[k])
-            per[f"{k:02d}"] = le.summary()["all"]
-        rec["landmarks"] = per
-        rec["landmark_error_mean_mm"] = float(np.mean([v["mean"] for v in per.values()]))
+            per[str(k)] = {"field": landmark_error(_on(fields[k], ct.geometry), lms[0], lms[k]).summary(),
+                           "no_motion": landmark_error(None, lms[0], lms[k]).summary()}
+        rec["landmarks"] = {"units": "mm", "phases": per}  # the landmark_report layout
+        rec["landmark_error_mean_mm"] = float(np.mean([v["field"]["all"]["mean"] for v in per.values()]))
     return rec
 
 
@@ -145,7 +145,7 @@ def report_dict(per_study: dict[str, dict], title: str, seconds: float) -> dict:
     curves = {n: r["breathing_curve"] for n, r in first.items() if "breathing_curve" in r}
     dvf = {n: {k: v["dvf_error_lung"]["mean"] for k, v in r["per_phase"].items() if "dvf_error_lung" in v}
            for n, r in first.items() if "per_phase" in r}
-    lms = {n: {k: v["mean"] for k, v in r["landmarks"].items()} for n, r in first.items() if "landmarks" in r}
+    lms = {n: r["landmarks"] for n, r in first.items() if "landmarks" in r and n != "zero"}
     return {"title": title, "headline": summarise(per_study), "breathing_curve": curves,
             "dvf_error_per_phase": dvf, "landmarks": lms, "studies": per_study, "seconds": seconds}
 
