@@ -51,7 +51,7 @@ def to_sitk(array: np.ndarray, geometry: Geometry, vector: bool = False):
 
     if vector:
         world = geometry.axes_to_world(array, axis=0)  # (3, z, y, x) LPS x,y,z
-        img = sitk.GetImageFromArray(np.moveaxis(world, 0, -1).astype(np.float64), isVector=True)
+        img = sitk.GetImageFromArray(np.moveaxis(world, 0, -1).astype(np.float32), isVector=True)  # half the size of float64; ITK transforms cast
     else:
         img = sitk.GetImageFromArray(np.ascontiguousarray(array))
     img.SetSpacing(tuple(float(s) for s in geometry.spacing[::-1]))
