@@ -148,17 +148,6 @@ def exp_velocity(velocity_mm: torch.Tensor, spacing: Spacing, steps: int = 7) ->
     return u
 
 
-def log_displacement(dvf_mm: torch.Tensor, spacing: Spacing, steps: int = 7, iterations: int = 40) -> torch.Tensor:
-    """Stationary velocity ``v`` with ``exp(v) ~= u`` (fixed-point on the residual).
-
-    Used to rescale motion while keeping it invertible: ``exp(a * log(u))``.
-    """
-    v = dvf_mm.clone()
-    for _ in range(iterations):
-        v = v + 0.5 * (dvf_mm - exp_velocity(v, spacing, steps))
-    return v
-
-
 def to_tensor(array: np.ndarray, device: str | torch.device = "cpu", dtype=torch.float32) -> torch.Tensor:
     """numpy ``(C, Z, Y, X)`` or ``(Z, Y, X)`` -> batched tensor ``(1, C, Z, Y, X)``."""
     t = torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)

@@ -74,9 +74,7 @@ def velocity_field(field: DisplacementField, tol_mm: float = 0.05, max_iter: int
 
     Fixed-point iteration ``v <- v + (u - exp(v))`` from ``v = u``, stopped when the mean residual
     is below ``tol_mm`` or after ``max_iter`` rounds (unit steps converge in ~3-6 rounds for
-    breathing motion, 7-8 warps each; :func:`respmotion.core.warp.log_displacement` always does
-    40 half steps, ~280 warps, which is too slow on a CPU).  The final
-    residual (mean / max mm) is in ``meta``.
+    breathing motion, 7-8 warps each).  The final residual (mean / max mm) is in ``meta``.
     """
     u = W.to_tensor(field.array)
     sp = field.geometry.spacing
