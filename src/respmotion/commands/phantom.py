@@ -17,6 +17,7 @@ class PhantomConfig:
     seed: int = 0
     shape: tuple[int, int, int] = (50, 256, 256)
     noise_hu: float = 10.0
+    workers: int = 2  # patients written in parallel processes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="cohort seed (anatomy and amplitude vary with it)")
     p.add_argument("--shape", help="volume shape z,y,x (default 50,256,256)")
     p.add_argument("--noise-hu", type=float, help="image noise standard deviation in HU")
+    p.add_argument("--workers", type=int, help="patients written in parallel processes (default 2)")
     add_config_args(p)
     command(p, run)
 
@@ -35,9 +37,11 @@ def run(args: argparse.Namespace) -> int:
     from ..data.phantom import write_cohort
 
     cfg = resolve_config(PhantomConfig, args, {"out": args.out, "patients": args.patients, "seed": args.seed,
-                                               "shape": args.shape, "noise_hu": args.noise_hu})
+                                               "shape": args.shape, "noise_hu": args.noise_hu,
+                                               "workers": args.workers})
     out = Path(cfg.out)
-    studies = write_cohort(out, cfg.patients, cfg.seed, cfg.shape, cfg.noise_hu, progress=True)
+    studies = write_cohort(out, cfg.patients, cfg.seed, cfg.shape, cfg.noise_hu, progress=True,
+                           workers=cfg.workers)
     save_resolved(cfg, out, "phantom_config.yaml")
     print(json.dumps({"out": str(out), "studies": [s.key for s in studies]}))
     return 0

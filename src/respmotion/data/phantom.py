@@ -130,20 +130,20 @@ class Phantom:
 
     # ------------------------------------------------------------------ motion
     # The motion model is separable: u_y depends on y, u_x on x, and u_z = amp2d(y, x) * g(z, dome(y, x)).
-    def _g(self, z: np.ndarray, zd: np.ndarray) -> np.ndarray:
-        """SI profile: 1 at the diaphragm (zero slope there, so the field is C1), falling
-        quadratically to 0 at the apex level and as a Gaussian into the abdomen."""
+    def _g_dg(self, z: np.ndarray, zd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """SI profile g and its slope dg/dz: g = 1 at the diaphragm (zero slope there, so the field is
+        C1), falling quadratically to 0 at the apex level and as a Gaussian into the abdomen."""
+        d = z - zd
         h = FOV_MM[0] / 2 + 40.0 - zd
-        above = np.clip(1.0 - ((z - zd) / h) ** 2, 0.0, 1.0)
-        below = np.exp(-(((zd - z) / self.p.abdomen_decay) ** 2))
-        return np.where(z >= zd, above, below)
+        above = d >= 0
+        t = d / h
+        e = np.exp(-((np.minimum(d, 0.0) / self.p.abdomen_decay) ** 2))  # 1 above the dome: no overflow
+        g = np.where(above, np.clip(1.0 - t * t, 0.0, 1.0), e)
+        dg = np.where(above, np.where(t < 1.0, -2.0 * t / h, 0.0), -2.0 * d / self.p.abdomen_decay**2 * e)
+        return g, dg
 
-    def _dg(self, z: np.ndarray, zd: np.ndarray) -> np.ndarray:
-        """d g / d z."""
-        h = FOV_MM[0] / 2 + 40.0 - zd
-        above = np.where(z - zd < h, -2.0 * (z - zd) / h**2, 0.0)
-        below = 2.0 * (zd - z) / self.p.abdomen_decay**2 * self._g(z, zd)
-        return np.where(z >= zd, above, below)
+    def _g(self, z: np.ndarray, zd: np.ndarray) -> np.ndarray:
+        return self._g_dg(z, zd)[0]
 
     def _uz_parts(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dome z, SI amplitude at s = 1 incl. sliding weight) at (y, x)."""
@@ -172,8 +172,9 @@ class Phantom:
         p = np.asarray(points_zyx, dtype=np.float64)
         return self._solve_inverse(float(breathing_amplitude(percent)), p[..., 0], p[..., 1], p[..., 2], tol)
 
-    def _solve_inverse(self, s: float, tz, ty, tx, tol: float = 1e-7) -> np.ndarray:
-        """Solve q + s * U(q) = t component-wise (y and x are 1D problems; then z given y, x)."""
+    def _solve_inverse(self, s: float, tz, ty, tx, tol: float = 1e-7, z0: np.ndarray | None = None) -> np.ndarray:
+        """Solve q + s * U(q) = t component-wise (y and x are 1D problems; then z given y, x).
+        ``z0``: optional starting guess for the z component (Newton converges in fewer steps)."""
         def fixed_point(f, t):
             q = np.array(t, dtype=np.float64, copy=True)
             for _ in range(200):
@@ -185,20 +186,26 @@ class Phantom:
 
         qy = fixed_point(lambda q: s * self._uy(q), np.asarray(ty, float))
         qx = fixed_point(lambda q: s * self._ux(q), np.asarray(tx, float))
-        qz = self._solve_z(s, np.asarray(tz, float), qy, qx, tol)
+        qz = self._solve_z(s, np.asarray(tz, float), qy, qx, tol, z0)
         return np.stack(np.broadcast_arrays(qz, qy, qx), -1)
 
-    def _solve_z(self, s: float, tz: np.ndarray, qy: np.ndarray, qx: np.ndarray, tol: float) -> np.ndarray:
+    def _solve_z(self, s: float, tz: np.ndarray, qy: np.ndarray, qx: np.ndarray, tol: float,
+                 z0: np.ndarray | None = None) -> np.ndarray:
         """Newton's method for q + s * amp(y, x) * g(q, dome) = tz (g is piecewise smooth, 1 + s amp g' > 0)."""
         zd, amp = self._uz_parts(qy, qx)
-        q = np.array(np.broadcast_to(tz, np.broadcast_shapes(tz.shape, zd.shape)), dtype=np.float64)
+        shape = np.broadcast_shapes(tz.shape, zd.shape)
+        start = tz if z0 is None else z0
+        q = np.array(np.broadcast_to(start, shape), dtype=np.float64).ravel()
+        tz, zd, amp = (np.broadcast_to(a, shape).ravel() for a in (tz, zd, amp))
+        active = np.arange(q.size)  # Newton on the points not yet converged only
         for _ in range(50):
-            g = self._g(q, zd)
-            dg = self._dg(q, zd)
-            step = (q + s * amp * g - tz) / (1.0 + s * amp * dg)
-            q -= step
-            if np.max(np.abs(step)) < tol:
-                return q
+            qa, za, aa = q[active], zd[active], s * amp[active]
+            g, dg = self._g_dg(qa, za)
+            step = (qa + aa * g - tz[active]) / (1.0 + aa * dg)
+            q[active] = qa - step
+            active = active[np.abs(step) >= tol]
+            if active.size == 0:
+                return q.reshape(shape)
         raise RuntimeError("phantom inversion did not converge")
 
     # ------------------------------------------------------------------ anatomy
@@ -289,15 +296,16 @@ class Phantom:
             self.landmark_kind.append("nodule")
 
         # extra landmarks: on ribs/spine (outside lungs) and random lung points near the base
-        for _ in range(12):
+        for _ in range(16):  # in the chest wall, 10-18 % of the cavity radius outside it (ribs, muscle)
             a = rng.uniform(-math.pi * 0.9, -math.pi * 0.1)
-            pt = np.array([rng.uniform(-40, 50), 1.06 * p.body_ay * p.cavity_scale * math.sin(a) - 0.08 * p.body_ay,
-                           1.06 * p.body_ax * p.cavity_scale * math.cos(a)])
+            rr = rng.uniform(1.10, 1.18)
+            pt = np.array([rng.uniform(-40, 50), rr * p.body_ay * p.cavity_scale * math.sin(a) - 0.08 * p.body_ay,
+                           rr * p.body_ax * p.cavity_scale * math.cos(a)])
             self.landmarks_ref.append(pt)
             self.landmark_kind.append("chest_wall")
         # random lung points and points just below the lung base (sliding / abdomen)
         lung_idx = np.argwhere(lungs[:: 4, :: 4, :: 4])
-        for i in rng.choice(len(lung_idx), size=min(150, len(lung_idx)), replace=False):
+        for i in rng.choice(len(lung_idx), size=min(300, len(lung_idx)), replace=False):
             iz, iy, ix = lung_idx[i] * 4
             self.landmarks_ref.append(np.array([self.fine_z[iz], self.ys[iy], self.xs[ix]]))
             self.landmark_kind.append("lung_parenchyma")
@@ -365,12 +373,12 @@ class Phantom:
     # ------------------------------------------------------------------ sampling
     def _sample_fine(self, fine: np.ndarray, pts_z, pts_y, pts_x) -> np.ndarray:
         """Trilinear sample of fine-grid arrays ``(C, nzf, ny, nx)`` at mm points -> ``(C, *pts.shape)``."""
-        iz = (pts_z - self.fine_z[0]) / self.fine_dz
-        iy = (pts_y - self.ys[0]) / (self.ys[1] - self.ys[0])
-        ix = (pts_x - self.xs[0]) / (self.xs[1] - self.xs[0])
         n = fine.shape[1:]
-        grid = np.stack([2 * ix / (n[2] - 1) - 1, 2 * iy / (n[1] - 1) - 1, 2 * iz / (n[0] - 1) - 1], -1)
-        g = torch.from_numpy(grid.astype(np.float32)).reshape(1, -1, 1, 1, 3)
+        # normalised grid_sample coordinates (x, y, z order), float32: 4e-5 mm at this field of view
+        axes = [(pts_x, self.xs[0], self.xs[1] - self.xs[0], n[2]), (pts_y, self.ys[0], self.ys[1] - self.ys[0], n[1]),
+                (pts_z, self.fine_z[0], self.fine_dz, n[0])]
+        g = torch.stack([torch.as_tensor(np.asarray(p, np.float32)).sub_(float(o)).mul_(2.0 / (float(d) * (m - 1))).sub_(1.0)
+                         for p, o, d, m in axes], -1).reshape(1, -1, 1, 1, 3)
         src = torch.from_numpy(np.ascontiguousarray(fine, dtype=np.float32))[None]
         out = F.grid_sample(src, g, mode="bilinear", padding_mode="border", align_corners=True)
         return out.reshape((fine.shape[0],) + pts_z.shape).numpy()
@@ -398,32 +406,56 @@ class Phantom:
 
     def phase(self, percent: int) -> dict[str, np.ndarray]:
         """Image (HU), lung/body masks and exact field of one phase on the base grid."""
-        Z, Y, X = self.base_coords()
-        u = float(breathing_amplitude(percent)) * self._unit_field()
+        if not hasattr(self, "_coords32"):
+            self._coords32 = [c.astype(np.float32) for c in self.base_coords()]
+        Z, Y, X = self._coords32
+        u = np.float32(breathing_amplitude(percent)) * self._unit_field()
         img, lung = self._sample_fine(self._fine_stack(), Z + u[0], Y + u[1], X + u[2])
         if self.noise_hu > 0:
             img += np.random.default_rng([self.seed, percent]).normal(0.0, self.noise_hu, img.shape).astype(np.float32)
         body = img > -500.0
         return {"image": img, "lung": (lung >= 0.5).astype(np.uint8), "body": body.astype(np.uint8), "dvf": u}
 
+    def sliding_distance(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Signed in-plane distance (mm, first order) to the sliding interface (the rib cage's inner
+        surface); < 0 inside the cavity."""
+        p = self.p
+        ax, ay = p.body_ax * p.cavity_scale, p.body_ay * p.cavity_scale
+        yc = -0.08 * p.body_ay
+        r = self._cavity_r(y, x)
+        grad = np.sqrt((x / ax**2) ** 2 + ((y - yc) / ay**2) ** 2) / np.maximum(r, 1e-9)
+        return (r - 1.0) / np.maximum(grad, 1e-12)
+
+    def landmark_margin(self) -> float:
+        """Distance (mm) from the sliding interface below which the stored field does not resolve the
+        motion: within it the shear across the interface (``slide_width`` wide) is steeper than trilinear
+        interpolation on this grid follows (up to ~3 mm at 16x64x64).  Two in-plane voxels + 4 widths."""
+        return 2.0 * max(self.geometry.spacing[1:]) + 4.0 * self.p.slide_width
+
     def landmarks(self) -> dict[str, Any]:
-        """Landmark positions (LPS mm) in every phase; kinds: nodule, vessel_bifurcation, chest_wall."""
+        """Landmark positions (LPS mm) in every phase; kinds: nodule, vessel_bifurcation, chest_wall,
+        lung_parenchyma, below_diaphragm.  Kept are the landmarks that stay 3 mm inside the field of view
+        and farther than :meth:`landmark_margin` from the sliding interface in every phase, so that the
+        stored fields move every stored landmark to its true position (to < 0.1 mm)."""
         ref = np.array(self.landmarks_ref)  # (N, 3) z,y,x mm == LPS (z, y, x) for identity direction
         fov_lo = np.array(self.geometry.index_to_world([0, 0, 0]))[::-1]
         fov_hi = np.array(self.geometry.index_to_world(np.array(self.geometry.shape) - 1))[::-1]
+        margin = self.landmark_margin()
         per_phase = {}
         keep = np.ones(len(ref), bool)
+        dist = self.sliding_distance(ref[:, 1], ref[:, 2])
         for k in PHASES:
             q = self.move_points(k, ref)
             keep &= np.all((q >= fov_lo + 3.0) & (q <= fov_hi - 3.0), axis=1)
+            keep &= np.abs(self.sliding_distance(q[:, 1], q[:, 2])) > margin
             per_phase[f"{k:02d}"] = q
         kinds = [k for k, m in zip(self.landmark_kind, keep) if m]
-        slide = (self._cavity_r(ref[:, 1], ref[:, 2]) - 1.0) * self.p.body_ax * self.p.cavity_scale
         return {
             "frame": "LPS mm (x, y, z)",
             "kind": kinds,
-            "sliding_distance_mm": slide[keep].round(3).tolist(),  # approx. signed distance to the rib cage, < 0 inside
+            "sliding_distance_mm": dist[keep].round(3).tolist(),  # signed distance to the rib cage, < 0 inside
             "sliding_width_mm": self.p.slide_width,
+            "sliding_margin_mm": round(margin, 3),
             "in_lung": [bool(self._inside_lung(c)) for c, m in zip(ref, keep) if m],
             "phases": {k: v[keep][:, ::-1].round(6).tolist() for k, v in per_phase.items()},
         }
@@ -451,10 +483,14 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
         sd.save_gt("ref", k, DisplacementField(d["dvf"], g, {"from": "phase_00", "to": f"phase_{k:02d}"}))
     # exact consecutive-phase fields: x + t_k(x) = phi_k^-1(phi_{k+1}(x))
     Z, Y, X = ph.base_coords()
+    unit_z = ph._unit_field()[0].astype(np.float64)
     for k in PHASES:
         k1 = next_phase(k)
         u1 = phases[k1]["dvf"].astype(np.float64)
-        q = ph._solve_inverse(float(breathing_amplitude(k)), Z + u1[0], (Y + u1[1])[:1, :, :1], (X + u1[2])[:1, :1, :], tol=1e-6)
+        s0 = float(breathing_amplitude(k))
+        tz = Z + u1[0]
+        # start Newton at the first-order solution q ~ x + (s_k+1 - s_k) U(x): 2-3 steps to 1e-6 mm
+        q = ph._solve_inverse(s0, tz, (Y + u1[1])[:1, :, :1], (X + u1[2])[:1, :1, :], tol=1e-6, z0=tz - s0 * unit_z)
         t = np.stack([q[..., 0] - Z, q[..., 1] - Y, q[..., 2] - X]).astype(np.float32)
         sd.save_gt("step", k, DisplacementField(t, g, {"from": f"phase_{k:02d}", "to": f"phase_{k1:02d}"}))
     write_json(sd.landmarks_path, ph.landmarks())
@@ -471,10 +507,29 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
 
 
 def write_cohort(out: str | Path, patients: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
-                 noise_hu: float = 10.0, progress: bool = False) -> list[StudyDir]:
-    """Write ``patients`` phantom patients ``phantom_000``... (patient i uses seed ``seed * 1000 + i``)."""
+                 noise_hu: float = 10.0, progress: bool = False, workers: int = 1) -> list[StudyDir]:
+    """Write ``patients`` phantom patients ``phantom_000``... (patient i uses seed ``seed * 1000 + i``).
+
+    ``workers`` > 1 writes patients in parallel processes (the phantom is numpy, one core per patient);
+    the result does not depend on it."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
     from tqdm import tqdm
 
-    ids = range(patients)
-    it = tqdm(ids, desc="phantom", unit="patient") if progress else ids
-    return [write_patient(out, f"phantom_{i:03d}", seed * 1000 + i, shape, noise_hu) for i in it]
+    jobs = [(out, f"phantom_{i:03d}", seed * 1000 + i, tuple(shape), noise_hu) for i in range(patients)]
+    bar = tqdm(total=len(jobs), desc="phantom", unit="patient", disable=not progress)
+    if workers <= 1 or len(jobs) <= 1:
+        studies = []
+        for job in jobs:
+            studies.append(write_patient(*job))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(write_patient, *job) for job in jobs]
+            studies = []
+            for f in futures:  # in patient order; an error in any worker is raised here
+                studies.append(f.result())
+                bar.update()
+    bar.close()
+    return studies
