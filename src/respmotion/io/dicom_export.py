@@ -235,30 +235,37 @@ def _now() -> tuple[str, str]:
     return t.strftime("%Y%m%d"), t.strftime("%H%M%S")
 
 
+def new_instance(sop_class_uid: str, attributes: Mapping[str, Any]):
+    """A new DICOM instance: file meta (explicit VR little endian), a fresh SOPInstanceUID, the SOP class,
+    and ``attributes`` (patient/study/series values) copied in.  Shared by the CT series and RTSTRUCT writers."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_uid
+    return ds
+
+
 def _write_series(
     folder: Path, volume: Volume, slices: list[dict[str, Any]], common: dict[str, Any],
     series_uid: str, series_number: int, description: str, temporal: tuple[int, int],
 ) -> list[str]:
     """Write one series (one file per slice) into ``folder``; returns the SOPInstanceUIDs in slice order."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     stored, _ = _hu_to_stored(volume.array, str(folder))
     nz, ny, nx = volume.array.shape
     date, time = _now()
     uids = []
     for k in range(nz):
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        for key, value in common.items():
-            setattr(ds, key, value)
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
+        ds = new_instance(CT_IMAGE_STORAGE, common)
         ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
         ds.ContentDate, ds.ContentTime = date, time
         ds.SeriesDate, ds.SeriesTime = date, time
@@ -284,7 +291,7 @@ def _write_series(
         ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
         ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
-        uids.append(sop_uid)
+        uids.append(ds.SOPInstanceUID)
     return uids
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from ..core.geometry import Geometry
 from ..core.types import Volume
 from .atomic import atomic_path
-from .dicom_export import SeriesRef
+from .dicom_export import SeriesRef, new_instance
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # conventional ReferencedSOPClassUID of the study
@@ -222,9 +222,9 @@ def write_rtstruct(
     contour, the slice's SOPInstanceUID.  ``interpreted_types`` sets RTROIInterpretedType (e.g.
     ``{"GTV": "GTV", "ITV": "CTV"}``; empty by default).  Written atomically.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     path = Path(path)
     geom = reference.geometry
@@ -236,22 +236,12 @@ def write_rtstruct(
             raise RTStructError(f"{path}: mask '{name}' has shape {np.shape(m)}, the CT {geom.shape}")
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    for key, value in reference.patient_study.items():
-        if key not in ("PatientPosition", "PositionReferenceIndicator"):
-            setattr(ds, key, value)
+    ds = new_instance(RT_STRUCTURE_SET_STORAGE, {k: v for k, v in reference.patient_study.items()
+                                                 if k not in ("PatientPosition", "PositionReferenceIndicator")})
     for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                 "AccessionNumber", "ReferringPhysicianName", "StudyID"):
         if key not in ds:
             setattr(ds, key, "")
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
-    ds.SOPInstanceUID = sop_uid
     ds.Modality = "RTSTRUCT"
     ds.Manufacturer = "respmotion"
     ds.StudyInstanceUID = reference.study_uid
