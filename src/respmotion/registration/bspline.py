@@ -28,7 +28,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core.geometry import Geometry
 from ..core.types import DisplacementField
@@ -180,31 +179,41 @@ def bending_energy(basis: Basis, coef_mm: torch.Tensor, spacing: Sequence[float]
 _KNOT = {0: (1 / 6, 4 / 6, 1 / 6), 1: (-0.5, 0.0, 0.5), 2: (1.0, -2.0, 1.0)}  # b, b', b'' at -1, 0, +1 knots
 
 
-def _knot_kernels(orders: Sequence[tuple[int, int, int]], stride: Sequence[float], dtype, device) -> torch.Tensor:
-    """3x3x3 kernels ``(len(orders), 1, 3, 3, 3)``: derivative ``orders`` (per axis z, y, x, per voxel index) of
-    a cubic B-spline evaluated exactly at its knots (control point positions)."""
-    ks = []
-    for o in orders:
-        k = torch.ones(3, 3, 3, dtype=torch.float64)
-        for ax in range(3):
-            w = torch.tensor(_KNOT[o[ax]], dtype=torch.float64) / float(stride[ax]) ** o[ax]
-            shape = [1, 1, 1]
-            shape[ax] = 3
-            k = k * w.view(shape)
-        ks.append(k)  # conv3d correlates: out[i] = sum_t k[t] c[i + t], t = 0..2 <-> knots i-1..i+1
-    return torch.stack(ks)[:, None].to(dtype=dtype, device=device)
-
-
 _SECOND = [(2, 0, 0), (0, 2, 0), (0, 0, 2), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
 _FIRST = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
 
 
+def _taps(x: torch.Tensor, dim: int, w: Sequence[float]) -> torch.Tensor:
+    """``w[0] x[i-1] + w[1] x[i] + w[2] x[i+1]`` along ``dim`` at the interior points (length - 2)."""
+    n = x.shape[dim]
+    out = None
+    for t, wt in enumerate(w):
+        if wt == 0.0:
+            continue
+        term = x.narrow(dim, t, n - 2) * wt
+        out = term if out is None else out + term
+    return out
+
+
 def knot_derivatives(coef: torch.Tensor, grid: ControlGrid, orders) -> torch.Tensor:
-    """Derivatives of the field at the interior knots: ``(B, 3, K...)`` -> ``(B, 3, len(orders), K-2...)``."""
-    b, c = coef.shape[:2]
-    k = _knot_kernels(orders, grid.stride, coef.dtype, coef.device)
-    out = F.conv3d(coef.reshape(b * c, 1, *coef.shape[2:]), k)
-    return out.reshape(b, c, len(orders), *out.shape[2:])
+    """Derivatives of the field at the interior knots: ``(B, C, K...)`` -> ``(B, C, len(orders), K-2...)``.
+
+    Separable 3-tap filters applied axis by axis with slicing (x first, partial results shared between
+    orders); the same numbers as a 3x3x3 convolution with the knot kernels, ~10x cheaper on a CPU (the conv3d
+    backward of mkldnn cost ~10 ms a call at 50x256x256, 40 % of an iteration at the coarse level).
+    """
+    memo: dict[tuple, torch.Tensor] = {}
+
+    def get(o: tuple[int, ...]) -> torch.Tensor:  # o: orders of the axes applied so far, x first
+        if not o:
+            return coef
+        if o not in memo:
+            ax = 2 - (len(o) - 1)  # x, then y, then z
+            w = [v / float(grid.stride[ax]) ** o[-1] for v in _KNOT[o[-1]]]
+            memo[o] = _taps(get(o[:-1]), coef.ndim - 3 + ax, w)
+        return memo[o]
+
+    return torch.stack([get((int(o[2]), int(o[1]), int(o[0]))) for o in orders], dim=2)
 
 
 def bending_energy_knots(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequence[float]) -> torch.Tensor:
