@@ -20,7 +20,7 @@ from respmotion.io.layout import PHASES, StudyDir
 from respmotion.registration.bspline import (Basis, BSplineField, ControlGrid, bending_energy, bending_energy_knots,
                                              dense_field, dense_tensor, jacobian_determinant, jacobian_knots, load_bspline,
                                              save_bspline)
-from respmotion.registration.ffd import FFDSettings, _Level, register
+from respmotion.registration.ffd import FFDSettings, _Level, register, repair_folding
 from respmotion.registration.masks import body_mask, lung_mask
 from respmotion.registration.pairs import study_pairs
 
@@ -218,3 +218,43 @@ def test_bad_file_is_reported(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="x.npz"):
         load_bspline(bad)
+
+
+def test_folding_repair_removes_every_fold_and_keeps_good_pairs():
+    """A field that folds (inside/outside fields converging across a lung interface, plus a folding outside
+    field) is repaired to 0 % det <= 0 as core.warp measures it; a pair that does not fold is left unchanged."""
+    shape = (10, 24, 24)
+    grid = ControlGrid(shape, (2.0, 4.0, 4.0))
+    rng = np.random.default_rng(5)
+    coef = torch.zeros(2, 2, 3, *grid.shape)
+    coef[0, 0, 2] = 3.0  # inside field: +3 mm along x ...
+    coef[0, 1, 2] = -3.0  # ... outside field: -3 mm: the two sides overlap across the interface (2.8 mm apart)
+    coef[0, 1] += torch.as_tensor(rng.normal(scale=2.0, size=(3, *grid.shape)), dtype=torch.float32)
+    coef[1] = 0.05 * torch.as_tensor(rng.normal(size=(2, 3, *grid.shape)), dtype=torch.float32)
+    lung = torch.zeros(2, *shape)
+    lung[:, 2:8, 6:18, 4:12] = 1.0
+    before = [W.folding_fraction(dense_tensor(coef[b:b + 1], grid, lung[b:b + 1]), SPACING) for b in range(2)]
+    assert before[0] > 0.01 and before[1] == 0.0
+    fixed, rec = repair_folding(coef, grid, SPACING, lung)
+    after = [W.folding_fraction(dense_tensor(fixed[b:b + 1], grid, lung[b:b + 1]), SPACING) for b in range(2)]
+    assert after == [0.0, 0.0], rec
+    assert rec[0]["folded_before"] > 0 and rec[0]["folded_after"] == 0
+    torch.testing.assert_close(fixed[1], coef[1], rtol=0, atol=0)
+
+
+def test_knot_regulariser_value_and_gradient_match_autograd():
+    """The hand-written backward of knot_regulariser equals autograd through bending_energy_knots and
+    jacobian_knots (control points large enough that the Jacobian hinge is active)."""
+    from respmotion.registration.bspline import knot_regulariser
+
+    grid = ControlGrid((12, 30, 26), (3.0, 6.0, 5.0))
+    c = (torch.as_tensor(np.random.default_rng(4).normal(size=(3, 3, *grid.shape))) * 8.0).requires_grad_(True)
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    new = knot_regulariser(c, grid, SPACING, 1.0, 100.0, 0.2)
+    det = jacobian_knots(c, grid, SPACING)
+    assert float((det < 0.2).double().mean()) > 0.05
+    ref = bending_energy_knots(c, grid, SPACING) + 100.0 * (torch.relu(0.2 - det) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(new, ref)
+    (g_new,) = torch.autograd.grad((new * weights).sum(), c)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), c)
+    torch.testing.assert_close(g_new, g_ref)

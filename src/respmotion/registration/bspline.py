@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..core.geometry import Geometry
 from ..core.types import DisplacementField
@@ -114,10 +115,39 @@ def evaluate(coef: torch.Tensor, bz: torch.Tensor, by: torch.Tensor, bx: torch.T
     """Separable evaluation: ``coef`` ``(B, C, Kz, Ky, Kx)`` -> ``(B, C, Nz, Ny, Nx)`` with ``B_axis`` ``(N, K)``."""
     b, c, kz, ky, kx = coef.shape
     t = torch.matmul(coef, bx.T)  # (B, C, Kz, Ky, Nx)
-    t = torch.matmul(by, t)  # (B, C, Kz, Ny, Nx)
+    n = b * c * kz
+    t = torch.bmm(by.expand(n, -1, -1), t.reshape(n, ky, -1))  # (B*C*Kz, Ny, Nx)
     ny, nx = t.shape[-2:]
-    t = torch.matmul(bz, t.reshape(b * c, kz, ny * nx))  # (B*C, Nz, Ny*Nx)
+    # explicit bmm with the basis expanded: matmul(2-D, 3-D) transposes and copies the (large) result
+    t = torch.bmm(bz.expand(b * c, -1, -1), t.reshape(b * c, kz, ny * nx))  # (B*C, Nz, Ny*Nx)
     return t.reshape(b, c, bz.shape[0], ny, nx)
+
+
+def point_weights(grid: ControlGrid, points: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supporting control points of arbitrary full-resolution voxel positions ``points`` ``(M, 3)`` (z, y, x
+    voxel index): flat control point index ``(M, 64)`` (long) and B-spline weight ``(M, 64)``."""
+    k = grid.shape
+    idx, wts = [], []
+    for ax in range(3):
+        t = points[:, ax].to(torch.float64) / grid.stride[ax] + 1.0
+        j = torch.floor(t)
+        f = (t - j)[:, None]
+        w = torch.cat([(1 - f) ** 3, 3 * f**3 - 6 * f**2 + 4, -3 * f**3 + 3 * f**2 + 3 * f + 1, f**3], 1) / 6.0
+        col = j.long()[:, None] - 1 + torch.arange(4, device=points.device)
+        ok = (col >= 0) & (col < k[ax])
+        idx.append(col.clamp(0, k[ax] - 1))
+        wts.append(torch.where(ok, w, torch.zeros_like(w)))
+    flat = (idx[0][:, :, None, None] * k[1] + idx[1][:, None, :, None]) * k[2] + idx[2][:, None, None, :]
+    w = wts[0][:, :, None, None] * wts[1][:, None, :, None] * wts[2][:, None, None, :]  # (M, 4, 4, 4)
+    return flat.reshape(-1, 64), w.reshape(-1, 64).to(dtype)
+
+
+def evaluate_points(coef: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Field at the positions of :func:`point_weights`: ``coef`` ``(C, Kz, Ky, Kx)`` -> ``(C, M)``.  Gathers
+    the 4x4x4 supporting control points of each position: cheap for a few thousand points (the folding repair),
+    not for a grid (use :class:`Basis`)."""
+    c = coef.reshape(coef.shape[0], -1).index_select(1, flat.reshape(-1)).view(coef.shape[0], *flat.shape)
+    return (c * weights.to(coef.dtype)).sum(-1)
 
 
 class Basis:
@@ -234,6 +264,82 @@ def jacobian_knots(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequence[f
     return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
             - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def _cofactors(j):
+    """Cofactor matrix (= d det / d J) of a 3x3 matrix given as nested lists of tensors."""
+    return [[j[1][1] * j[2][2] - j[1][2] * j[2][1], j[1][2] * j[2][0] - j[1][0] * j[2][2], j[1][0] * j[2][1] - j[1][1] * j[2][0]],
+            [j[0][2] * j[2][1] - j[0][1] * j[2][2], j[0][0] * j[2][2] - j[0][2] * j[2][0], j[0][1] * j[2][0] - j[0][0] * j[2][1]],
+            [j[0][1] * j[1][2] - j[0][2] * j[1][1], j[0][2] * j[1][0] - j[0][0] * j[1][2], j[0][0] * j[1][1] - j[0][1] * j[1][0]]]
+
+
+class _KnotRegulariser(torch.autograd.Function):
+    """``bending_weight * bending_energy_knots + jacobian_weight * mean(relu(jacobian_min - det)^2)`` per
+    field ``(N,)`` for control points ``(N, 3, K...)`` mm, with a hand-written backward: the adjoint 3-tap
+    filters accumulate in place into the parents' gradients (autograd through the slicing allocated and
+    zero-filled a full copy per tap and per stage: 3x the forward's time)."""
+
+    @staticmethod
+    def forward(ctx, coef, stride, spacing, bending_weight, jacobian_weight, jacobian_min):
+        nodes: dict[tuple, torch.Tensor] = {(): coef}
+        leaves = [(o[2], o[1], o[0]) for o in _SECOND + _FIRST]  # x, y, z order
+        for leaf in leaves:
+            for depth in range(1, 4):
+                key = leaf[:depth]
+                if key not in nodes:
+                    ax = 3 - depth  # x (2), then y (1), then z (0)
+                    w = [v / float(stride[ax]) ** key[-1] for v in _KNOT[key[-1]]]
+                    nodes[key] = _taps(nodes[key[:-1]], coef.ndim - 3 + ax, w)
+        n_knots = float(np.prod(nodes[leaves[0]].shape[-3:]))
+        s = [float(v) for v in spacing]
+        pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+        bscale = [bending_weight * (1.0 if a == b else 2.0) / (s[a] * s[b]) ** 2 / n_knots for a, b in pairs]
+        total = sum(sc * (nodes[leaf] ** 2).sum(dim=tuple(range(1, coef.ndim))) for sc, leaf in zip(bscale, leaves[:6]))
+        grads: dict[tuple, torch.Tensor] = {leaf: nodes[leaf] * (2.0 * sc) for sc, leaf in zip(bscale, leaves[:6])}
+        if jacobian_weight > 0:
+            first = [nodes[leaf] for leaf in leaves[6:]]  # d/dz, d/dy, d/dx of (N, 3, ...) in mm per voxel
+            j = [[first[d][:, c] / s[c] + (1.0 if c == d else 0.0) for d in range(3)] for c in range(3)]
+            cof = _cofactors(j)
+            det = j[0][0] * cof[0][0] + j[0][1] * cof[0][1] + j[0][2] * cof[0][2]
+            gap = F.relu(jacobian_min - det)
+            total = total + jacobian_weight * (gap**2).sum(dim=(1, 2, 3)) / n_knots
+            ddet = gap * (-2.0 * jacobian_weight / n_knots)  # d total / d det
+            for d, leaf in enumerate(leaves[6:]):
+                g = torch.stack([ddet * cof[c][d] / s[c] for c in range(3)], 1)
+                grads[leaf] = grads[leaf] + g if leaf in grads else g
+        ctx.grads = grads
+        ctx.meta = (stride, coef.ndim, {k: v.shape for k, v in nodes.items()})
+        return total
+
+    @staticmethod
+    def backward(ctx, g_out):
+        stride, ndim, shapes = ctx.meta
+        grads = ctx.grads
+        view = (-1,) + (1,) * (ndim - 1)
+        for depth in (3, 2, 1):
+            for key in [k for k in list(grads) if len(k) == depth]:
+                parent = key[:-1]
+                if parent not in grads:
+                    grads[parent] = torch.zeros(shapes[parent], dtype=g_out.dtype, device=g_out.device)
+                ax = 3 - depth
+                dim = ndim - 3 + ax
+                n = shapes[parent][dim]
+                for t, v in enumerate(_KNOT[key[-1]]):
+                    if v != 0.0:
+                        grads[parent].narrow(dim, t, n - 2).add_(grads[key], alpha=v / float(stride[ax]) ** key[-1])
+                del grads[key]
+        out = grads[()] * g_out.view(view)
+        ctx.grads = None
+        return out, None, None, None, None, None
+
+
+def knot_regulariser(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequence[float], bending_weight: float,
+                     jacobian_weight: float, jacobian_min: float) -> torch.Tensor:
+    """Per field ``(N,)``: ``bending_weight * bending_energy_knots(coef) + jacobian_weight * mean over interior
+    knots of relu(jacobian_min - jacobian_knots(coef))^2`` for ``coef_mm`` ``(N, 3, K...)``; same values and
+    gradient as composing those functions (tested), ~2-3x faster on a CPU."""
+    return _KnotRegulariser.apply(coef_mm, tuple(float(v) for v in grid.stride), tuple(float(v) for v in spacing),
+                                  float(bending_weight), float(jacobian_weight), float(jacobian_min))
 
 
 # ----------------------------------------------------------------------------- storage

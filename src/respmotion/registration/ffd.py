@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bspline import Basis, ControlGrid, bending_energy_knots, evaluate, jacobian_knots, level_positions
+from ..core import warp as W
+from .bspline import (Basis, ControlGrid, evaluate, evaluate_points, knot_regulariser, level_positions,
+                      point_weights)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class FFDSettings:
     clip_hu: tuple[float, float] = (-1000.0, 1000.0)
     smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (full-res voxels) on both images
     sliding: bool = True
+    repair_folding: bool = True  # after the last level: remove every det <= 0 voxel (see repair_folding)
     seed: int = 0
 
     def check(self) -> None:
@@ -93,6 +96,33 @@ def _ncc(f: torch.Tensor, m: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -
     return cov / torch.sqrt((w * fc * fc).sum(dims) * (w * mc * mc).sum(dims) + eps)
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pair dot product of ``(B, N...)`` tensors -> ``(B,)`` (one BLAS call forward and backward)."""
+    n = a.shape[0]
+    return torch.bmm(a.reshape(n, 1, -1), b.reshape(n, -1, 1)).view(n)
+
+
+class _FixedStats:
+    """Fixed-image side of the weighted NCC, computed once per point set: ``fw = w (f - mean_w f)``, ``sum w``,
+    ``sum w (f - mean_w f)^2`` per pair."""
+
+    def __init__(self, f: torch.Tensor, w: torch.Tensor, eps: float = 1e-6):
+        dims = tuple(range(1, f.ndim))
+        self.w = w
+        self.sw = w.sum(dims).clamp_min(eps)
+        fc = f - ((w * f).sum(dims) / self.sw).view(-1, *(1,) * (f.ndim - 1))
+        self.fw = (w * fc).contiguous()
+        self.var = (self.fw * fc).sum(dims)
+
+    def ncc(self, m: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """Same value as :func:`_ncc` (``sum w (f - mean f)(m - mean m) = sum fw m``): 1 product and 3 dot
+        products on the points instead of ~15 elementwise passes."""
+        wm = self.w * m
+        s1 = wm.flatten(1).sum(1)
+        var_m = _dot(wm, m) - s1 * s1 / self.sw
+        return _dot(self.fw, m) / torch.sqrt(self.var * var_m + eps)
+
+
 @dataclass
 class _Points:
     """The voxels one iteration looks at: level voxels ``offset::step`` inside the bounding box of the batch's
@@ -106,16 +136,34 @@ class _Points:
     base: torch.Tensor  # (nz, ny, nx, 3) grid_sample coordinate (x, y, z order, align_corners=True)
     fixed: torch.Tensor  # (B, nz, ny, nx)
     weight: torch.Tensor  # (B, nz, ny, nx)
-    lung: torch.Tensor | None  # (B, 2, 1, nz, ny, nx) weights of the inside and outside fields (sliding) or None
+    lung: torch.Tensor | None  # (B, 1, nz, ny, nx) weight of the inside field (sliding) or None
+    stats: "_FixedStats | None" = None  # fixed-image side of the NCC on these points
 
     @property
     def size(self) -> int:
         return int(np.prod([a.numel() for a in self.axes]))
 
 
-def _blend_weights(lung: torch.Tensor) -> torch.Tensor:
-    """Lung weight ``(B, ...)`` -> weights of the inside and outside fields ``(B, 2, 1, ...)``."""
-    return torch.stack([lung, 1.0 - lung], 1)[:, :, None]
+class _Blend(torch.autograd.Function):
+    """Sliding blend ``lung * inside + (1 - lung) * outside`` of ``t`` ``(B, 6, ...)`` (inside = channels 0-2)
+    with ``lung`` ``(B, 1, ...)``; backward writes the two gradients into one preallocated tensor.  Measured (3 pairs,
+    50x79x115 points, 1 thread): 16 ms forward + backward, against 44 ms for autograd through slices (zero-filled
+    copies) and 63 ms for a product with stacked weights."""
+
+    @staticmethod
+    def forward(ctx, t, lung):
+        ctx.save_for_backward(lung)
+        inner, outer = t[:, :3], t[:, 3:]
+        return torch.addcmul(outer, lung, inner - outer)
+
+    @staticmethod
+    def backward(ctx, g):
+        (lung,) = ctx.saved_tensors
+        g = g.contiguous()  # arrives channels-last from grid_sample; the basis products need (B, 6, ...) rows
+        out = torch.empty((g.shape[0], 6, *g.shape[2:]), dtype=g.dtype, device=g.device)
+        torch.mul(g, lung, out=out[:, :3])
+        torch.sub(g, out[:, :3], out=out[:, 3:])
+        return out, None
 
 
 class _Level:
@@ -163,9 +211,9 @@ class _Level:
             base = base.permute(2, 0, 1, 3).contiguous()  # (z, y, x, 3) in (x, y, z) order
             sl = [slice(int(a[0]), int(a[-1]) + 1, st) for a, st in zip(axes, key[1])]
             take = lambda t: t[:, sl[0], sl[1], sl[2]].contiguous()  # noqa: E731
-            self._points[key] = _Points(tuple(axes), tuple(self.basis[ax][axes[ax]] for ax in range(3)), base,
-                                        take(self.fixed), take(self.weight),
-                                        None if self.lung is None else _blend_weights(take(self.lung)))
+            f, w = take(self.fixed), take(self.weight)
+            self._points[key] = _Points(tuple(axes), tuple(self.basis[ax][axes[ax]] for ax in range(3)), base, f, w,
+                                        None if self.lung is None else take(self.lung)[:, None], _FixedStats(f, w))
         return self._points[key]
 
     def _evaluate(self, coef: torch.Tensor, pts: _Points) -> torch.Tensor:
@@ -175,9 +223,7 @@ class _Level:
             return t
         if pts.lung is None:
             raise ValueError("sliding control points need the level built with a lung mask")
-        # (B, 2, 3, ...) * (B, 2, 1, ...) summed over the fields: backward is one product (slicing the two
-        # fields apart cost zero-filled copies, unbind a stack + copy: ~2x the blend's time)
-        return (t.unflatten(1, (2, 3)) * pts.lung).sum(1)
+        return _Blend.apply(t, pts.lung)
 
     def displacement(self, coef: torch.Tensor, pts: _Points) -> torch.Tensor:
         """The field at the points ``(B, 3, nz, ny, nx)`` mm (components z, y, x).  ``coef`` ``(B, 3, K...)`` or
@@ -196,12 +242,118 @@ class _Level:
 
 
 def _regulariser(grid: ControlGrid, coef: torch.Tensor, spacing, s: FFDSettings) -> torch.Tensor:
-    """Bending energy plus Jacobian penalty at the interior control points, per pair ``(B,)``."""
-    reg = s.bending_weight * bending_energy_knots(coef, grid, spacing)
-    if s.jacobian_weight > 0:
-        det = jacobian_knots(coef, grid, spacing)
-        reg = reg + s.jacobian_weight * (F.relu(s.jacobian_min - det) ** 2).mean(dim=(1, 2, 3))
-    return reg
+    """Bending energy plus Jacobian penalty at the interior control points, per field ``(N,)``."""
+    return knot_regulariser(coef, grid, spacing, s.bending_weight, s.jacobian_weight, s.jacobian_min)
+
+
+class _FoldingProbe:
+    """Jacobian determinant at full-resolution voxels ``vox`` ``(M, 3)`` (long, z, y, x) computed as
+    :func:`respmotion.core.warp.jacobian_determinant` computes it on the dense field (central differences,
+    one-sided at the image border), differentiable in the control points: ``(3, K...)`` or sliding
+    ``(2, 3, K...)`` with the binary ``lung`` ``(Z, Y, X)`` choosing the field per voxel."""
+
+    def __init__(self, grid: ControlGrid, lung: torch.Tensor | None, spacing, vox: torch.Tensor):
+        shape = grid.image_shape
+        q, h = [], []
+        for d in range(3):
+            hi, lo = vox.clone(), vox.clone()
+            hi[:, d] = (vox[:, d] + 1).clamp(max=shape[d] - 1)
+            lo[:, d] = (vox[:, d] - 1).clamp(min=0)
+            q += [hi, lo]
+            h.append((hi[:, d] - lo[:, d]).clamp(min=1))
+        q = torch.cat(q)  # (6M, 3): +z, -z, +y, -y, +x, -x neighbours
+        self.m = vox.shape[0]
+        self.flat, self.weights = point_weights(grid, q.to(torch.float64))
+        self.lung = None if lung is None else lung[q[:, 0], q[:, 1], q[:, 2]].to(torch.float32)
+        sp = torch.as_tensor(spacing, dtype=torch.float32)
+        self.scale = 1.0 / (sp.view(3, 1, 1) * torch.stack(h).to(torch.float32).view(1, 3, -1))  # (comp, dir, M)
+
+    def __call__(self, coef: torch.Tensor) -> torch.Tensor:
+        u = evaluate_points(coef.reshape(-1, *coef.shape[-3:]), self.flat, self.weights)  # (3 or 6, 6M)
+        if coef.ndim == 4 + 1:
+            u = self.lung * u[:3] + (1.0 - self.lung) * u[3:]
+        u = u.view(3, 3, 2, self.m)  # (component, direction, +/-, M)
+        g = (u[:, :, 0] - u[:, :, 1]) * self.scale  # d u_c / d p_d in voxels
+        j = [[g[c, d] + (1.0 if c == d else 0.0) for d in range(3)] for c in range(3)]
+        return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+                - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+                + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def _determinant_box(coef: torch.Tensor, grid: ControlGrid, lung: torch.Tensor | None, spacing,
+                     lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+    """:func:`respmotion.core.warp.jacobian_determinant` of the dense field of ``coef`` (one pair) on the voxel box
+    ``[lo, hi)``, equal to the full-grid values there: the field is evaluated with a one-voxel margin (dropped)
+    so central differences see the same neighbours; at the image border both are one-sided."""
+    n = grid.image_shape
+    elo = [max(a - 1, 0) for a in lo]
+    ehi = [min(b + 1, m) for b, m in zip(hi, n)]
+    basis = Basis(grid, [np.arange(a, b, dtype=np.float64) for a, b in zip(elo, ehi)], coef.device, coef.dtype)
+    if coef.ndim == 4:
+        u = basis.field(coef[None])
+    else:
+        w = lung[elo[0]:ehi[0], elo[1]:ehi[1], elo[2]:ehi[2]].to(coef.dtype)[None, None]
+        u = w * basis.field(coef[0][None]) + (1.0 - w) * basis.field(coef[1][None])
+    det = W.jacobian_determinant(u, spacing)[0]
+    return det[tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo))]
+
+
+def repair_folding(coef: torch.Tensor, grid: ControlGrid, spacing, lung: torch.Tensor | None = None,
+                   detect: float = 0.1, target: float = 0.25, rounds: int = 20, steps: int = 60,
+                   step_mm: float = 0.1) -> tuple[torch.Tensor, list[dict]]:
+    """Remove folding from finished registrations: ``coef`` ``(B, 3, K...)`` or ``(B, 2, 3, K...)`` mm.
+
+    Per pair: the dense field's Jacobian determinant (the evaluator's, :func:`core.warp.jacobian_determinant`) is
+    computed; if any voxel has det <= 0, the voxels with det < ``detect`` join a set whose determinants are
+    pushed above ``target`` (gradient steps on the squared hinge, at most ``step_mm`` per control point and step,
+    ``steps`` per round, evaluated at those voxels with :class:`_FoldingProbe`); repeated until the dense check finds no det <= 0.  Pairs
+    without folding are returned unchanged.  Returns the control points and one record per pair.
+    """
+    out = coef.detach().clone()
+    records = []
+    for b in range(coef.shape[0]):
+        lb = None if lung is None else lung[b].to(coef.dtype)
+        rec = {"folded_before": 0, "rounds": 0, "voxels": 0, "folded_after": 0, "max_change_mm": 0.0}
+        start = out[b].clone()
+        active = None
+        det = None
+        for r in range(rounds + 1):
+            with torch.no_grad():
+                if det is None:
+                    det = _determinant_box(out[b], grid, lb, spacing, (0, 0, 0), grid.image_shape)
+                else:  # only the voxels under moved control points can change
+                    moved = ((out[b] - before).abs().reshape(-1, *grid.shape).amax(0) > 0).nonzero()
+                    if moved.numel():
+                        st = torch.as_tensor(grid.stride, dtype=torch.float64)
+                        # support of control point k: voxels in ((k - 3) s, (k + 1) s); +-1 voxel for the differences
+                        lo = [max(int(v), 0) for v in torch.floor((moved.amin(0) - 3) * st)]
+                        hi = [min(int(v) + 1, m) for v, m in zip(torch.ceil((moved.amax(0) + 1) * st), grid.image_shape)]
+                        det[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = _determinant_box(out[b], grid, lb, spacing, lo, hi)
+            n_fold = int((det <= 0).sum())
+            if r == 0:
+                rec["folded_before"] = n_fold
+            rec["folded_after"] = n_fold
+            if n_fold == 0 or r == rounds:
+                break
+            new = (det < detect).nonzero()
+            active = new if active is None else torch.unique(torch.cat([active, new]), dim=0)
+            rec["rounds"], rec["voxels"] = r + 1, int(active.shape[0])
+            before = out[b].clone()
+            cb = out[b].clone().requires_grad_(True)
+            probe = _FoldingProbe(grid, lb, spacing, active)
+            for _ in range(steps):
+                dj = probe(cb)
+                if float(dj.detach().min()) >= target:
+                    break
+                (grad,) = torch.autograd.grad((F.relu(target - dj) ** 2).sum(), cb)
+                if cb.ndim == 5 and r < rounds // 2:  # sliding: move the outside field first (lung error untouched)
+                    grad[0] = 0.0
+                with torch.no_grad():  # gradient step scaled to move no control point more than step_mm
+                    cb -= grad * (step_mm / grad.abs().max().clamp_min(1e-12))
+            out[b] = cb.detach()
+        rec["max_change_mm"] = float((out[b] - start).abs().max())
+        records.append(rec)
+    return out, records
 
 
 def register(
@@ -251,7 +403,7 @@ def register(
             opt.zero_grad(set_to_none=True)
             warped = lev.sample(coef, pts)
             reg = _regulariser(grid, coef.reshape(-1, 3, *grid.shape), spacing, s).view(nb, -1).sum(1)
-            ncc = _ncc(pts.fixed, warped, pts.weight)
+            ncc = pts.stats.ncc(warped)
             loss = ((1.0 - ncc) + reg).sum()
             loss.backward()
             opt.step()
@@ -262,6 +414,11 @@ def register(
                               "points": n_points, "ncc": [float(v) for v in ncc_val] if ncc_val is not None else None})
         if callback is not None:
             callback(li, coef.detach())
+    if s.repair_folding:
+        t0 = time.perf_counter()
+        fixed_coef, rec = repair_folding(coef.detach(), grid, spacing, lung if sliding else None)
+        log["repair"] = {"seconds": time.perf_counter() - t0, "pairs": rec}
+        return fixed_coef, log
     return coef.detach(), log
 
 
