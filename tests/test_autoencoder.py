@@ -16,6 +16,7 @@ from respmotion.models.autoencoder import (
     load_autoencoder,
 )
 from respmotion.models.losses import DVFLoss, LPELoss, slices
+from respmotion.models.prior import prior_from_record
 from respmotion.training.autoencoder import AutoencoderRunConfig, make_dataset, train_autoencoder
 from respmotion.training.autoencoder_eval import evaluate_model
 from respmotion.training.splits import split_patients
@@ -165,11 +166,15 @@ def test_autoencoder_trains_and_beats_mean_prediction(cohort, tmp_path, kind, st
     assert split["test"] and not set(split["test"]) & set(split["train"])
     model = load_autoencoder(str(res.model_path))
     assert float(model.latent_scale) != 1.0  # set from training latents
-    metrics = evaluate_model(model, make_dataset(cfg, split["test"]), torch.device("cpu"))
+    prior = prior_from_record(ckpt["extra"].get("motion_prior"))
+    assert (prior is not None) == (kind == "dvf")  # the DVF VAE codes u - (mean training field), by default
+    if prior is not None:
+        assert prior.meta["patients"] == split["train"] and prior.ids == [f"ref_{k:02d}" for k in range(10, 100, 10)]
+    metrics = evaluate_model(model, make_dataset(cfg, split["test"]), torch.device("cpu"), prior=prior)
     voxel_mean, const_mean = _mean_baselines(cfg, split, kind)
     key = "mae_hu" if kind == "image" else "error_mean_mm"
     err = metrics["mean"][key]
-    print(f"{kind}: test {key} {err:.3f}; predicting the training mean volume {voxel_mean:.3f}, "
+    print(f"{kind}: test {key} {err:.3f} (prior alone {metrics['mean'].get('prior_error_mean_mm')}); predicting the training mean volume {voxel_mean:.3f}, "
           f"each item's mean value {const_mean:.3f}; train loss {res.history['train'][0][1]:.4f} -> "
           f"{res.history['train'][-1][1]:.4f}")
     assert err < 0.25 * const_mean
@@ -195,3 +200,31 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert cli_main(["evaluate", "autoencoder", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pt" in err[0]
+
+
+# ------------------------------------------------------------------------------ motion prior
+def test_motion_prior_mean_files_hash_and_residual_items(cohort, tmp_path):
+    from respmotion.models.prior import MotionPrior
+    from respmotion.training.data import FieldDataset, GroundTruthFields, studies_of
+
+    studies = studies_of(cohort, ["phantom_000", "phantom_001"])
+    src = GroundTruthFields("ref")
+    full = FieldDataset(studies, src)
+    prior = MotionPrior.from_fields((full.raw(i) for i in range(len(full))), {"patients": ["phantom_000", "phantom_001"]})
+    want = (studies[0].load_gt("ref", 40).array + studies[1].load_gt("ref", 40).array) / 2
+    assert prior.ids == [f"ref_{k:02d}" for k in range(10, 100, 10)]
+    assert np.allclose(prior.field("ref_40"), want, atol=1e-6) and prior.meta["items_per_id"]["ref_40"] == 2
+    npy = prior.save(tmp_path / "p")
+    back = MotionPrior.load(tmp_path / "p", sha256=prior.record()["sha256"])
+    assert np.array_equal(back.fields, prior.fields) and back.ids == prior.ids
+    resid = FieldDataset(studies, src, prior)
+    item = resid[3]
+    assert item["field_id"] == full[3]["field_id"]
+    assert torch.allclose(item["x"] + torch.from_numpy(prior.field(item["field_id"])), full[3]["x"], atol=1e-5)
+    with pytest.raises(ValueError, match="no field 'step_00'"):
+        prior.field("step_00")
+    arr = np.load(npy)
+    arr[0, 0, 0, 0, 0] += 1.0
+    np.save(npy, arr)  # a changed prior file is refused: its hash no longer matches the record
+    with pytest.raises(ValueError, match="sha256"):
+        MotionPrior.load(npy)

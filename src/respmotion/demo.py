@@ -27,15 +27,17 @@ log = logging.getLogger("respmotion")
 @dataclass
 class DemoConfig:
     out: str = "out/demo"
-    patients: int = 6
+    patients: int = 12
     seed: int = 0
     shape: tuple[int, int, int] = (16, 64, 64)
     threads: int = 2
     device: str = "cpu"
     register_iterations: tuple[int, int, int] = (30, 20, 15)  # FFD iterations per level (coarse -> fine)
     ae_steps: int = 100
-    dvf_steps: int = 120
+    dvf_steps: int = 300
     diffusion_steps: int = 250
+    motion_prior: str = "mean"  # DVF VAE codes u - (training patients' mean field); "none" = the full field
+    image_condition: str = "both"  # diffusion conditioning on the image latent (see diffusion.model.ImageCondition)
     ae_channels: int = 8
     unet_channels: tuple[int, int, int] = (16, 32, 32)
     sampler: str = "dpmpp2m"
@@ -101,6 +103,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for kind, steps in (("image", cfg.ae_steps), ("dvf", cfg.dvf_steps)):
         stage(f"autoencoder_{kind}")
         ov = {"kind": kind, "data.root": str(data), "data.field_source": fields, "data.split_seed": cfg.seed,
+              "data.motion_prior": cfg.motion_prior,
               "model.base_channels": cfg.ae_channels, "model.norm_groups": 8, "model.dropout": 0.0,
               "run_dir": str(runs / f"autoencoder_{kind}"), **_train_common(steps, 3e-3, 2, cfg.device)}
         acfg = load_config(AutoencoderRunConfig, None, None, _overrides(ov))
@@ -117,6 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ov = {"data.latents": str(lat), "model.unet.channels": list(cfg.unet_channels),
           "model.unet.attention_levels": [False] * len(cfg.unet_channels), "model.unet.norm_num_groups": 8,
           "model.unet.num_head_channels": 8, "model.unet.num_res_blocks": 1, "ema_decay": 0.99,
+          "model.image_condition": cfg.image_condition,
           "sampler.name": cfg.sampler, "sampler.steps": cfg.sampling_steps,
           "run_dir": str(runs / "diffusion"), **_train_common(cfg.diffusion_steps, 2e-3, 8, cfg.device)}
     dcfg = load_config(DiffusionRunConfig, None, None, _overrides(ov))

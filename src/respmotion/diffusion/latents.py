@@ -12,6 +12,9 @@ Layout (mirrors :mod:`respmotion.io.layout`)::
 
 Latents are the autoencoders' ``encode_latent`` outputs: the latent *mean* times the
 autoencoder's ``latent_scale`` (1 / std of its training latents; recorded in the provenance).
+When the DVF autoencoder was trained with a motion prior (:mod:`respmotion.models.prior`,
+recorded in its checkpoint and copied to ``provenance["dvf_autoencoder"]["motion_prior"]``),
+``dvf_<id>.npy`` encodes the residual ``u - u_bar[id]``, not the field itself.
 Writing: every file is atomic; a study whose marker exists is skipped, and within an
 interrupted study only missing files are computed, so a rerun (after kill -9) resumes.  Work
 is sharded by study: rank ``r`` of ``W`` takes studies ``r, r + W, ...`` of the sorted list
@@ -81,6 +84,7 @@ def autoencoder_record(path: str | os.PathLike, model: torch.nn.Module) -> dict[
         "latent_scale": float(model.latent_scale),
         "model_config": ckpt.get("model_config", {}),
         "split": extra.get("split"),
+        "motion_prior": extra.get("motion_prior", {"mode": "none"}),
     }
 
 
@@ -121,11 +125,13 @@ def encode_study(
     image_phases: Sequence[int],
     device: torch.device,
     batch: int = 4,
+    prior: Any = None,
 ) -> int:
     """Encode one study into ``out_dir`` (missing files only); returns the number of files written.
 
     ``sources`` are :class:`respmotion.training.data.FieldSource` objects; images are encoded
-    from HU, fields from mm, by the autoencoders' ``encode_latent``.
+    from HU, fields from mm, by the autoencoders' ``encode_latent``; with ``prior``
+    (:class:`respmotion.models.prior.MotionPrior`) the field minus ``prior[id]`` is encoded.
     """
     written = 0
     files: dict[str, list[int]] = {}
@@ -141,9 +147,16 @@ def encode_study(
     ids = [fid for src in sources for fid in src.field_ids(study)]
     owner = {fid: src for src in sources for fid in src.field_ids(study)}
     todo = [fid for fid in ids if not (out_dir / f"dvf_{fid}.npy").exists()]
+    def field(fid: str) -> np.ndarray:
+        arr = owner[fid].load(study, fid).array
+        if prior is None:
+            return arr
+        prior.check_shape(arr.shape[1:], f"{study.key} {fid}")
+        return arr - prior.field(fid)
+
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
-        lat = _encode(dvf_ae, [owner[f].load(study, f).array for f in chunk], device)
+        lat = _encode(dvf_ae, [field(f) for f in chunk], device)
         for fid, z in zip(chunk, lat):
             write_npy(out_dir / f"dvf_{fid}.npy", z)
             written += 1
@@ -170,6 +183,7 @@ def build_latent_set(
     Returns a summary: studies done/skipped, files written, seconds.
     """
     from ..models.autoencoder import load_autoencoder
+    from ..models.prior import prior_from_record
     from ..training.data import field_source
     from ..training.distributed import pick_device
 
@@ -194,6 +208,9 @@ def build_latent_set(
         "units": {"image_input": "HU", "dvf_input": "mm (z, y, x), pull",
                   "latents": "autoencoder mean latent times its latent_scale"},
     }
+    prior = prior_from_record(prov["dvf_autoencoder"]["motion_prior"])
+    if prior is not None:
+        prov["units"]["dvf_input"] += "; minus the DVF autoencoder's motion prior u_bar[field id]"
     if (out / PROVENANCE).exists():
         old = read_provenance(out)
         if not _same_encoders(old, prov):
@@ -218,7 +235,7 @@ def build_latent_set(
         if (sdir / STUDY_MARKER).exists():
             skipped += 1
             continue
-        files += encode_study(study, sdir, image_ae, dvf_ae, sources, phases, dev)
+        files += encode_study(study, sdir, image_ae, dvf_ae, sources, phases, dev, prior=prior)
         done += 1
     summary = {"rank": r, "world_size": world, "studies": len(mine), "encoded": done, "skipped": skipped,
                "files_written": files, "seconds": round(time.perf_counter() - t0, 2), "device": str(dev)}
@@ -300,4 +317,23 @@ def channel_stats(ds: LatentDataset, key: str, max_items: int = 256) -> tuple[to
         count += flat.shape[1]
     mean = s / count
     std = torch.sqrt(torch.clamp(s2 / count - mean**2, min=1e-12))
+    return mean.float(), std.float()
+
+
+def image_deviation_stats(ds: LatentDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxel-wise mean ``(Ci, Z, Y, X)`` of the reference image latents of ``ds``'s studies (one per
+    study) and the per-channel std ``(Ci,)`` of their deviations from it (across patients).
+
+    With a single study the std falls back to 1 (the deviation is then zero)."""
+    seen: dict[Path, torch.Tensor] = {}
+    for sdir, _, _ in ds.items:
+        if sdir not in seen:
+            seen[sdir] = torch.from_numpy(read_npy(sdir / f"image_{REFERENCE_PHASE:02d}.npy").astype(np.float64))
+    if not seen:
+        raise ValueError("no image latents to compute statistics from")
+    stack = torch.stack(list(seen.values()))  # (N, Ci, Z, Y, X)
+    mean = stack.mean(0)
+    dev = (stack - mean).transpose(0, 1).reshape(stack.shape[1], -1)
+    std = dev.pow(2).mean(1).sqrt() if len(seen) > 1 else torch.ones(stack.shape[1], dtype=torch.float64)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return mean.float(), std.float()

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from .config import SAMPLERS, SamplerConfig, ScheduleConfig
+from .config import PREDICTION_TYPES, SAMPLERS, SamplerConfig, ScheduleConfig
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> model output
 NoiseFn = Callable[[], torch.Tensor]  # -> a standard normal tensor shaped like x_t
@@ -40,13 +40,13 @@ NoiseFn = Callable[[], torch.Tensor]  # -> a standard normal tensor shaped like 
 class NoiseSchedule:
     """Forward process ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps`` from MONAI's tables.
 
-    ``prediction_type`` is ``epsilon`` (the model predicts eps) or ``v_prediction``
-    (``v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0``).
+    ``prediction_type`` is ``epsilon`` (the model predicts eps), ``v_prediction``
+    (``v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0``) or ``sample`` (x0 itself).
     """
 
     def __init__(self, cfg: ScheduleConfig):
-        if cfg.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+        if cfg.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
         kwargs = {} if cfg.schedule == "cosine" else {"beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
         self.cfg = cfg
         self.monai = DDPMScheduler(
@@ -82,9 +82,11 @@ class NoiseSchedule:
         return a * x0 + s * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network is trained to output (eps or v = sqrt(ab) eps - sqrt(1 - ab) x0)."""
+        """What the network is trained to output (eps, v = sqrt(ab) eps - sqrt(1 - ab) x0, or x0)."""
         if self.cfg.prediction_type == "epsilon":
             return noise
+        if self.cfg.prediction_type == "sample":
+            return x0
         a, s = self._coef(t, x0)
         return a * noise - s * x0
 
@@ -95,6 +97,9 @@ class NoiseSchedule:
         if self.cfg.prediction_type == "epsilon":
             eps = model_out
             x0 = (x_t - s * eps) / a
+        elif self.cfg.prediction_type == "sample":
+            x0 = model_out
+            eps = (x_t - a * x0) / s
         else:
             x0 = a * x_t - s * model_out
             eps = a * model_out + s * x_t

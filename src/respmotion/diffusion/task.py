@@ -36,9 +36,13 @@ class DiffusionTask(Task):
 
     def __init__(self, model_cfg: DiffusionModelConfig, image_norm: LatentNorm, dvf_norm: LatentNorm,
                  ema_decay: float, total_steps: int, extra: dict[str, Any] | None = None,
-                 sampler: SamplerConfig | None = None) -> None:
+                 sampler: SamplerConfig | None = None,
+                 image_dev: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``image_dev``: voxel-wise mean ``(Ci, Z, Y, X)`` and across-patient std ``(Ci,)`` of the
+        training image latents (for ``model_cfg.image_condition`` deviation/both)."""
         self.model_cfg = model_cfg
         self.image_norm, self.dvf_norm = image_norm, dvf_norm
+        self.image_dev = image_dev
         self.ema_decay = float(ema_decay)
         self.total_steps = int(total_steps)
         self.schedule = NoiseSchedule(model_cfg.schedule)
@@ -46,8 +50,9 @@ class DiffusionTask(Task):
         self.sampler = sampler or SamplerConfig()
 
     def build_model(self) -> nn.Module:
+        mean, std = self.image_dev if self.image_dev is not None else (None, None)
         return LatentDiffusion(self.model_cfg, LatentNorm(self.image_norm.mean, self.image_norm.std),
-                               LatentNorm(self.dvf_norm.mean, self.dvf_norm.std), self.ema_decay)
+                               LatentNorm(self.dvf_norm.mean, self.dvf_norm.std), self.ema_decay, mean, std)
 
     def model_config(self) -> dict[str, Any]:
         return {**to_dict(self.model_cfg), "ema_decay": self.ema_decay}
@@ -57,7 +62,7 @@ class DiffusionTask(Task):
         if model.training and step > 0:
             m.update_ema(step)  # weights after `step` optimizer steps, once per step
         x0 = m.dvf_norm.normalize(batch["x"].float())
-        img = m.image_norm.normalize(batch["image"].float())
+        img = m.image_condition(batch["image"].float())
         dev = x0.device
         keys = "|".join(batch.get("key", [])).encode()
         seed = zlib.crc32(keys) if not model.training else zlib.crc32(keys, step + 1) + 1_000_003 * step

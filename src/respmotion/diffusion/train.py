@@ -4,7 +4,9 @@ Patients: by default the DVF autoencoder's split recorded in the latent set's pr
 the diffusion model never trains on the autoencoders' validation/test patients); without one,
 a fresh patient-level split with ``data.split_ratios`` / ``data.split_seed``.  Latent
 statistics (per-channel mean/std of DVF and image latents) come from the training patients and
-are stored inside the model (see :mod:`respmotion.diffusion.model`).
+are stored inside the model (see :mod:`respmotion.diffusion.model`).  The DVF autoencoder's motion
+prior record (path, sha256; :mod:`respmotion.models.prior`) is copied into the checkpoint's
+``extra["motion_prior"]`` (the latents are residuals to it) and its grid into ``extra["input_shape"]``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..training import distributed as D
 from ..training.engine import FitResult, TrainConfig, Trainer
 from ..training.splits import Split, split_patients
 from .config import DiffusionModelConfig, SamplerConfig
-from .latents import LatentDataset, channel_stats, read_provenance
+from .latents import LatentDataset, channel_stats, image_deviation_stats, read_provenance
 from .sampling import LatentNorm
 from .task import DiffusionTask
 
@@ -94,9 +96,14 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: str | Path | None = None,
             raise ValueError(f"latents have {sample['x'].shape[0]} DVF / {sample['image'].shape[0]} image channels; "
                              f"model.unet expects {u.dvf_channels} / {u.image_channels}")
         img_norm = LatentNorm(*channel_stats(train_set, "image", cfg.data.stats_items))
+        image_dev = image_deviation_stats(train_set) if cfg.model.image_condition != "plain" else None
         dvf_norm = LatentNorm(*channel_stats(train_set, "x", cfg.data.stats_items))
+        prior = prov["dvf_autoencoder"].get("motion_prior") or {"mode": "none"}
         extra = {"split": split.to_dict(), "latents": str(Path(cfg.data.latents).resolve()),
-                 "latent_provenance": {k: prov[k] for k in ("image_autoencoder", "dvf_autoencoder", "fields")}}
+                 "latent_provenance": {k: prov[k] for k in ("image_autoencoder", "dvf_autoencoder", "fields")},
+                 "motion_prior": prior}
+        if prior.get("shape"):
+            extra["input_shape"] = list(prior["shape"])
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
@@ -105,7 +112,8 @@ def train_diffusion(cfg: DiffusionRunConfig, resume: str | Path | None = None,
                      len(train_set), len(val_set) if val_set else 0, cfg.model.target, len(split.train),
                      len(split.val), len(split.test))
         D.barrier(info)
-        task = DiffusionTask(cfg.model, img_norm, dvf_norm, cfg.ema_decay, cfg.train.steps, extra, cfg.sampler)
+        task = DiffusionTask(cfg.model, img_norm, dvf_norm, cfg.ema_decay, cfg.train.steps, extra, cfg.sampler,
+                             image_dev)
         trainer = Trainer(task, train_set, val_set, cfg.train, run_dir, to_dict(cfg), info)
         return trainer.fit(resume=resume, init=init)
     finally:

@@ -1,7 +1,11 @@
 """The latent-diffusion motion model as a synthesis :class:`~respmotion.synthesis.pipeline.MotionModel`.
 
 A model bundle is a diffusion checkpoint (``model.pt``, ``<step>.pt`` or its run folder); the two
-autoencoders it was trained with are found through the latent set's provenance recorded in it.
+autoencoders it was trained with are found through the latent set's provenance recorded in it, and
+so is the motion prior (``extra["motion_prior"]``: path and sha256 of ``motion_prior.npy``, checked
+on load; :mod:`respmotion.models.prior`).  The model works at ``extra["input_shape"]`` (the prior's
+grid, recorded since the prior exists) unless ``shape`` is given; a bundle with a prior only runs
+at the prior's shape.
 """
 
 from __future__ import annotations

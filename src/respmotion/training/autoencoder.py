@@ -2,7 +2,10 @@
 
 ``kind="image"``: CT volumes of every phase (HU -> [-1, 1]), loss :class:`~respmotion.models.losses.LPELoss`.
 ``kind="dvf"``: displacement fields of a field source (mm -> mm / 10), VAE with
-:class:`~respmotion.models.losses.DVFLoss` + KL.  Patients are split train/val/test with a fixed
+:class:`~respmotion.models.losses.DVFLoss` + KL.  By default (``data.motion_prior="mean"``) the
+VAE learns the residual ``u - u_bar[id]`` to the training patients' mean field of each target
+(:mod:`respmotion.models.prior`), saved as ``<run>/motion_prior.npy`` and recorded (path,
+sha256) in every checkpoint's ``extra["motion_prior"]``.  Patients are split train/val/test with a fixed
 seed; the split is stored in the run folder (``split.json``) and in every checkpoint, and
 evaluation uses the stored test patients.
 """
@@ -26,6 +29,9 @@ from ..io.atomic import write_json
 from ..io.layout import PHASES, list_patients
 from ..models.autoencoder import Autoencoder, AutoencoderNetConfig, default_net_config, kl_divergence
 from ..models.losses import VIEWS, DVFLoss, LPELoss
+from ..models.prior import JSON as PRIOR_JSON
+from ..models.prior import NPY as PRIOR_NPY
+from ..models.prior import PRIOR_MODES, MotionPrior
 from . import distributed as D
 from .data import FieldDataset, VolumeDataset, field_source, studies_of
 from .engine import FitResult, Task, TrainConfig, Trainer, unwrap
@@ -41,7 +47,10 @@ class AEDataConfig:
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test (patient level)
     split_seed: int = 42
     phases: list[int] = field(default_factory=lambda: list(PHASES))  # image AE: phases used
-    field_source: str = "gt_step"  # DVF AE: gt_step | gt_ref (phantom); registration plugs in later
+    field_source: str = "gt_step"  # DVF AE: gt_step | gt_ref (phantom) | reg_ref@DIR | reg_step@DIR
+    # DVF AE: "mean" = learn the residual to the per-target mean field of the training patients
+    # (respmotion.models.prior; written to <run>/motion_prior.npy), "none" = the full field (research code)
+    motion_prior: str = "mean"
 
 
 @dataclass
@@ -121,8 +130,8 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class AutoencoderTask(Task):
     """Engine task of the image AE / DVF VAE (loss in network units; DVF error in mm)."""
 
-    def __init__(self, cfg: AutoencoderRunConfig, split: Split) -> None:
-        self.cfg, self.split = cfg, split
+    def __init__(self, cfg: AutoencoderRunConfig, split: Split, prior: MotionPrior | None = None) -> None:
+        self.cfg, self.split, self.prior = cfg, split, prior
         self.net = net_config(cfg)
         self.name = f"autoencoder_{cfg.kind}"
         il, dl = cfg.image_loss, cfg.dvf_loss
@@ -162,7 +171,10 @@ class AutoencoderTask(Task):
         return out
 
     def extra(self, model: nn.Module) -> dict[str, Any]:
-        return {"kind": self.cfg.kind, "split": self.split.to_dict(), "latent_scale": float(model.latent_scale)}
+        out = {"kind": self.cfg.kind, "split": self.split.to_dict(), "latent_scale": float(model.latent_scale)}
+        if self.cfg.kind == "dvf":
+            out["motion_prior"] = self.prior.record() if self.prior is not None else {"mode": "none"}
+        return out
 
     @torch.no_grad()
     def on_train_end(self, model: nn.Module, train_set: Dataset, device: torch.device) -> None:
@@ -184,11 +196,37 @@ def make_split(cfg: AutoencoderRunConfig) -> Split:
     return split_patients(patients, cfg.data.split_ratios, cfg.data.split_seed)
 
 
-def make_dataset(cfg: AutoencoderRunConfig, patients: tuple[str, ...] | list[str], root: str | None = None) -> Dataset:
+def make_dataset(cfg: AutoencoderRunConfig, patients: tuple[str, ...] | list[str], root: str | None = None,
+                 prior: MotionPrior | None = None) -> Dataset:
+    """Items of ``patients``; DVF items are residuals to ``prior`` when one is given (else full fields)."""
     studies = studies_of(root or cfg.data.root, patients)
     if cfg.kind == "image":
         return VolumeDataset(studies, cfg.data.phases)
-    return FieldDataset(studies, field_source(cfg.data.field_source))
+    return FieldDataset(studies, field_source(cfg.data.field_source), prior)
+
+
+def build_prior(cfg: AutoencoderRunConfig, split: Split) -> MotionPrior:
+    """Per-field-id mean of the training patients' fields (the DVF AE's own training targets)."""
+    ds = make_dataset(cfg, split.train)
+    meta = {"patients": list(split.train), "field_source": cfg.data.field_source, "data": str(Path(cfg.data.root).resolve())}
+    return MotionPrior.from_fields((ds.raw(i) for i in range(len(ds))), meta)
+
+
+def _prior_for_run(cfg: AutoencoderRunConfig, split: Split, run_dir: Path, info) -> MotionPrior | None:
+    """Compute (rank 0) and save the prior in ``run_dir``, or reuse the one a resumed run wrote."""
+    if cfg.kind != "dvf" or cfg.data.motion_prior == "none":
+        return None
+    if cfg.data.motion_prior not in PRIOR_MODES:
+        raise ValueError(f"data.motion_prior must be one of {PRIOR_MODES}, got {cfg.data.motion_prior!r}")
+    if info.is_main and not (run_dir / PRIOR_JSON).exists():  # the .json is written last
+        run_dir.mkdir(parents=True, exist_ok=True)
+        build_prior(cfg, split).save(run_dir)
+    D.barrier(info)
+    prior = MotionPrior.load(run_dir / PRIOR_NPY)
+    if sorted(prior.meta.get("patients") or []) != sorted(split.train):
+        raise ValueError(f"{run_dir / PRIOR_NPY}: computed from patients {prior.meta.get('patients')}, "
+                         f"not this run's training patients {list(split.train)}")
+    return prior
 
 
 def _check_resumable(path: Path, kind: str) -> None:
@@ -242,8 +280,9 @@ def train_autoencoder(
             split = Split.from_dict(read_json(run_dir / "split.json"))
         if not split.train:
             raise ValueError(f"{cfg.data.root}: no training patients")
-        train_set = make_dataset(cfg, split.train)
-        val_set = make_dataset(cfg, split.val) if split.val else None
+        prior = _prior_for_run(cfg, split, run_dir, info)
+        train_set = make_dataset(cfg, split.train, prior=prior)
+        val_set = make_dataset(cfg, split.val, prior=prior) if split.val else None
         if len(train_set) == 0:
             raise ValueError(f"{cfg.data.root}: no training items for kind {cfg.kind!r} "
                              f"(field source {cfg.data.field_source!r})" if cfg.kind == "dvf" else
@@ -255,7 +294,7 @@ def train_autoencoder(
             log.info("run folder %s: %d train / %d val items, patients %s | %s | %s", run_dir, len(train_set),
                      len(val_set) if val_set else 0, len(split.train), len(split.val), len(split.test))
         D.barrier(info)
-        trainer = Trainer(AutoencoderTask(cfg, split), train_set, val_set, cfg.train, run_dir, to_dict(cfg), info)
+        trainer = Trainer(AutoencoderTask(cfg, split, prior), train_set, val_set, cfg.train, run_dir, to_dict(cfg), info)
         return trainer.fit(resume=resume, init=init)
     finally:
         D.cleanup()

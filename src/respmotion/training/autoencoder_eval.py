@@ -5,7 +5,8 @@ represent): MAE in HU, PSNR (MONAI :class:`~monai.metrics.PSNRMetric`, peak = wi
 3D SSIM (MONAI :class:`~monai.metrics.SSIMMetric`, data range = window width).
 DVF autoencoder: per-voxel error vector length ``|u_pred - u_true|`` in mm, mean and 95th
 percentile, also over the voxels that move more than 1 mm; as a yardstick, the same numbers for
-predicting no motion (``u = 0``).  Per-item values are averaged over items.
+predicting no motion (``u = 0``) and, for a model with a motion prior (it codes ``u - prior``),
+for predicting the prior itself (``prior_error_*``).  Per-item values are averaged over items.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from ..config import from_dict, save_config
 from ..io.atomic import write_json
 from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
+from ..models.prior import MotionPrior, prior_from_record
 from .autoencoder import AutoencoderRunConfig, make_dataset
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .distributed import pick_device
@@ -49,8 +51,11 @@ def _image_metrics(model: Autoencoder, x_hu: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _dvf_metrics(model: Autoencoder, u_mm: torch.Tensor) -> dict[str, float]:
-    pred = model.denormalize(model(model.normalize(u_mm)).recon.float())
+def _dvf_metrics(model: Autoencoder, u_mm: torch.Tensor, prior_mm: torch.Tensor | None = None) -> dict[str, float]:
+    """``u_mm`` (1, 3, Z, Y, X) full field; with ``prior_mm`` the model codes ``u - prior`` and the
+    prior is added back, so errors are always of the full field."""
+    base = torch.zeros_like(u_mm) if prior_mm is None else prior_mm
+    pred = model.denormalize(model(model.normalize(u_mm - base)).recon.float()) + base
     err = (pred - u_mm).norm(dim=1).flatten().cpu().numpy()
     mag = u_mm.norm(dim=1).flatten().cpu().numpy()
     moving = mag > 1.0
@@ -60,6 +65,10 @@ def _dvf_metrics(model: Autoencoder, u_mm: torch.Tensor) -> dict[str, float]:
         "no_motion_error_mean_mm": float(mag.mean()),
         "no_motion_error_p95_mm": float(np.percentile(mag, 95)),
     }
+    if prior_mm is not None:
+        res = (u_mm - prior_mm).norm(dim=1).flatten().cpu().numpy()
+        out["prior_error_mean_mm"] = float(res.mean())
+        out["prior_error_p95_mm"] = float(np.percentile(res, 95))
     if moving.any():
         out["moving_error_mean_mm"] = float(err[moving].mean())
         out["moving_error_p95_mm"] = float(np.percentile(err[moving], 95))
@@ -67,15 +76,26 @@ def _dvf_metrics(model: Autoencoder, u_mm: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_model(model: Autoencoder, dataset, device: torch.device, max_items: int = 0) -> dict[str, Any]:
-    """Metrics of ``model`` over ``dataset`` items (see module docstring)."""
+def evaluate_model(model: Autoencoder, dataset, device: torch.device, max_items: int = 0,
+                   prior: MotionPrior | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` over ``dataset`` items (see module docstring).
+
+    ``prior``: the DVF model's motion prior (it codes residuals); ``dataset`` must then give full
+    fields (no prior of its own) and items with a ``field_id``.
+    """
+    if prior is not None and getattr(dataset, "prior", None) is not None:
+        raise ValueError("pass a dataset of full fields: the prior is added by evaluate_model")
     model.eval().to(device)
     n = len(dataset) if not max_items else min(max_items, len(dataset))
     per_item = []
     for i in range(n):
         item = dataset[i]
         x = item["x"][None].to(device)
-        m = _image_metrics(model, x) if model.cfg.kind == "image" else _dvf_metrics(model, x)
+        if model.cfg.kind == "image":
+            m = _image_metrics(model, x)
+        else:
+            base = None if prior is None else prior.stack([item["field_id"]], like=x)
+            m = _dvf_metrics(model, x, base)
         per_item.append({"key": item["key"], **m})
     keys = sorted({k for r in per_item for k in r if k != "key"})
     mean = {k: float(np.mean([r[k] for r in per_item if k in r])) for k in keys}
@@ -105,7 +125,8 @@ def evaluate_autoencoder(cfg: AEEvalConfig) -> tuple[dict[str, Any], Path]:
     model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     device = pick_device(cfg.device)
-    metrics = evaluate_model(model, dataset, device, cfg.max_items)
+    prior = prior_from_record(ckpt["extra"].get("motion_prior"))
+    metrics = evaluate_model(model, dataset, device, cfg.max_items, prior)
     metrics.update(checkpoint=str(path), step=int(ckpt["step"]), split=cfg.split, patients=list(patients),
                    data_root=str(root))
     out = Path(cfg.out) if cfg.out else path.parent / f"eval_{cfg.split}"

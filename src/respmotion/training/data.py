@@ -169,17 +169,30 @@ class VolumeDataset(_ShapeChecked):
 
 
 class FieldDataset(_ShapeChecked):
-    """Displacement fields of a :class:`FieldSource`: item ``{"x": (3, Z, Y, X) mm float32, "key"}``."""
+    """Displacement fields of a :class:`FieldSource`: item ``{"x": (3, Z, Y, X) mm float32, "key", "field_id"}``.
 
-    def __init__(self, studies: Sequence[StudyDir], source: FieldSource) -> None:
+    With a ``prior`` (:class:`respmotion.models.prior.MotionPrior`) ``x`` is the residual
+    ``u - prior[field_id]`` in mm (what the DVF VAE trains on in prior mode).
+    """
+
+    def __init__(self, studies: Sequence[StudyDir], source: FieldSource, prior=None) -> None:
         super().__init__()
         self.source = source
+        self.prior = prior
         self.items = [(s, f) for s in studies for f in source.field_ids(s)]
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def raw(self, i: int) -> tuple[str, np.ndarray]:
+        """``(field_id, field (3, Z, Y, X) mm)`` of item ``i`` without the prior subtracted."""
+        study, fid = self.items[i]
+        return fid, self._check(self.source.load(study, fid).array.astype(np.float32, copy=False), f"{study.key} {fid}")
+
     def __getitem__(self, i: int) -> dict:
         study, fid = self.items[i]
-        arr = self._check(self.source.load(study, fid).array.astype(np.float32, copy=False), f"{study.key} {fid}")
-        return {"x": torch.from_numpy(np.ascontiguousarray(arr)), "key": f"{study.key}/{fid}"}
+        _, arr = self.raw(i)
+        if self.prior is not None:
+            self.prior.check_shape(arr.shape[1:], f"{study.key} {fid}")
+            arr = arr - self.prior.field(fid)
+        return {"x": torch.from_numpy(np.ascontiguousarray(arr)), "key": f"{study.key}/{fid}", "field_id": fid}
