@@ -127,7 +127,8 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
                 "fixed_phase": pair.fixed, "moving_phase": pair.moving,
                 "convention": "pull: fixed(p) ~= moving(p + u(p)); u (3,z,y,x) mm on the fixed grid",
                 "quality": {**q, "seconds": seconds, "batch_size": len(batch), "device": str(device)},
-                "optimiser": {"levels": [{k: v for k, v in lv.items() if k != "trace"} for lv in opt_log["levels"]]},
+                "optimiser": {"levels": [{k: v for k, v in lv.items() if k != "trace"} for lv in opt_log["levels"]],
+                              "folding_repair": opt_log["repair"]["pairs"][b] if "repair" in opt_log else None},
                 "settings": _settings_dict(cfg)}
         stored = BSplineField(stored_coef, grid, geom, meta, None if lung is None else lung[b])
         for path in pair.paths(out):
