@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="phantom -> registration -> autoencoders -> latents -> diffusion -> synthesis "
                                    "of a held-out patient -> GIFs -> evaluation report. Config: respmotion.demo.DemoConfig.")
     p.add_argument("--out", help="output folder (default out/demo)")
-    p.add_argument("--patients", type=int, help="phantom patients (default 12)")
+    p.add_argument("--patients", type=int, help="phantom patients (default 24)")
     p.add_argument("--shape", help="volume shape z,y,x (default 16,64,64)")
     p.add_argument("--device", help="cpu or cuda")
     add_config_args(p)
