@@ -183,7 +183,7 @@ def _ae_config(kind: str, root, out, steps: int, prior: str = "mean", extra: tup
         "train.log_every=1000", "train.image_every=0", "train.device=cpu", *extra])
 
 
-def build_chain(tmp, prior: str = "mean", dvf_steps: int = 400, diffusion: tuple[str, ...] = (),
+def build_chain(tmp, prior: str = "mean", dvf_steps: int = 250, diffusion: tuple[str, ...] = (),
                 dvf: tuple[str, ...] = (), patients: int = PATIENTS) -> dict:
     """Phantom -> image AE + DVF VAE -> latent set -> diffusion (ref mode) -> a MotionGenerator.
 
@@ -203,7 +203,7 @@ def build_chain(tmp, prior: str = "mean", dvf_steps: int = 400, diffusion: tuple
         f"data.latents={tmp / 'latents'}", f"run_dir={runs}/diffusion",
         "model.unet.channels=[16,32,32]", "model.unet.attention_levels=[false,false,false]",
         "model.unet.norm_num_groups=8", "model.unet.num_head_channels=8", "model.unet.num_res_blocks=1",
-        "ema_decay=0.99", "train.steps=250", "train.batch_size=8", "train.grad_accum=1", "train.lr_max=2e-3",
+        "ema_decay=0.99", "train.steps=200", "train.batch_size=8", "train.grad_accum=1", "train.lr_max=2e-3",
         "train.lr_min=1e-4", "train.warmup_steps=20", "train.num_workers=0", "train.val_every=0",
         "train.ckpt_every=100000", "train.log_every=1000", "train.image_every=0", "train.device=cpu", *diffusion])
     res = train_diffusion(cfg)

@@ -29,6 +29,7 @@ residual, 6 patients, VAE 400 steps                          0.85              0
 + image condition "deviation"/"both", 6 patients             0.38 (0.77)       0.88-0.91 (0.81)
 + 12 patients (10 train), v-prediction                       0.54 (0.95)       0.77 (1.36)
 + 12 patients, x0-prediction (the defaults now)              0.42 (0.95)       0.66 (1.36)
+same, VAE 250 + diffusion 200 steps (the CI chain test)      0.52 (0.95)       0.77 (1.36)
 ==========================================================  ===============  ================
 
 The residual alone fixed the DVF VAE bottleneck (its reconstruction error fell from 1.2-1.6 mm
