@@ -73,7 +73,8 @@ class MotionPrior:
     def field(self, field_id: str) -> np.ndarray:
         """The mean field of ``field_id`` ``(3, Z, Y, X)`` mm."""
         if field_id not in self.index:
-            raise ValueError(f"motion prior has no field {field_id!r} (has {', '.join(self.ids)})")
+            raise ValueError(f"motion prior has no field {field_id!r} (has {', '.join(self.ids)}; it was computed "
+                             f"from field source {self.meta.get('field_source')!r}: encode/generate those fields only)")
         return self.fields[self.index[field_id]]
 
     def stack(self, field_ids: Sequence[str], like: torch.Tensor | None = None) -> torch.Tensor:
