@@ -165,7 +165,8 @@ def run_elastix(fixed, moving, geom, threads: int) -> tuple[np.ndarray, float]:
     po.AddParameterMap(pm)
     # (the number_of_threads keyword crashes itk-elastix 0.25.4; the global default above sets the threads)
     _, tp = itk.elastix_registration_method(f_img, m_img, parameter_object=po, log_to_console=False)
-    field = itk.transformix_deformation_field(m_img, tp)
+    with tempfile.TemporaryDirectory(prefix="respmotion-transformix-") as out_dir:  # else it writes into the cwd
+        field = itk.transformix_deformation_field(m_img, tp, output_directory=out_dir)
     world = itk.array_from_image(field).astype(np.float64)  # (z, y, x, 3) LPS (x, y, z) mm, fixed -> moving
     u = geom.world_to_axes(world, axis=-1)  # (z, y, x, 3) components (z, y, x)
     return np.moveaxis(u, -1, 0).astype(np.float32), time.perf_counter() - t0
