@@ -25,7 +25,6 @@ is refused instead of mixing latents of two encoders.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.atomic import read_json, read_npy, write_json, write_npy
+from ..io.atomic import file_sha256, read_json, read_npy, write_json, write_npy
 from ..io.layout import PHASES, StudyDir, iter_studies
 
 log = logging.getLogger("respmotion")
@@ -60,14 +59,6 @@ def resolve_rank(rank: int = -1, world_size: int = -1) -> tuple[int, int]:
 def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Items ``rank, rank + world_size, ...`` (disjoint, together complete)."""
     return list(items[rank::world_size])
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- provenance

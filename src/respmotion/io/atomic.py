@@ -7,6 +7,7 @@ or the new one, plus at worst a stray ``.tmp-*`` file that later runs ignore and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -93,3 +94,12 @@ def clean_stale_tmp(folder: str | os.PathLike) -> int:
             p.unlink()
             n += 1
     return n
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (provenance records of checkpoints, priors, latent sets)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

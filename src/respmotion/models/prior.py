@@ -27,7 +27,6 @@ Checkpoints, latent sets and diffusion bundles record the prior's path and sha25
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,19 +34,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..io.atomic import read_json, read_npy, write_json, write_npy
+from ..io.atomic import file_sha256, read_json, read_npy, write_json, write_npy
 
 FORMAT = "respmotion.motion_prior/1"
 NPY, JSON = "motion_prior.npy", "motion_prior.json"
 PRIOR_MODES = ("none", "mean")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class MotionPrior:
