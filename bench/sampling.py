@@ -65,7 +65,9 @@ def run(device: str | torch.device = "cpu", checkpoint: str | None = None, cpu_s
     cfg = model.cfg
     sched = NoiseSchedule(cfg.schedule)
     cycle_phases = list(range(10, 100, 10)) if cfg.target == "ref" else list(range(0, 100, 10))
-    img = torch.randn((cfg.unet.image_channels, *LATENT_ZYX), generator=torch.Generator().manual_seed(1)).to(dev)
+    raw = torch.randn((cfg.unet.image_channels, *LATENT_ZYX), generator=torch.Generator().manual_seed(1)).to(dev)
+    with torch.no_grad():  # the UNet's image input is the model's conditioning of the image latent
+        img = model.image_condition(raw)
     max_steps = None if dev.type == "cuda" else cpu_steps
     # warm-up (cuDNN autotune, allocator)
     w = make_sampler(sched, SamplerConfig(name="ddim", steps=2))

@@ -77,10 +77,13 @@ def measure(kind: str, shape: Sequence[int], device: str, steps: int, precision:
 
 
 def run(device: str = "cpu", quick: bool = False, shape: Sequence[int] | None = None, steps: int | None = None,
-        precision: str | None = None) -> dict[str, Any]:
-    """Benchmark both autoencoders on ``device`` (batch 1); returns a JSON-ready record."""
+        precision: str | None = None, quick_on_cpu: bool = False) -> dict[str, Any]:
+    """Benchmark both autoencoders on ``device`` (batch 1); returns a JSON-ready record.
+    ``quick_on_cpu``: the quick shape on CPU only (``python -m bench`` uses it: the two full-shape CPU steps
+    take longer than its 10-minute budget; run ``python -m bench.train_step`` for them)."""
     device = resolve_device(device)
     cuda = device.startswith("cuda")
+    quick = quick or (quick_on_cpu and not cuda)
     shape = tuple(shape) if shape else (QUICK_SHAPE if quick else FULL_SHAPE)
     steps = steps or (3 if cuda else 1)
     if precision is None:
