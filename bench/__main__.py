@@ -9,18 +9,21 @@ threads and version, and the load average before/after):
 name                  what                                        script
 ====================  ==========================================  ==========================
 registration          time/pair, memory, accuracy per method      bench/registration.py
-train_step            samples/s and memory of a training step     bench/train_step.py
+train_step            samples/s, memory: AEs and diffusion UNet   bench/train_step.py
 latents               volumes/s encoding a CT and a DVF           bench/latents.py
-sampling              seconds per cycle per sampler               bench/sampling.py
+sampling              s per cycle per sampler, their difference   bench/sampling.py
 synthesis             end to end, FixedMotion: seconds, memory    bench/synthesis.py
 synthesis_ldm         end to end, untrained default-size LDM      bench/synthesis.py
 render                seconds for the breathing-cycle GIFs        bench/render.py
 ====================  ==========================================  ==========================
 
 ``synthesis_ldm`` runs by default only on CUDA (on 2 CPU cores it takes many minutes); name it
-with ``--only`` to run it anyway.  A benchmark whose script is missing, fails, or runs past its
-share of ``--budget`` is recorded as ``{"error": "..."}``; the others still run, and the exit code
-is 1 when any benchmark has an error.  The default budget keeps ``make bench`` under 10 minutes.
+with ``--only`` to run it anyway.  Each benchmark may run until what is left of ``--budget``, less
+the typical CPU time of the benchmarks after it (``expect_s``), is spent (at most ``cap_s``).  One
+whose script is missing, fails, or runs past its limit is recorded as ``{"error": "..."}``; the
+others still run, and the exit code is 1 when any benchmark has an error.  The default budget
+keeps ``make bench`` under 10 minutes.  ``sampling`` also compares the samplers on the model that
+``make demo`` trained (``out/demo``) when it is there: run ``make demo`` first.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class Bench:
     module: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     cap_s: float = 300.0  # longest this benchmark may take (within the overall budget)
-    weight: float = 1.0  # share of the remaining budget relative to the benchmarks still to run
+    expect_s: float = 60.0  # typical time on 2 CPU cores: reserved for it while earlier benchmarks run
     shared_inputs: bool = False  # takes cache_dir (the phantom cycle shared between processes)
     default_on_cpu: bool = True
 
@@ -52,19 +55,18 @@ FULL_SHAPE = [50, 256, 256]
 
 BENCHES: list[Bench] = [
     # ours only, the 3 selected pairs in one batch (a 19-pair study batch: 9.9 s a pair, but 190 s);
-    # the three-method table (deepali, elastix) is
-    # `python -m bench.registration` and takes longer than this budget allows
+    # the three-method table (deepali, elastix) is `python -m bench.registration` (17 min on CPU)
     Bench("registration", "bench.registration", {"shape": FULL_SHAPE, "methods": ["ours"], "batch": "pairs"},
-          cap_s=240, weight=3.0),
-    # full shape on CUDA; 50x128x128 on CPU (two full-shape CPU steps: python -m bench.train_step, minutes)
-    Bench("train_step", "bench.train_step", {"quick_on_cpu": True}, cap_s=200, weight=2.0),
-    Bench("latents", "bench.latents", {"shape": FULL_SHAPE}, cap_s=300, weight=2.5, shared_inputs=True),
-    Bench("sampling", "bench.sampling", {}, cap_s=200, weight=1.5),
-    Bench("synthesis", "bench.synthesis", {"shape": FULL_SHAPE, "variant": "fixed"}, cap_s=240, weight=2.0,
+          cap_s=240, expect_s=40),
+    # full shape on CUDA; the autoencoders at 50x128x128 on CPU (full-shape CPU steps: python -m bench.train_step)
+    Bench("train_step", "bench.train_step", {"quick_on_cpu": True}, cap_s=240, expect_s=170),
+    Bench("latents", "bench.latents", {"shape": FULL_SHAPE}, cap_s=240, expect_s=85, shared_inputs=True),
+    Bench("sampling", "bench.sampling", {"demo_dir": str(ROOT / "out" / "demo")}, cap_s=240, expect_s=115),
+    Bench("synthesis", "bench.synthesis", {"shape": FULL_SHAPE, "variant": "fixed"}, cap_s=240, expect_s=60,
           shared_inputs=True),
-    Bench("synthesis_ldm", "bench.synthesis", {"shape": FULL_SHAPE, "variant": "ldm"}, cap_s=600, weight=4.0,
+    Bench("synthesis_ldm", "bench.synthesis", {"shape": FULL_SHAPE, "variant": "ldm"}, cap_s=600, expect_s=600,
           shared_inputs=True, default_on_cpu=False),
-    Bench("render", "bench.render", {"shape": FULL_SHAPE}, cap_s=150, weight=1.0, shared_inputs=True),
+    Bench("render", "bench.render", {"shape": FULL_SHAPE}, cap_s=150, expect_s=20, shared_inputs=True),
 ]
 NAMES = [b.name for b in BENCHES]
 MIN_SLICE_S = 10.0  # a benchmark given less than this is not started
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma-separated subset of {','.join(NAMES)}")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller work where a script offers it")
     p.add_argument("--budget", type=float, default=None,
-                   help="overall seconds (default 570, 360 with --quick); each benchmark gets a share")
+                   help="overall seconds (default 570, 360 with --quick); see the limits above")
     p.add_argument("--out", help="also write the JSON document to this file")
     return p.parse_args(argv)
 
@@ -115,9 +117,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         runnable = [b for b in benches if importlib.util.find_spec(b.module) is not None]
         for i, b in enumerate(benches):
             remaining = budget - (time.perf_counter() - t_start)
-            later = [c for c in runnable if benches.index(c) >= i]
-            share = remaining * b.weight / max(1e-9, sum(c.weight for c in later)) if b in later else 0.0
-            timeout = min(b.cap_s, share)
+            # what is left, less the typical time of every later benchmark (so a slow one cannot starve them)
+            reserve = sum(c.expect_s for c in runnable if benches.index(c) > i)
+            timeout = min(b.cap_s, remaining - reserve)
             print(f"[bench] {b.name} (limit {max(0, timeout):.0f} s, load {loadavg()})", file=sys.stderr, flush=True)
             if importlib.util.find_spec(b.module) is None:
                 rec: dict[str, Any] = {"error": f"{b.module.replace('.', '/')}.py not found (benchmark script not written yet)"}
@@ -159,5 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

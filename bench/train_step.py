@@ -1,9 +1,13 @@
-"""One training step of each autoencoder at full shape: samples/s and peak memory, as JSON.
+"""One training step of each autoencoder at full shape and of the latent diffusion UNet: samples/s
+and peak memory, as JSON.
 
     python -m bench.train_step [--device cpu|cuda|auto] [--shape 50,256,256] [--steps 1] [--quick]
 
-A step = forward, loss (LPE for the image AE, DVF loss + KL for the VAE), backward and an AdamW
-update, batch 1, default architecture (base 96, mults [1, 2, 4], 21.6 / 21.9 M parameters).
+Autoencoders: a step = forward, loss (LPE for the image AE, DVF loss + KL for the VAE), backward
+and an AdamW update, batch 1, default architecture (base 96, mults [1, 2, 4], 21.6 / 21.9 M
+parameters).  Diffusion: the engine's loss (:class:`respmotion.diffusion.task.DiffusionTask`:
+noising, UNet, MSE), backward, AdamW and the EMA update, default UNet at the latent shape of a
+50x256x256 volume (DVF 9x50x32x32, image 3x50x32x32), batch 2 (the default micro-batch).
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (after one untimed warm-up step); on
 CPU the sampled peak resident size of the process during the step and its increase over the
 size before the model was built (:class:`bench.common.PeakRSS`).  On CPU no warm-up step is
@@ -55,17 +59,56 @@ def make_step(kind: str, shape: Sequence[int], device: str, precision: str):
     return step, sum(p.numel() for p in model.parameters())
 
 
+LATENT_ZYX = (50, 32, 32)  # the default latent of a 50x256x256 volume (in-plane factor 8)
+
+
+def make_diffusion_step(device: str, precision: str, batch: int = 2):
+    """A closure running one optimisation step of the default latent diffusion model; and its size."""
+    from respmotion.diffusion.config import DiffusionModelConfig
+    from respmotion.diffusion.sampling import LatentNorm
+    from respmotion.diffusion.task import DiffusionTask
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    cfg = DiffusionModelConfig()
+    ci, cd = cfg.unet.image_channels, cfg.unet.dvf_channels
+    task = DiffusionTask(cfg, LatentNorm.identity(ci), LatentNorm.identity(cd), ema_decay=0.999, total_steps=10,
+                         image_dev=(torch.zeros(ci, *LATENT_ZYX), torch.ones(ci)))
+    model = task.build_model().to(dev).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = {"x": torch.randn(batch, cd, *LATENT_ZYX, device=dev), "image": torch.randn(batch, ci, *LATENT_ZYX, device=dev),
+            "phase": torch.arange(batch, device=dev) % cfg.unet.num_phases, "key": [f"p{i}" for i in range(batch)]}
+    amp = torch.bfloat16 if precision == "bf16" else None
+    counter = [0]
+
+    def step() -> float:
+        counter[0] += 1
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            loss = task.loss(model, data, counter[0])["loss"]
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step, sum(p.numel() for p in model.unet.parameters())
+
+
 def measure(kind: str, shape: Sequence[int], device: str, steps: int, precision: str) -> dict[str, Any]:
     cuda = device.startswith("cuda")
     gc.collect()
+    batch = 2 if kind == "diffusion" else 1
     with PeakRSS() as rss:
-        step, n_params = make_step(kind, shape, device, precision)
+        if kind == "diffusion":
+            step, n_params = make_diffusion_step(device, precision, batch)
+        else:
+            step, n_params = make_step(kind, shape, device, precision)
         if cuda:
             step()
             reset_cuda_peak(device)
         t = timed(step, device, repeats=steps)
     rec: dict[str, Any] = {"kind": kind, "params_M": round(n_params / 1e6, 2), "precision": precision,
-                           "seconds_per_step": t["seconds_mean"], "samples_per_s": round(1.0 / t["seconds_mean"], 4),
+                           "batch": batch, "shape_zyx": list(LATENT_ZYX if kind == "diffusion" else shape),
+                           "seconds_per_step": t["seconds_mean"], "samples_per_s": round(batch / t["seconds_mean"], 4),
                            "timing": t, **rss.to_dict()}
     if cuda:
         rec["cuda_peak_mb"] = cuda_peak_mb(device)
@@ -78,7 +121,8 @@ def measure(kind: str, shape: Sequence[int], device: str, steps: int, precision:
 
 def run(device: str = "cpu", quick: bool = False, shape: Sequence[int] | None = None, steps: int | None = None,
         precision: str | None = None, quick_on_cpu: bool = False) -> dict[str, Any]:
-    """Benchmark both autoencoders on ``device`` (batch 1); returns a JSON-ready record.
+    """Benchmark both autoencoders (batch 1) and the diffusion UNet (batch 2, default latent shape)
+    on ``device``; returns a JSON-ready record.
     ``quick_on_cpu``: the quick shape on CPU only (``python -m bench`` uses it: the two full-shape CPU steps
     take longer than its 10-minute budget; run ``python -m bench.train_step`` for them)."""
     device = resolve_device(device)
@@ -88,8 +132,8 @@ def run(device: str = "cpu", quick: bool = False, shape: Sequence[int] | None = 
     steps = steps or (3 if cuda else 1)
     if precision is None:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    models = [measure(kind, shape, device, steps, precision) for kind in ("image", "dvf")]
-    return {"env": environment(device), "shape_zyx": list(shape), "batch": 1, "models": models}
+    models = [measure(kind, shape, device, steps, precision) for kind in ("image", "dvf", "diffusion")]
+    return {"env": environment(device), "shape_zyx": list(shape), "models": models}
 
 
 def main(argv: list[str] | None = None) -> int:

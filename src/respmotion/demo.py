@@ -93,6 +93,28 @@ def _registration_error(studies, reg: Path) -> dict:
     return {"per_phase": means, "mean": float(np.mean(list(means.values()))) if means else float("nan")}
 
 
+STAGE_OUTPUTS = ("data", "registration", "runs", "latents", "synthesis", "evaluation", "demo_summary.json")
+
+
+def prepare_out(out: Path) -> None:
+    """A demo starts from nothing: the outputs of an earlier demo in ``out`` (it holds
+    ``demo_config.yaml``) are removed, so no stage mixes old models with new ones; any other
+    non-empty folder is refused rather than touched."""
+    import shutil
+
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "demo_config.yaml").is_file():
+        raise ValueError(f"{out}: not empty and not the output of an earlier demo; choose another --out")
+    log.info("removing the earlier demo's outputs in %s", out)
+    for name in STAGE_OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns a summary with the output paths and headline numbers."""
     from .data.phantom import write_cohort
@@ -109,6 +131,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     torch.set_num_threads(max(1, cfg.threads))
     out = Path(cfg.out)
+    prepare_out(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")
     times: dict[str, float] = {}

@@ -41,6 +41,8 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.layers.factories import Act
 
+from ..io.torchfile import load_weights_only
+
 KINDS = ("image", "dvf")
 
 
@@ -270,20 +272,8 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
     Reads the ``model_config`` and ``model`` entries (see :mod:`respmotion.training.checkpoint`);
     the returned model is in eval mode and carries its units and ``latent_scale``.
     """
-    import pickle
-    import pickle
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: autoencoder checkpoint not found")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
-        # corrupt archives (RuntimeError) or garbage for the weights-only unpickler: an unreadable file
-        raise ValueError(f"{p}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
-    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: report, never execute
-        raise ValueError(f"{p}: checkpoint holds objects other than tensors and plain data; refused") from exc
+    p = path
+    ckpt = load_weights_only(p, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{p}: not a respmotion autoencoder checkpoint (no 'model'/'model_config' entries)")
     task = str(ckpt.get("task", "autoencoder"))

@@ -22,7 +22,6 @@ Checkpoint dict (plain containers, tensors and numbers only)::
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from ..io.atomic import atomic_path
+from ..io.torchfile import load_weights_only
 
 FORMAT = "respmotion.checkpoint/1"
 _STEP_RE = re.compile(r"^(\d{8})\.pt$")
@@ -52,17 +52,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict (weights only); one-line errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
-        # torch signals bad archives as RuntimeError; the weights-only unpickler fails on garbage with
-        # IndexError/KeyError/TypeError: all mean an unreadable file, reported with its name
-        raise ValueError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
-    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: report, never execute
-        raise ValueError(f"{path}: checkpoint holds objects other than tensors and plain data; refused "
-                         f"(weights_only loading)") from exc
+    ckpt = load_weights_only(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a respmotion checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__})")
     return ckpt
