@@ -1,7 +1,7 @@
 """The end-to-end demo: every stage of the pipeline on a small synthetic cohort, on a laptop CPU.
 
 phantom cohort -> B-spline registration (phase k to 00) -> image autoencoder and DVF VAE
-(trained on the registration fields) -> latent set -> phase-conditioned latent diffusion ->
+(trained on the exact motion or the registration fields, see below) -> latent set -> phase-conditioned latent diffusion ->
 synthesis of a held-out patient from its end-inhale CT -> GIFs -> evaluation against the
 phantom's exact motion, the zero field and the population-mean field.
 
@@ -10,19 +10,17 @@ same commands run at full size (50x256x256) with the default configs.
 
 Training targets (``train_fields``): the DVF models learn the phantom's exact motion (``gt``,
 default) or the registration fields (``registration``, what a real cohort gives).  Why ``gt`` by
-default: at the demo's 16x64x64 grid (9.4 mm slices) and iteration budget the registration
-under-estimates the motion badly (lung DVF error vs the exact motion 5.4 mm averaged over phases,
-9.6 mm at 50 %; 2.0 / 3.8 mm with the full default FFD iterations, 4x slower), while the
-population-mean field of the exact motion errs by 2.2 mm on the held-out patient, so a model
-trained on those registrations cannot beat that baseline whatever it learns (measured: 6.7 mm).
-Registration still runs in every demo, and its own error against the exact motion is reported
-in ``demo_summary.json`` (``registration_error_mm``).
+default: at the demo's 16x64x64 grid (9.4 mm slices) the registration errs by 1.58 mm in the
+lungs against the exact motion (averaged over phases 10..90 on the held-out patients; 0.9 mm at
+10 %, 2.5 mm at 50 %), more than the population-mean field of the exact motion (1.23 mm), so a
+model trained on those registrations cannot beat that baseline whatever it learns (measured:
+2.15 mm, diaphragm excursion 15.8 mm vs 16.9 mm true).  At 50x256x256 the registration errs by
+~0.3 mm (``python -m bench.registration``).  Registration runs in every demo and its error is
+reported in ``demo_summary.json`` (``registration_error_mm``).
 
-Measured (lung DVF error averaged over phases 10..90 and the 2 held-out patients, mm; 1 CPU
-thread under load 4): 24 patients, DVF VAE 300 steps, diffusion 250 steps: model 0.97, population
-mean 1.23, zero 7.88 (12 patients: 1.98 vs 2.23 on one held-out patient; DVF VAE 400 + diffusion
-500 steps: 0.94, not worth its extra ~100 s).  The default run (2 threads, OMP_WAIT_POLICY=PASSIVE,
-load 2-4.6): model 0.86, population mean 1.23, zero 7.88 mm; 443 s of stages.
+Measured (2 CPU threads, idle machine): 24 patients, DVF VAE 300 steps, diffusion 250 steps; lung
+DVF error averaged over phases 10..90 and the 2 held-out patients: model 0.86 mm, population mean
+1.23, zero 7.88; stages 369 s (registration 163 s of it).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config, save_config
+from .registration.ffd import FFDSettings
 
 log = logging.getLogger("respmotion")
 
@@ -48,7 +47,13 @@ class DemoConfig:
     shape: tuple[int, int, int] = (16, 64, 64)
     threads: int = 2
     device: str = "cpu"
-    register_iterations: tuple[int, int, int] = (30, 20, 15)  # FFD iterations per level (coarse -> fine)
+    # registration settings for the demo's coarse grid (the defaults suit 50x256x256): control points every
+    # 1 x 3 x 3 voxels (9.4 x 16.9 x 16.9 mm, near the default's 9 x 11.2 x 11.2 mm), two levels (a third would
+    # be 4 slices deep).  Lung error vs the exact motion on the held-out pair 1.58 mm (the default levels,
+    # stride and 30/20/15 iterations: 5.45 mm), ~5 s a study.
+    ffd: FFDSettings = field(default_factory=lambda: FFDSettings(
+        stride=(1.0, 3.0, 3.0), levels=((2, 2, 2), (1, 1, 1)), iterations=(60, 40), lr_mm=(2.0, 1.0),
+        subsample=((1, 1, 1), (1, 1, 1))))
     ae_steps: int = 100
     dvf_steps: int = 300
     diffusion_steps: int = 250
@@ -152,7 +157,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("registration")
     rcfg = load_config(RegisterConfig, None, {"data": str(data), "out": str(reg), "pairs": "ref",
                                               "device": cfg.device, "threads": cfg.threads})
-    rcfg.ffd.iterations = tuple(cfg.register_iterations)
+    rcfg.ffd = cfg.ffd
     run_registration(rcfg)
     done("registration")
     if cfg.train_fields not in ("gt", "registration"):
