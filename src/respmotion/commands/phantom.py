@@ -17,7 +17,7 @@ class PhantomConfig:
     seed: int = 0
     shape: tuple[int, int, int] = (50, 256, 256)
     noise_hu: float = 10.0
-    workers: int = 2  # patients written in parallel processes
+    workers: int = 1  # patients written in parallel processes (each patient's phases already use threads)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="cohort seed (anatomy and amplitude vary with it)")
     p.add_argument("--shape", help="volume shape z,y,x (default 50,256,256)")
     p.add_argument("--noise-hu", type=float, help="image noise standard deviation in HU")
-    p.add_argument("--workers", type=int, help="patients written in parallel processes (default 2)")
+    p.add_argument("--workers", type=int, help="patients written in parallel processes (default 1: on 2 cores one process "
+                   "with two threads per patient is faster)")
     add_config_args(p)
     command(p, run)
 
