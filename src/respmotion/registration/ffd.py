@@ -353,7 +353,9 @@ def repair_folding(coef: torch.Tensor, grid: ControlGrid, spacing, lung: torch.T
     Per pair: the dense field's Jacobian determinant (the evaluator's, :func:`core.warp.jacobian_determinant`) is
     computed; if any voxel has det <= 0, the voxels with det < ``detect`` join a set whose determinants are
     pushed above ``target`` (gradient steps on the squared hinge, at most ``step_mm`` per control point and step,
-    ``steps`` per round, evaluated at those voxels with :class:`_FoldingProbe`); repeated until the dense check finds no det <= 0.  Pairs
+    ``steps`` per round, evaluated at those voxels with :class:`_FoldingProbe`); repeated until the dense check finds no det <= 0.
+    Sliding: the rounds move the outside field only (the lung field, hence the lung error, untouched) until one
+    of them fails to reduce the folded voxels, or half the rounds are spent; then both fields.  Pairs
     without folding are returned unchanged.  Returns the control points and one record per pair.
     """
     out = coef.detach().clone()
@@ -364,6 +366,8 @@ def repair_folding(coef: torch.Tensor, grid: ControlGrid, spacing, lung: torch.T
         start = out[b].clone()
         active = None
         det = None
+        outside_first = coef.ndim == 6  # sliding: move the outside field first (lung error untouched) ...
+        prev_fold = None
         for r in range(rounds + 1):
             with torch.no_grad():
                 if det is None:
@@ -382,6 +386,10 @@ def repair_folding(coef: torch.Tensor, grid: ControlGrid, spacing, lung: torch.T
             rec["folded_after"] = n_fold
             if n_fold == 0 or r == rounds:
                 break
+            if prev_fold is not None and n_fold >= prev_fold:
+                outside_first = False  # ... until a round of it leaves as many folded voxels as before
+            outside_first = outside_first and r < rounds // 2
+            prev_fold = n_fold
             new = (det < detect).nonzero()
             active = new if active is None else torch.unique(torch.cat([active, new]), dim=0)
             rec["rounds"], rec["voxels"] = r + 1, int(active.shape[0])
@@ -393,7 +401,7 @@ def repair_folding(coef: torch.Tensor, grid: ControlGrid, spacing, lung: torch.T
                 if float(dj.detach().min()) >= target:
                     break
                 (grad,) = torch.autograd.grad((F.relu(target - dj) ** 2).sum(), cb)
-                if cb.ndim == 5 and r < rounds // 2:  # sliding: move the outside field first (lung error untouched)
+                if outside_first:
                     grad[0] = 0.0
                 with torch.no_grad():  # gradient step scaled to move no control point more than step_mm
                     cb -= grad * (step_mm / grad.abs().max().clamp_min(1e-12))
