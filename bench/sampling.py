@@ -83,8 +83,11 @@ def _time_arithmetic(sampler, batch: int, latent_shape) -> float:
 
 
 def run(device: str | torch.device = "cpu", checkpoint: str | None = None, quick: bool = False,
-        demo_dir: str | None = "out/demo") -> dict:
+        demo_dir: str | None = "out/demo", latent_zyx: tuple[int, int, int] = LATENT_ZYX) -> dict:
+    """The JSON record (module docstring).  ``quick`` is accepted for ``python -m bench``'s common
+    interface (the CPU path is already composed); ``latent_zyx`` other than the default: smoke tests."""
     dev = torch.device(device)
+    latent_zyx = tuple(latent_zyx)
     cuda = dev.type == "cuda"
     if checkpoint:
         from respmotion.diffusion.pipeline import load_diffusion
@@ -97,12 +100,12 @@ def run(device: str | torch.device = "cpu", checkpoint: str | None = None, quick
     cfg = model.cfg
     sched = NoiseSchedule(cfg.schedule)
     cycle_phases = list(range(10, 100, 10)) if cfg.target == "ref" else list(range(0, 100, 10))
-    raw = torch.randn((cfg.unet.image_channels, *LATENT_ZYX), generator=torch.Generator().manual_seed(1)).to(dev)
+    raw = torch.randn((cfg.unet.image_channels, *latent_zyx), generator=torch.Generator().manual_seed(1)).to(dev)
     with torch.no_grad():  # the UNet's image input is the model's conditioning of the image latent
         img = model.image_condition(raw)
     out: dict = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-                 "torch_threads": torch.get_num_threads(), "latent_dvf": [cfg.unet.dvf_channels, *LATENT_ZYX],
-                 "latent_image": [cfg.unet.image_channels, *LATENT_ZYX], "unet_channels": list(cfg.unet.channels),
+                 "torch_threads": torch.get_num_threads(), "latent_dvf": [cfg.unet.dvf_channels, *latent_zyx],
+                 "latent_image": [cfg.unet.image_channels, *latent_zyx], "unet_channels": list(cfg.unet.channels),
                  "unet_params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
                  "trained_checkpoint": checkpoint, "target": cfg.target, "phases_per_cycle": len(cycle_phases),
                  "method": "measured" if cuda else "composed", "samplers": {}}
@@ -121,7 +124,7 @@ def run(device: str | torch.device = "cpu", checkpoint: str | None = None, quick
         eval_phase = _time_eval(net, img, cycle_phases[:1], repeats=2)
         eval_cycle = _time_eval(net, img, cycle_phases)
         out["network_eval_s"] = {"batch_1": round(eval_phase, 3), f"batch_{len(cycle_phases)}": round(eval_cycle, 3)}
-        lat = (cfg.unet.dvf_channels, *LATENT_ZYX)
+        lat = (cfg.unet.dvf_channels, *latent_zyx)
         for label, scfg in samplers.items():
             n = make_sampler(sched, scfg).num_steps
             ar_phase = _time_arithmetic(make_sampler(sched, scfg), 1, lat)
