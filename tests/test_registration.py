@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,3 +272,22 @@ def test_ncc_with_precomputed_fixed_statistics_matches_weighted_ncc():
     torch.testing.assert_close(new, ref)
     assert float(ref[0].detach()) > 0.3 and float(ref[1].detach()) < -0.1
     torch.testing.assert_close(torch.autograd.grad(new.sum(), m)[0], torch.autograd.grad(ref.sum(), m)[0])
+
+
+def test_patients_filter_registers_only_those(tmp_path):
+    from respmotion.registration.config import RegisterConfig
+    from respmotion.registration.ffd import FFDSettings
+    from respmotion.registration.pipeline import run_registration
+
+    _write_tiny_study(tmp_path / "data")
+    shutil.copytree(tmp_path / "data" / "p0", tmp_path / "data" / "p1")
+    ffd = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((1, 1, 1),), iterations=(3,), lr_mm=(0.3,),
+                      subsample=((1, 1, 1),))
+    cfg = RegisterConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), pairs="ref", threads=1,
+                         body_threshold_hu=-3000.0, patients=("p1",), ffd=ffd)
+    run_registration(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1"]
+    assert len(list((tmp_path / "out" / "p1" / "s0").glob("ref_*.npz"))) == 9
+    cfg.patients = ("p1", "p7")
+    with pytest.raises(ValueError, match="p7"):
+        run_registration(cfg)

@@ -15,6 +15,7 @@ class RegisterConfig:
     data: str = ""  # cohort root (layout of respmotion.io.layout)
     out: str = ""  # output root: <out>/<patient>/<study>/<pair>.npz (+ .json quality record)
     pairs: str = "both"  # ref | step | both
+    patients: tuple[str, ...] = ()  # register only these patients' studies (default: every patient)
     reference: int = 0  # reference phase (percent) of the ref_XX pairs
     rank: Optional[int] = None  # shard index; default torchrun's RANK or 0
     world_size: Optional[int] = None  # number of shards; default torchrun's WORLD_SIZE or 1

@@ -165,6 +165,11 @@ def run_registration(cfg: RegisterConfig) -> dict:
     studies = list(iter_studies(cfg.data))
     if not studies:
         raise ValueError(f"{cfg.data}: no complete study (study.json) found")
+    if cfg.patients:
+        missing = sorted(set(cfg.patients) - {s.patient for s in studies})
+        if missing:
+            raise ValueError(f"{cfg.data}: no complete study of patient(s) {', '.join(missing)}")
+        studies = [s for s in studies if s.patient in set(cfg.patients)]
     all_pairs = [p for s in studies for p in study_pairs(s, cfg.pairs, cfg.reference)]
     mine = shard(all_pairs, rank, world)
     # the body mask of a phase is written by the rank that owns the first pair with that fixed phase
