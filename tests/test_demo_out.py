@@ -30,3 +30,11 @@ def test_foreign_folder_is_refused_and_untouched(tmp_path):
 def test_missing_or_empty_folder_is_fine(tmp_path):
     prepare_out(tmp_path / "new")
     prepare_out(tmp_path)
+
+
+def test_too_few_patients_refused_before_writing(tmp_path):
+    from respmotion.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match="at least 3 patients"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), patients=2))
+    assert not (tmp_path / "demo").exists()

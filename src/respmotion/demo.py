@@ -135,6 +135,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .training.autoencoder import AutoencoderRunConfig, train_autoencoder
     from .training.splits import Split, split_patients
 
+    if cfg.patients < 3:
+        raise ValueError(f"the demo needs at least 3 patients (train, validation, held-out), got {cfg.patients}")
+    if cfg.train_fields not in ("gt", "registration"):
+        raise ValueError(f"train_fields must be gt or registration, got {cfg.train_fields!r}")
     torch.set_num_threads(max(1, cfg.threads))
     out = Path(cfg.out)
     prepare_out(out)
@@ -155,8 +159,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_cohort(data, cfg.patients, cfg.seed, cfg.shape, progress=True)
     done("phantom")
 
-    if cfg.train_fields not in ("gt", "registration"):
-        raise ValueError(f"train_fields must be gt or registration, got {cfg.train_fields!r}")
     # the autoencoder runs split the patients like this (same ids, ratios and seed); with train_fields=gt
     # only the held-out patients' registrations are used (their error is reported), so only they are registered
     held_out = split_patients(list_patients(data), AutoencoderRunConfig().data.split_ratios, cfg.seed).test
