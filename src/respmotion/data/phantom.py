@@ -411,10 +411,14 @@ class Phantom:
             self._coords32 = [c.astype(np.float32) for c in self.base_coords()]
         return self._coords32
 
+    def field(self, percent: int) -> np.ndarray:
+        """Exact pull field of one phase relative to phase 0 on the base grid ``(3, Z, Y, X)`` mm, float32."""
+        return np.float32(breathing_amplitude(percent)) * self._unit_field()
+
     def phase(self, percent: int) -> dict[str, np.ndarray]:
         """Image (HU), lung/body masks and exact field of one phase on the base grid."""
         Z, Y, X = self._base32()
-        u = np.float32(breathing_amplitude(percent)) * self._unit_field()
+        u = self.field(percent)
         img, lung = self._sample_fine(self._fine_stack(), Z + u[0], Y + u[1], X + u[2])
         if self.noise_hu > 0:
             img += np.random.default_rng([self.seed, percent]).normal(0.0, self.noise_hu, img.shape).astype(np.float32)
@@ -484,10 +488,9 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
     ph = make_patient(seed, shape, noise_hu)
     g = ph.geometry
     Z, Y, X = ph.base_coords()
-    unit = ph._unit_field()  # cached shared inputs, built before the threads start
+    unit_z = ph._unit_field()[0].astype(np.float64)  # cached shared inputs, built before the threads start
     ph._fine_stack()
     ph._base32()
-    unit_z = unit[0].astype(np.float64)
 
     def one_phase(k: int) -> None:
         d = ph.phase(k)
@@ -499,7 +502,7 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
         del d
         # exact consecutive-phase field: x + t_k(x) = phi_k^-1(phi_{k+1}(x))
         k1 = next_phase(k)
-        u1 = (np.float32(breathing_amplitude(k1)) * unit).astype(np.float64)  # == phase(k1)["dvf"]
+        u1 = ph.field(k1).astype(np.float64)  # the stored ref field of phase k+1
         s0 = float(breathing_amplitude(k))
         tz = Z + u1[0]
         # start Newton at the first-order solution q ~ x + (s_k+1 - s_k) U(x): 2-3 steps to 1e-6 mm

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 
-def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                      what: str = "checkpoint") -> Any:
+def load_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``; every failure is a one-line error naming the file.
 
     Raises:
@@ -25,13 +24,13 @@ def load_weights_only(path: str | os.PathLike, map_location: str | torch.device 
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
+        raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects: report, never execute
-        raise ValueError(f"{path}: {what} holds objects other than tensors and plain data; refused "
+        raise ValueError(f"{path}: checkpoint holds objects other than tensors and plain data; refused "
                          f"(weights_only loading)") from exc
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError) as exc:
         # torch signals bad archives as RuntimeError; the weights-only unpickler fails on garbage with
         # IndexError/KeyError/TypeError: all mean an unreadable file, reported with its name
-        raise ValueError(f"{path}: not a readable {what} ({str(exc).splitlines()[0]})") from exc
+        raise ValueError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc

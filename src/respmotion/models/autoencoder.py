@@ -272,13 +272,12 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
     Reads the ``model_config`` and ``model`` entries (see :mod:`respmotion.training.checkpoint`);
     the returned model is in eval mode and carries its units and ``latent_scale``.
     """
-    p = path
-    ckpt = load_weights_only(p, map_location)
+    ckpt = load_weights_only(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{p}: not a respmotion autoencoder checkpoint (no 'model'/'model_config' entries)")
+        raise ValueError(f"{path}: not a respmotion autoencoder checkpoint (no 'model'/'model_config' entries)")
     task = str(ckpt.get("task", "autoencoder"))
     if not task.startswith("autoencoder"):
-        raise ValueError(f"{p}: a checkpoint of task {task!r}, not an autoencoder")
+        raise ValueError(f"{path}: a checkpoint of task {task!r}, not an autoencoder")
     model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval().to(map_location)
