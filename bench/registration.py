@@ -35,7 +35,7 @@ from respmotion.io.atomic import read_json
 from respmotion.io.layout import StudyDir
 from respmotion.registration.bspline import ControlGrid, dense_tensor
 from respmotion.registration.ffd import FFDSettings, register
-from respmotion.registration.masks import body_mask, lung_mask
+from respmotion.anatomy import body_mask, lung_mask
 from respmotion.registration.quality import masked_ncc
 
 DEFAULT_PAIRS = ("ref_50", "step_20", "step_70")

@@ -22,7 +22,7 @@ from respmotion.registration.bspline import (Basis, BSplineField, ControlGrid, b
                                              dense_field, dense_tensor, jacobian_determinant, jacobian_knots, load_bspline,
                                              save_bspline)
 from respmotion.registration.ffd import FFDSettings, _Level, register, repair_folding
-from respmotion.registration.masks import body_mask, lung_mask
+from respmotion.anatomy import body_mask, lung_mask
 from respmotion.registration.pairs import study_pairs
 
 SPACING = (3.0, 1.4, 1.4)

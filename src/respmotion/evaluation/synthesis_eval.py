@@ -56,7 +56,7 @@ def _lung(study: StudyDir, k: int, ct: Volume) -> Volume:
     p = study.mask_path("lung", k)
     if p.exists():
         return Volume(np.load(p).astype(np.uint8), ct.geometry)
-    from ..registration.masks import lung_mask
+    from ..anatomy import lung_mask
 
     return Volume(lung_mask(study.load_phase(k).array), ct.geometry)
 

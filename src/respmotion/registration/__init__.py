@@ -9,7 +9,7 @@ Public API (what later stages call):
   :func:`~.pipeline.load_pair_field` ``(out, patient, study, name)`` does the path for you.
 * :func:`~.pipeline.run_registration` ``(RegisterConfig)`` -- the ``respmotion register`` stage (sharded,
   resumable, atomic per pair, quality record per pair in ``<name>.json`` and in the npz header).
-* :func:`~.ffd.register` -- the batched optimiser on tensors; :func:`~.masks.body_mask`, :func:`~.masks.lung_mask`.
+* :func:`~.ffd.register` -- the batched optimiser on tensors (masks come from :mod:`respmotion.anatomy`).
 
 Engine choice (evidence).  Our own compact torch FFD instead of hf-deepali / MONAI / airlab: the B-spline is
 evaluated with three small dense basis-matrix products (BLAS, any stride, any subset of voxels, exact knot
@@ -62,8 +62,7 @@ against ~10 s of CPU per pair); time it on an idle machine with the command in `
 from .bspline import BSplineField, ControlGrid, dense_field, load_bspline, save_bspline
 from .config import RegisterConfig
 from .ffd import FFDSettings, register
-from .masks import body_mask, lung_mask
 from .pipeline import load_pair_field, run_registration
 
 __all__ = ["BSplineField", "ControlGrid", "dense_field", "load_bspline", "save_bspline", "RegisterConfig",
-           "FFDSettings", "register", "body_mask", "lung_mask", "load_pair_field", "run_registration"]
+           "FFDSettings", "register", "load_pair_field", "run_registration"]

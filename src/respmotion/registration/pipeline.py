@@ -23,7 +23,7 @@ from ..io.layout import StudyDir, iter_studies
 from .bspline import BSplineField, ControlGrid, dense_tensor, load_bspline, save_bspline
 from .config import RegisterConfig
 from .ffd import register
-from .masks import body_mask, lung_mask
+from ..anatomy import body_mask, lung_mask
 from .pairs import Pair, resolve_rank, shard, study_pairs
 from .quality import quality_record
 

@@ -92,7 +92,7 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     opts = SynthesisOptions(samples=cfg.samples, seed=cfg.seed, amplitude=cfg.amplitude,
                             excursion_mm=cfg.excursion_mm, dicom=cfg.dicom)
     if cfg.excursion_mm is not None and lung is None:
-        from ..registration.masks import lung_mask
+        from ..anatomy import lung_mask
 
         lung = lung_mask(ct.array)
     result = synthesize(ct, model, cfg.out, opts, lung_mask=lung)

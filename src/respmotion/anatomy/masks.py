@@ -3,7 +3,7 @@
 * :func:`body_mask`: HU above a threshold, largest 3D connected component, holes filled slice by slice
   (axial), so the lungs and airways enclosed by the chest wall are inside the body.
 * :func:`lung_mask`: air-like voxels inside the body (HU below a threshold), components large enough to be lung,
-  holes (vessels) filled slice by slice.  Used by the sliding-aware registration on data without lung masks.
+  holes (vessels) filled slice by slice.  Used by registration, synthesis and evaluation on data without lung masks.
 """
 
 from __future__ import annotations
