@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.respmotion-installed
 
-.PHONY: setup demo test bench bench-setup clean
+.PHONY: setup demo test bench bench-setup clean motion-reference
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ bench-setup: setup
 
 bench: bench-setup
 	$(BIN)/python -m bench
+
+# measured breathing-motion reference (DIR-Lab landmarks) shipped inside the package; docs/motion.md
+DIRLAB ?= ../shared/data/dirlab-4dct-landmarks
+motion-reference: setup
+	$(BIN)/python -m respmotion.data.motion_reference --data $(DIRLAB) \
+		--out src/respmotion/data/motion_reference.json --plot docs/motion_reference.png
 
 clean:
 	rm -rf out runs

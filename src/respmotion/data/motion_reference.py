@@ -1,0 +1,366 @@
+"""Measured reference of real breathing motion (DIR-Lab 4D-CT landmarks) and the population motion model.
+
+What it measures (``python -m respmotion.data.motion_reference --data DIR --out FILE.json``, ``make
+motion-reference``), from the DIR-Lab landmarks of cases 1-9 (no images; see shared/data's README):
+
+* **amplitude**: per case, the mean *superior* displacement (mm) of the 300 landmarks from T00 (end-inhale)
+  to T50 (end-exhale) -- the one number a user gives as "the breathing amplitude";
+* **motion vs position**: the displacement (superior, posterior, lateral mm) as a function of the landmark's
+  normalised position in the lung, ``n = (n_si, n_ap, n_ml)`` in [0, 1]: apex -> base, anterior ->
+  posterior, medial -> lateral.  The lung box is the landmarks' own extent (percentiles
+  :data:`EXTENT_PERCENTILES` per axis at T00; medial-lateral is ``|x - centre| / half width``);
+* **phase curve** over the expiratory half: the state ``s(T)`` in [0, 1] (projection of the 75 tracked
+  landmarks' displacement at T00..T50 on their T50 displacement).
+
+The population model (written to the JSON, read by the phantom and the anatomical prior):
+
+* displacement at end-exhale ``d(n) = A * f(n)`` (mm; superior, posterior, lateral), ``f`` a cubic
+  polynomial in ``n`` per component fitted by ridge least squares to every case's displacement divided by
+  its own amplitude ``A`` (each case weighs the same); without a given amplitude ``A`` is the median;
+* breathing state per phase ``s(phi)`` (:func:`phase_state`): the asymmetric form of Lujan's
+  ``cos^2n`` model (Lujan et al., Med. Phys. 26:715, 1999): ``1 - cos^2n(pi/2 * phi / phi_p)`` on the
+  exhale branch up to the end-exhale phase ``phi_p`` and the mirror image on the inhale branch.  ``n`` and
+  ``phi_p`` are fitted to the DIR-Lab expiratory half (normalised at T50; ``phi_p`` in [0.50, 0.55]
+  because T50 is DIR-Lab's extreme phase); the inhale branch is the published physiology (Lujan's
+  symmetric cos^2n branch), not measured here.  Hysteresis (Seppenwoolde et al., IJROBP 53:822, 2002: loops of
+  a few mm, the anterior-posterior and lateral motion out of step with the superior-inferior motion): the
+  AP/LR components follow ``h = s + eta * s (1 - s)`` on the exhale branch and ``s - eta * s (1 - s)`` on
+  the inhale branch (a closed loop through end-inhale and end-exhale); ``eta`` is measured on the DIR-Lab
+  exhale half (median lead of the in-plane state over the superior state) and mirrored on the inhale branch.
+
+Coordinates: DIR-Lab indices are read with :func:`respmotion.io.landmarks.read_dirlab_txt` (x = column,
+patient right -> left; y = row, anterior -> posterior; z = slice, superior -> inferior as the data
+show: the base, where the landmarks move most, has the larger slice index).  All displacements here are
+point motion (push) from T00, in mm: superior = -dz, posterior = +dy, lateral = +dx on the left side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMAT = "respmotion.motion_reference/1"
+EXTENT_PERCENTILES = (1.0, 99.0)
+CASES = tuple(range(1, 10))
+DEGREE = 3
+RIDGE = 1e-3
+COMPONENTS = ("superior", "posterior", "lateral")
+SAMPLED_PHASES = (0, 10, 20, 30, 40, 50)
+#: end-exhale phases searched: DIR-Lab's T50 is the extreme (maximum exhale) phase of its ten, so the
+#: end-exhale lies within half a bin of 50 %; the phase curve is fitted on the exhale half only
+PEAKS = np.round(np.arange(0.50, 0.5501, 0.01), 2)
+PACKAGED = "motion_reference.json"
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Case:
+    """One DIR-Lab case in mm (LPS-like axes of the DIR-Lab grid: x left, y posterior, z inferior)."""
+
+    number: int
+    t00: np.ndarray  # (300, 3) x, y, z mm at end-inhale
+    t50: np.ndarray  # (300, 3) at end-exhale
+    sampled: list[np.ndarray]  # 6 x (75, 3) at T00..T50
+
+
+def load_cases(root: str | Path, cases: Sequence[int] = CASES) -> list[Case]:
+    """The DIR-Lab landmark sets of ``cases`` from the shared-data folder layout (README there)."""
+    from ..io.landmarks import read_dirlab_txt
+
+    root = Path(root)
+    out = []
+    for c in cases:
+        d = root / f"case{c}"
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: DIR-Lab case folder not found")
+        ext = d / "ExtremePhases"
+        t00 = read_dirlab_txt(ext / f"Case{c}_300_T00_xyz.txt", case=c)
+        t50 = read_dirlab_txt(ext / f"Case{c}_300_T50_xyz.txt", case=c)
+        sampled = [read_dirlab_txt(d / "Sampled4D" / f"case{c}_4D-75_T{k:02d}.txt", case=c) for k in SAMPLED_PHASES]
+        out.append(Case(c, t00, t50, sampled))
+    return out
+
+
+def lung_box(points_xyz: np.ndarray) -> dict[str, list[float]]:
+    """Box of a point cloud (landmarks or lung voxels), mm: per axis the :data:`EXTENT_PERCENTILES`."""
+    lo, hi = np.percentile(points_xyz, EXTENT_PERCENTILES, axis=0)
+    return {"lo": lo.tolist(), "hi": hi.tolist()}
+
+
+def normalised(points_xyz: np.ndarray, box: dict[str, list[float]], inferior_axis_sign: float = 1.0) -> np.ndarray:
+    """``(N, 3)`` points (x, y, z mm) -> ``(N, 3)`` ``(n_si, n_ap, n_ml)`` in the box, clipped to [0, 1].
+
+    ``inferior_axis_sign``: +1 when z grows inferiorly (DIR-Lab slices), -1 when it grows superiorly (LPS).
+    n_ap grows towards +y (posterior in both frames); n_ml is ``|x - centre| / half width``."""
+    lo, hi = np.asarray(box["lo"]), np.asarray(box["hi"])
+    p = np.asarray(points_xyz, dtype=np.float64)
+    z = (p[:, 2] - lo[2]) / (hi[2] - lo[2])
+    n_si = z if inferior_axis_sign > 0 else 1.0 - z
+    n_ap = (p[:, 1] - lo[1]) / (hi[1] - lo[1])
+    n_ml = np.abs(p[:, 0] - 0.5 * (lo[0] + hi[0])) / (0.5 * (hi[0] - lo[0]))
+    return np.clip(np.stack([n_si, n_ap, n_ml], 1), 0.0, 1.0)
+
+
+def components(points_xyz: np.ndarray, disp_xyz: np.ndarray, box: dict[str, list[float]]) -> np.ndarray:
+    """DIR-Lab displacement (x, y, z mm) -> (superior, posterior, lateral) mm."""
+    centre = 0.5 * (box["lo"][0] + box["hi"][0])
+    side = np.where(points_xyz[:, 0] >= centre, 1.0, -1.0)
+    return np.stack([-disp_xyz[:, 2], disp_xyz[:, 1], disp_xyz[:, 0] * side], 1)
+
+
+def amplitude(case: Case) -> float:
+    """Mean superior displacement (mm) of the 300 landmarks T00 -> T50: the case's breathing amplitude."""
+    return float(-(case.t50[:, 2] - case.t00[:, 2]).mean())
+
+
+# ---------------------------------------------------------------------------- spatial model
+def exponents(degree: int = DEGREE) -> list[tuple[int, int, int]]:
+    """Monomial exponents of the polynomial basis in (n_si, n_ap, n_ml), total degree <= ``degree``."""
+    return [(i, j, k) for i in range(degree + 1) for j in range(degree + 1) for k in range(degree + 1)
+            if i + j + k <= degree]
+
+
+def basis(n: np.ndarray, degree: int = DEGREE) -> np.ndarray:
+    """``(..., 3)`` normalised coordinates -> ``(..., B)`` monomials (inputs centred at 0.5)."""
+    c = np.asarray(n, dtype=np.float64) - 0.5
+    return np.stack([c[..., 0] ** i * c[..., 1] ** j * c[..., 2] ** k for i, j, k in exponents(degree)], -1)
+
+
+def fit_spatial(cases: Sequence[Case], degree: int = DEGREE, ridge: float = RIDGE) -> dict[str, Any]:
+    """Fit ``f`` (module doc) on ``cases``: coefficients ``(3, B)`` per unit amplitude."""
+    rows, ys, ws = [], [], []
+    for c in cases:
+        box = lung_box(c.t00)
+        a = amplitude(c)
+        rows.append(basis(normalised(c.t00, box), degree))
+        ys.append(components(c.t00, c.t50 - c.t00, box) / a)
+        ws.append(np.full(len(c.t00), 1.0 / len(c.t00)))
+    X, Y, w = np.concatenate(rows), np.concatenate(ys), np.concatenate(ws)
+    A = X.T @ (X * w[:, None]) + ridge * np.eye(X.shape[1])
+    coef = np.linalg.solve(A, X.T @ (Y * w[:, None])).T  # (3, B)
+    amps = [amplitude(c) for c in cases]
+    return {"degree": degree, "ridge": ridge, "exponents": exponents(degree), "coef": coef.tolist(),
+            "amplitude_median_mm": float(np.median(amps)), "cases": [c.number for c in cases]}
+
+
+def spatial_unit(model: dict[str, Any], n: np.ndarray) -> np.ndarray:
+    """``f(n)``: ``(..., 3)`` normalised positions -> ``(..., 3)`` (superior, posterior, lateral) per mm of
+    amplitude (multiply by the amplitude in mm)."""
+    return basis(n, int(model["degree"])) @ np.asarray(model["coef"]).T
+
+
+# ---------------------------------------------------------------------------- phase curve
+def lujan_branch(x: np.ndarray, n: float) -> np.ndarray:
+    """``1 - cos^2n(pi/2 x)`` for ``x`` in [0, 1] (0 = end-inhale, 1 = end-exhale)."""
+    return 1.0 - np.cos(0.5 * math.pi * np.clip(x, 0.0, 1.0)) ** (2.0 * n)
+
+
+def phase_state(percent: float | np.ndarray, n: float, peak: float, eta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Breathing state of a phase (percent of the cycle from end-inhale): ``(s, h)`` in [0, 1].
+
+    ``s`` drives the superior-inferior motion, ``h`` the anterior-posterior and lateral motion (hysteresis
+    ``eta``; ``h == s`` when ``eta`` is 0).  ``peak`` is the end-exhale phase as a fraction (0.5 = 50 %).
+    Both are 0 at 0 % and 1 at ``peak``; the exhale branch rises, the inhale branch falls."""
+    phi = np.mod(np.asarray(percent, dtype=np.float64) / 100.0, 1.0)
+    exhale = phi <= peak
+    x = np.where(exhale, phi / peak, (1.0 - phi) / (1.0 - peak))
+    s = lujan_branch(x, n)
+    h = s + np.where(exhale, 1.0, -1.0) * eta * s * (1.0 - s)
+    return s, h
+
+
+def sampled_states(case: Case) -> dict[str, np.ndarray]:
+    """Measured states at T00..T50 of one case: superior component and AP+lateral, each divided by its T50 mean
+    (``superior``), and the 3D projection on the T50 displacement (``projection``)."""
+    box = lung_box(case.sampled[0])
+    comps = [components(case.sampled[0], p - case.sampled[0], box) for p in case.sampled]
+    end = comps[-1]
+    proj = np.array([(c * end).sum() / (end * end).sum() for c in comps])
+    sup = np.array([c[:, 0].mean() / end[:, 0].mean() for c in comps])
+    # AP/LR projected on their own T50 vectors (state of the in-plane motion)
+    ip = end[:, 1:]
+    inplane = np.array([(c[:, 1:] * ip).sum() / (ip * ip).sum() for c in comps])
+    return {"projection": proj, "superior": sup, "inplane": inplane}
+
+
+def fit_phase_curve(cases: Sequence[Case]) -> dict[str, Any]:
+    """Fit ``n`` and the end-exhale phase to the mean expiratory-half superior state (normalised at T50),
+    and the hysteresis ``eta`` to the in-plane state's lead over the superior state."""
+    sup = np.array([sampled_states(c)["superior"] for c in cases])
+    inpl = np.array([sampled_states(c)["inplane"] for c in cases])
+    mean = sup.mean(0)
+    pct = np.asarray(SAMPLED_PHASES, float)
+    best = None
+    for n in np.arange(0.5, 4.01, 0.05):
+        for peak in PEAKS:
+            s = phase_state(pct, n, peak)[0]
+            s = s / s[-1]
+            err = float(((s - mean) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, float(n), float(peak))
+    _, n, peak = best
+    s = phase_state(pct, n, peak)[0]
+    mid = (s > 0.1) & (s < 0.9)
+    lead = (inpl[:, mid] - sup[:, mid]) / (s[mid] * (1.0 - s[mid]))
+    eta_measured = float(np.median(lead))
+    eta = float(np.clip(eta_measured, -1.0, 1.0))
+    # the peak phase varies between patients: fit each case with the population n
+    peaks = []
+    for row in sup:
+        errs = [(float((((phase_state(pct, n, p)[0] / phase_state(pct, n, p)[0][-1]) - row) ** 2).sum()), float(p))
+                for p in PEAKS]
+        peaks.append(min(errs)[1])
+    return {"n": round(n, 3), "peak": round(peak, 3), "eta": round(eta, 3), "eta_measured_median": eta_measured,
+            "peak_per_case": peaks, "peak_range": [float(min(peaks)), float(max(peaks))],
+            "superior_state_mean": mean.tolist(), "superior_state_per_case": sup.tolist(),
+            "inplane_state_per_case": inpl.tolist(), "phases": list(SAMPLED_PHASES)}
+
+
+# ---------------------------------------------------------------------------- evaluation
+def predict(model: dict[str, Any], case: Case, amplitude_mm: float | None) -> np.ndarray:
+    """Predicted T00 -> T50 displacement of a case's 300 landmarks in DIR-Lab axes (x, y, z mm)."""
+    box = lung_box(case.t00)
+    a = model["amplitude_median_mm"] if amplitude_mm is None else amplitude_mm
+    d = a * spatial_unit(model, normalised(case.t00, box))  # superior, posterior, lateral
+    centre = 0.5 * (box["lo"][0] + box["hi"][0])
+    side = np.where(case.t00[:, 0] >= centre, 1.0, -1.0)
+    return np.stack([d[:, 2] * side, d[:, 1], -d[:, 0]], 1)
+
+
+def leave_one_out(cases: Sequence[Case]) -> list[dict[str, Any]]:
+    """Per case k: the model fitted without k predicts k's landmarks with / without k's amplitude."""
+    rows = []
+    for k, case in enumerate(cases):
+        model = fit_spatial([c for i, c in enumerate(cases) if i != k])
+        true = case.t50 - case.t00
+        zero = float(np.linalg.norm(true, axis=1).mean())
+        row = {"case": case.number, "amplitude_mm": amplitude(case), "zero_motion_mm": zero}
+        for name, amp in (("with_amplitude", amplitude(case)), ("without_amplitude", None)):
+            err = float(np.linalg.norm(predict(model, case, amp) - true, axis=1).mean())
+            row[f"{name}_mm"] = err
+            row[f"{name}_gain"] = 1.0 - err / zero
+        rows.append(row)
+    return rows
+
+
+def profiles(cases: Sequence[Case], bins: int = 5) -> dict[str, Any]:
+    """Mean displacement per unit amplitude in bins of each normalised coordinate (pooled cases)."""
+    ns, ds = [], []
+    for c in cases:
+        box = lung_box(c.t00)
+        ns.append(normalised(c.t00, box))
+        ds.append(components(c.t00, c.t50 - c.t00, box) / amplitude(c))
+    n, d = np.concatenate(ns), np.concatenate(ds)
+    edges = np.linspace(0, 1, bins + 1)
+    out = {"bin_centres": (0.5 * (edges[1:] + edges[:-1])).tolist()}
+    for a, axis in enumerate(("si", "ap", "ml")):
+        idx = np.clip(np.digitize(n[:, a], edges) - 1, 0, bins - 1)
+        out[axis] = {comp: [float(d[idx == b, j].mean()) if np.any(idx == b) else None for b in range(bins)]
+                     for j, comp in enumerate(COMPONENTS)}
+    return out
+
+
+def build_reference(root: str | Path) -> dict[str, Any]:
+    """Everything the JSON holds (module doc), from the DIR-Lab folder ``root``."""
+    cases = load_cases(root)
+    amps = [amplitude(c) for c in cases]
+    mags = [float(np.linalg.norm(c.t50 - c.t00, axis=1).mean()) for c in cases]
+    comp_means = [components(c.t00, c.t50 - c.t00, lung_box(c.t00)).mean(0).tolist() for c in cases]
+    return {
+        "format": FORMAT,
+        "source": "DIR-Lab 4D-CT landmarks, cases 1-9 (300 T00/T50 pairs, 75 landmarks over T00..T50)",
+        "axes": "superior, posterior, lateral (mm, point motion from end-inhale)",
+        "normalised_coordinates": {"order": ["n_si (apex 0 -> base 1)", "n_ap (anterior 0 -> posterior 1)",
+                                             "n_ml (medial 0 -> lateral 1)"],
+                                   "extent_percentiles": list(EXTENT_PERCENTILES)},
+        "amplitude": {"definition": "mean superior displacement of the 300 landmarks T00 -> T50, mm",
+                      "per_case": dict(zip([str(c.number) for c in cases], amps)),
+                      "median_mm": float(np.median(amps)), "mean_mm": float(np.mean(amps)),
+                      "sd_mm": float(np.std(amps)), "log_mean": float(np.mean(np.log(amps))),
+                      "log_sd": float(np.std(np.log(amps))),
+                      "magnitude_mean_per_case_mm": dict(zip([str(c.number) for c in cases], mags)),
+                      "component_mean_per_case_mm": dict(zip([str(c.number) for c in cases], comp_means))},
+        "spatial_model": fit_spatial(cases),
+        "phase_curve": fit_phase_curve(cases),
+        "profiles": profiles(cases),
+        "leave_one_out": leave_one_out(cases),
+        "references": [
+            "R. Castillo et al., Phys. Med. Biol. 54:1849-1870 (2009); E. Castillo et al., Phys. Med. Biol. "
+            "55:305-327 (2010) (DIR-Lab)",
+            "D. A. Lujan et al., Med. Phys. 26:715-720 (1999) (cos^2n breathing model)",
+            "Y. Seppenwoolde et al., Int. J. Radiat. Oncol. Biol. Phys. 53:822-834 (2002) (hysteresis)",
+        ],
+    }
+
+
+@lru_cache(maxsize=1)
+def load_reference() -> dict[str, Any]:
+    """The reference shipped inside the package (``respmotion/data/motion_reference.json``)."""
+    return json.loads(resources.files("respmotion.data").joinpath(PACKAGED).read_text())
+
+
+def plot_reference(ref: dict[str, Any], path: str | Path) -> None:
+    """One figure: motion vs normalised position (3 panels) and the phase curve (1 panel)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    prof = ref["profiles"]
+    x = prof["bin_centres"]
+    for ax, axis, label in zip(axes[:3], ("si", "ap", "ml"), ("apex -> base", "anterior -> posterior",
+                                                             "medial -> lateral")):
+        for comp in COMPONENTS:
+            ax.plot(x, prof[axis][comp], "o-", label=comp)
+        ax.set_xlabel(f"normalised position, {label}")
+        ax.set_ylabel("displacement / amplitude")
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0].legend()
+    pc = ref["phase_curve"]
+    pct = np.arange(0, 101, 2)
+    s, h = phase_state(pct, pc["n"], pc["peak"], pc["eta"])
+    for row in pc["superior_state_per_case"]:
+        axes[3].plot(pc["phases"], row, color="0.7", lw=0.8)
+    axes[3].plot(pc["phases"], pc["superior_state_mean"], "ko", label="DIR-Lab mean (superior)")
+    axes[3].plot(pct, s / phase_state(50, pc["n"], pc["peak"])[0], label="model s (SI, /s(50))")
+    axes[3].plot(pct, h / phase_state(50, pc["n"], pc["peak"])[0], "--", label="model h (AP/LR)")
+    axes[3].set_xlabel("phase %")
+    axes[3].set_ylabel("state")
+    axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="DIR-Lab motion reference -> JSON (+ plot)")
+    ap.add_argument("--data", required=True, help="the dirlab-4dct-landmarks folder")
+    ap.add_argument("--out", required=True, help="JSON to write")
+    ap.add_argument("--plot", help="PNG to write")
+    args = ap.parse_args(argv)
+    from ..io.atomic import write_json
+
+    ref = build_reference(args.data)
+    write_json(args.out, ref)
+    if args.plot:
+        plot_reference(ref, args.plot)
+    loo = ref["leave_one_out"]
+    print(json.dumps({"amplitude_median_mm": ref["amplitude"]["median_mm"], "phase_curve": {
+        k: ref["phase_curve"][k] for k in ("n", "peak", "eta", "peak_range")},
+        "loo_gain_with_amplitude_min": min(r["with_amplitude_gain"] for r in loo),
+        "loo_gain_without_amplitude_min": min(r["without_amplitude_gain"] for r in loo)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
