@@ -71,7 +71,7 @@ def test_4dct_from_dicom_template(template, tmp_path):
             assert float(h.SliceThickness) == float(t.SliceThickness)
             assert h.FrameOfReferenceUID == FRAME
             assert h.SOPClassUID == pydicom.uid.CTImageStorage == h.file_meta.MediaStorageSOPClassUID
-            assert h.SeriesDescription == f"P4^P100^S102^I0, Gated, {p:.1f}%"
+            assert h.SeriesDescription == f"P4^P100^S102^I0, Gated, {p:02d}%"
             assert phase_from_description(h.SeriesDescription) == p
             patient = (h.PatientName, h.PatientID, h.PatientBirthDate, h.PatientSex)
             assert patient == ("DOE^JANE", "100_HM10395", "19500101", "F")
@@ -95,7 +95,8 @@ def test_4dct_from_dicom_template(template, tmp_path):
         np.testing.assert_array_equal(arr.astype(np.float32), back.array)
         assert geom.same_as(back.geometry)
     assert len(series_uids) == 10 and tmpl[0].SeriesInstanceUID not in series_uids
-    assert study_uids == {res["study_uid"]} and res["study_uid"] != tmpl[0].StudyInstanceUID
+    # the phases join the input's study (same StudyInstanceUID and FrameOfReferenceUID)
+    assert tmpl[0].StudyInstanceUID and study_uids == {res["study_uid"]} == {tmpl[0].StudyInstanceUID}
     assert len(sop_uids) == 10 * len(tmpl) and not sop_uids & {t.SOPInstanceUID for t in tmpl}
     # the data-prepare phase parser sees one complete 10-phase study
     studies, orphans = group_studies([_scan_folder(out / f"phase_{p:02d}") for p in PHASES])
@@ -114,6 +115,7 @@ def test_4dct_without_template_is_anonymous_and_reads_back(tmp_path):
     res = write_dicom_4dct({0: Volume(arr, g), 50: Volume(arr + 7, g)}, tmp_path / "o")
     assert res["geometry_from"] == "none"
     h = _headers(tmp_path / "o" / "phase_50")[0]
+    assert h.SeriesDescription == "Gated, 50%" and h.StudyInstanceUID == res["study_uid"]
     assert h.PatientName == "ANONYMOUS" and h.PatientID == "ANONYMOUS" and h.PatientBirthDate == ""
     assert h.FrameOfReferenceUID == res["frame_of_reference_uid"]
     back = read_dicom_series(tmp_path / "o" / "phase_50")

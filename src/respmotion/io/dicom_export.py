@@ -1,11 +1,15 @@
 """Write a (synthesized) 4D-CT as DICOM CT series that 3D Slicer and planning systems import.
 
 One CT series per phase, one file per slice (CT Image Storage, explicit VR little endian, int16
-pixels with ``RescaleSlope`` 1 / ``RescaleIntercept`` -1024, ``RescaleType`` HU).  All phases share
-one new StudyInstanceUID; each gets a new SeriesInstanceUID and new SOPInstanceUIDs.  The phase is
-carried the way TCIA 4D-Lung does it, ``SeriesDescription = "<description>, Gated, 40.0%"`` (what
+pixels with ``RescaleSlope`` 1 / ``RescaleIntercept`` -1024, ``RescaleType`` HU).  With a template
+the phases join the input's study (its StudyInstanceUID and FrameOfReferenceUID), so a planning
+system lists them beside the planning CT; without one they share one new StudyInstanceUID.  Each
+phase gets a new SeriesInstanceUID and new SOPInstanceUIDs.  The phase is carried the way TCIA
+4D-Lung does it, ``SeriesDescription = "Gated, 40%"`` (optionally prefixed, what
 :func:`respmotion.io.dicom.phase_from_description` parses), plus ``TemporalPositionIdentifier`` /
-``TemporalPositionIndex`` (1-based phase rank) and ``NumberOfTemporalPositions``.
+``TemporalPositionIndex`` (1-based phase rank) and ``NumberOfTemporalPositions``.  The series are
+derived images (``ImageType`` DERIVED\\SECONDARY, ``DerivationDescription`` says synthesized).
+:class:`DicomCycleWriter` writes them one phase at a time.
 
 With a ``template`` (the folder of the input CT series):
 
@@ -13,7 +17,7 @@ With a ``template`` (the folder of the input CT series):
   the native grid), ImagePositionPatient, ImageOrientationPatient, PixelSpacing and SliceThickness
   strings are copied slice by slice from the template; otherwise they are computed from the
   volume's :class:`~respmotion.core.geometry.Geometry` (same patient coordinates, other grid);
-* FrameOfReferenceUID and the whitelisted patient/study attributes (:data:`COPIED_ATTRIBUTES`)
+* StudyInstanceUID, FrameOfReferenceUID and the whitelisted patient/study attributes (:data:`COPIED_ATTRIBUTES`)
   are copied; nothing else from the input is written (no private tags, no institution, no
   device serials), and nothing is invented: an attribute the input lacks is written empty
   (DICOM type 2) or left out.
@@ -128,8 +132,11 @@ class SeriesRef:
 
 
 def gated_series_description(description: str, phase_percent: float) -> str:
-    """``("respmotion", 40) -> "respmotion, Gated, 40.0%"`` (TCIA 4D-Lung style)."""
-    return f"{description}, Gated, {float(phase_percent):.1f}%"
+    """``("", 40) -> "Gated, 40%"``, ``("respmotion", 5) -> "respmotion, Gated, 05%"``, ``("", 12.5) ->
+    "Gated, 12.5%"`` (TCIA 4D-Lung style, what :func:`respmotion.io.dicom.phase_from_description` reads)."""
+    p = float(phase_percent)
+    pct = f"{int(p):02d}" if p.is_integer() else f"{p:.1f}"
+    return f"{description}, Gated, {pct}%" if description else f"Gated, {pct}%"
 
 
 # ---------------------------------------------------------------------------- template reading
@@ -222,7 +229,7 @@ def _slice_geometry_from_template(headers: dict[Path, Any], ordered) -> list[dic
 # ---------------------------------------------------------------------------- writing
 def _hu_to_stored(array: np.ndarray, where: str) -> tuple[np.ndarray, int]:
     """HU float -> int16 stored values (round((HU - intercept) / slope)), clipped; returns (stored, n_clipped)."""
-    a = np.asarray(array, dtype=np.float64)
+    a = np.asarray(array, dtype=np.float32)  # exact for every HU value int16 storage can hold
     if not np.all(np.isfinite(a)):
         raise DicomExportError(f"{where}: volume holds NaN or infinite values")
     stored = np.round((a - RESCALE_INTERCEPT) / RESCALE_SLOPE)
@@ -256,12 +263,12 @@ def new_instance(sop_class_uid: str, attributes: Mapping[str, Any]):
 
 
 def _write_series(
-    folder: Path, volume: Volume, slices: list[dict[str, Any]], common: dict[str, Any],
+    folder: Path, stored: np.ndarray, slices: list[dict[str, Any]], common: dict[str, Any],
     series_uid: str, series_number: int, description: str, temporal: tuple[int, int],
 ) -> list[str]:
-    """Write one series (one file per slice) into ``folder``; returns the SOPInstanceUIDs in slice order."""
-    stored, _ = _hu_to_stored(volume.array, str(folder))
-    nz, ny, nx = volume.array.shape
+    """Write one series (int16 stored values ``(z, y, x)``, one file per slice) into ``folder``;
+    returns the SOPInstanceUIDs in slice order."""
+    nz, ny, nx = stored.shape
     date, time = _now()
     uids = []
     for k in range(nz):
@@ -319,11 +326,122 @@ def _common_attributes(template: dict[str, Any] | None, frame_uid: str, study_ui
     return common
 
 
+class DicomCycleWriter:
+    """Write the phases of one 4D-CT as CT series, one phase at a time (memory: one phase).
+
+    Usage::
+
+        with DicomCycleWriter(out_dir, geometry, [0, 10, ..., 90], template) as w:
+            for p in phases:
+                w.write(p, volume_p)          # HU (z, y, x) on ``geometry``
+        result = w.result                     # as write_dicom_4dct returns
+
+    Each series is written into a hidden temporary folder inside ``out_dir``; :meth:`finish`
+    (called on leaving the ``with`` block without an error) renames them all to ``phase_XX``;
+    on an error they are removed and nothing is left behind.  See :func:`write_dicom_4dct`.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, geometry: Geometry, phases: list[int],
+                 template: str | os.PathLike | None = None, description: str = "", overwrite: bool = False) -> None:
+        from pydicom.uid import generate_uid
+
+        self.out_dir = out_dir = Path(out_dir)
+        if not phases:
+            raise DicomExportError(f"{out_dir}: no phases to write")
+        self.order = sorted(int(p) for p in phases)
+        for p in self.order:
+            if not 0 <= p < 100:
+                raise DicomExportError(f"{out_dir}: phase {p}% is not in 0..99")
+        self.geometry, self.description = geometry, description
+        self.targets = {p: out_dir / f"phase_{p:02d}" for p in self.order}
+        existing = [t for t in self.targets.values() if t.exists()]
+        if existing and not overwrite:
+            raise DicomExportError(f"{existing[0]}: already exists (pass overwrite=True to replace)")
+        template_attrs: dict[str, Any] | None = None
+        study_uid = ""
+        if template is not None:
+            tfolder = Path(template)
+            headers = _read_template_headers(tfolder)
+            tgeom, ordered = _template_geometry(tfolder, headers)
+            first = headers[ordered[0].path]
+            frame_uid = _required(first, "FrameOfReferenceUID", ordered[0].path)
+            study_uid = str(first.get("StudyInstanceUID", ""))
+            template_attrs = _whitelisted(first)
+            if tgeom.same_as(geometry, tol=1e-3):
+                self.slices, self.geometry_from = _slice_geometry_from_template(headers, ordered), "template"
+            else:
+                self.slices, self.geometry_from = _slice_geometry_from_volume(geometry), "volume"
+        else:
+            frame_uid = generate_uid()
+            self.slices, self.geometry_from = _slice_geometry_from_volume(geometry), "none"
+        # the phases join the input's study (a planning system shows them beside the planning CT)
+        self.study_uid = study_uid or generate_uid()
+        self.frame_uid = frame_uid
+        self.common = _common_attributes(template_attrs, frame_uid, self.study_uid)
+        self.clipped = 0
+        self.refs: dict[int, SeriesRef] = {}
+        self.tmp_dirs: dict[int, Path] = {}
+        self.result: dict[str, Any] | None = None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(TMP_DIR_PREFIX + "*"):  # left by an interrupted run
+            shutil.rmtree(stale)
+
+    def write(self, phase: int, volume: Volume) -> SeriesRef:
+        """Write one phase (HU ``(z, y, x)`` on the writer's geometry) into its temporary folder."""
+        from pydicom.uid import generate_uid
+
+        p = int(phase)
+        if p not in self.targets or p in self.refs:
+            raise DicomExportError(f"{self.out_dir}: phase {p}% is not expected or already written")
+        if not volume.geometry.same_as(self.geometry):
+            raise DicomExportError(f"{self.out_dir}: phase {p}% has another geometry than the series")
+        stored, clipped = _hu_to_stored(volume.array, f"{self.out_dir} phase {p}%")
+        self.clipped += clipped
+        rank = self.order.index(p)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_DIR_PREFIX}{p:02d}-", dir=self.out_dir))
+        self.tmp_dirs[p] = tmp
+        series_uid = generate_uid()
+        uids = _write_series(tmp, stored, self.slices, self.common, series_uid, 1000 + rank,
+                             gated_series_description(self.description, p), (rank + 1, len(self.order)))
+        self.refs[p] = SeriesRef(self.geometry, self.study_uid, series_uid, self.frame_uid, uids,
+                                 patient_study={k: self.common[k] for k in COPIED_ATTRIBUTES if k in self.common},
+                                 folder=self.targets[p])
+        return self.refs[p]
+
+    def finish(self) -> dict[str, Any]:
+        """Move every written series into place; the result of :func:`write_dicom_4dct`."""
+        missing = [p for p in self.order if p not in self.refs]
+        if missing:
+            raise DicomExportError(f"{self.out_dir}: phase {missing[0]}% was not written")
+        for p in self.order:
+            if self.targets[p].exists():
+                shutil.rmtree(self.targets[p])
+            os.replace(self.tmp_dirs.pop(p), self.targets[p])
+        self.result = {"study_uid": self.study_uid, "frame_of_reference_uid": self.frame_uid,
+                       "geometry_from": self.geometry_from, "clipped_voxels": self.clipped, "series": self.refs}
+        return self.result
+
+    def abort(self) -> None:
+        """Remove the temporary folders of the series written so far."""
+        for tmp in self.tmp_dirs.values():
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        self.tmp_dirs.clear()
+
+    def __enter__(self) -> "DicomCycleWriter":
+        return self
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        if exc_type is None:
+            self.finish()
+        self.abort()
+
+
 def write_dicom_4dct(
     phases: Mapping[int, Volume],
     out_dir: str | os.PathLike,
     template: str | os.PathLike | None = None,
-    description: str = "respmotion",
+    description: str = "",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write each phase volume (HU, ``(z, y, x)``) as a CT series ``out_dir/phase_XX/CT0001.dcm ...``.
@@ -331,80 +449,22 @@ def write_dicom_4dct(
     Args:
         phases: phase percent (0, 10, ..., 90) -> HU volume; all on one geometry.
         out_dir: output folder (created); the series go into ``phase_XX`` sub-folders.
-        template: folder of the input CT series (copy geometry, FrameOfReferenceUID and the
-            whitelisted patient/study attributes), or None for a fresh anonymous study.
-        description: prefix of SeriesDescription (``"<description>, Gated, 40.0%"``).
+        template: folder of the input CT series (join its study: StudyInstanceUID,
+            FrameOfReferenceUID, the whitelisted patient/study attributes and its slice geometry),
+            or None for a fresh anonymous study.
+        description: prefix of SeriesDescription (``"<description>, Gated, 40%"``; empty:
+            ``"Gated, 40%"``).
         overwrite: replace existing ``phase_XX`` folders (otherwise an existing one is an error).
 
     Returns:
         ``{"study_uid", "frame_of_reference_uid", "geometry_from": "template" | "volume" | "none",
         "clipped_voxels", "series": {phase: SeriesRef}}``.
     """
-    from pydicom.uid import generate_uid
-
     out_dir = Path(out_dir)
     if not phases:
         raise DicomExportError(f"{out_dir}: no phases to write")
     order = sorted(int(p) for p in phases)
-    geom = phases[order[0]].geometry
-    for p in order:
-        if not 0 <= p < 100:
-            raise DicomExportError(f"{out_dir}: phase {p}% is not in 0..99")
-        if not phases[p].geometry.same_as(geom):
-            raise DicomExportError(f"{out_dir}: phase {p}% has another geometry than phase {order[0]}%")
-    targets = {p: out_dir / f"phase_{p:02d}" for p in order}
-    existing = [t for t in targets.values() if t.exists()]
-    if existing and not overwrite:
-        raise DicomExportError(f"{existing[0]}: already exists (pass overwrite=True to replace)")
-
-    template_attrs: dict[str, Any] | None = None
-    if template is not None:
-        tfolder = Path(template)
-        headers = _read_template_headers(tfolder)
-        tgeom, ordered = _template_geometry(tfolder, headers)
-        first = headers[ordered[0].path]
-        frame_uid = _required(first, "FrameOfReferenceUID", ordered[0].path)
-        template_attrs = _whitelisted(first)
-        if tgeom.same_as(geom, tol=1e-3):
-            slices, geometry_from = _slice_geometry_from_template(headers, ordered), "template"
-        else:
-            slices, geometry_from = _slice_geometry_from_volume(geom), "volume"
-    else:
-        frame_uid = generate_uid()
-        slices, geometry_from = _slice_geometry_from_volume(geom), "none"
-
-    study_uid = generate_uid()
-    common = _common_attributes(template_attrs, frame_uid, study_uid)
-    clipped = sum(_hu_to_stored(phases[p].array, f"{out_dir} phase {p}%")[1] for p in order)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(TMP_DIR_PREFIX + "*"):  # left by an interrupted run
-        shutil.rmtree(stale)
-    tmp_dirs: dict[int, Path] = {}
-    refs: dict[int, SeriesRef] = {}
-    try:
-        for rank, p in enumerate(order):
-            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_DIR_PREFIX}{p:02d}-", dir=out_dir))
-            tmp_dirs[p] = tmp
-            series_uid = generate_uid()
-            uids = _write_series(
-                tmp, phases[p], slices, common, series_uid, 1000 + rank,
-                gated_series_description(description, p), (rank + 1, len(order)),
-            )
-            refs[p] = SeriesRef(geom, study_uid, series_uid, frame_uid, uids,
-                                patient_study={k: common[k] for k in COPIED_ATTRIBUTES if k in common},
-                                folder=targets[p])
+    with DicomCycleWriter(out_dir, phases[order[0]].geometry, order, template, description, overwrite) as w:
         for p in order:
-            if targets[p].exists():
-                shutil.rmtree(targets[p])
-            os.replace(tmp_dirs[p], targets[p])
-    finally:
-        for tmp in tmp_dirs.values():
-            if tmp.exists():
-                shutil.rmtree(tmp)
-    return {
-        "study_uid": study_uid,
-        "frame_of_reference_uid": frame_uid,
-        "geometry_from": geometry_from,
-        "clipped_voxels": clipped,
-        "series": refs,
-    }
+            w.write(p, phases[p])
+    return w.result

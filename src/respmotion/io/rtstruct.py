@@ -206,6 +206,9 @@ def _contour_image_item(ref: SeriesRef, k: int):
     return item
 
 
+Contours = Sequence[tuple[int, np.ndarray]]  # [(slice k, points (N, 2) in (y, x) indices)] (mask_contours)
+
+
 def write_rtstruct(
     masks: Mapping[str, np.ndarray],
     reference: SeriesRef,
@@ -222,6 +225,26 @@ def write_rtstruct(
     contour, the slice's SOPInstanceUID.  ``interpreted_types`` sets RTROIInterpretedType (e.g.
     ``{"GTV": "GTV", "ITV": "CTV"}``; empty by default).  Written atomically.
     """
+    geom = reference.geometry
+    for name, m in masks.items():
+        if tuple(np.shape(m)) != geom.shape:
+            raise RTStructError(f"{path}: mask '{name}' has shape {np.shape(m)}, the CT {geom.shape}")
+    return write_rtstruct_contours({name: mask_contours(m) for name, m in masks.items()}, reference, path, label,
+                                   description, colors, interpreted_types)
+
+
+def write_rtstruct_contours(
+    contours: Mapping[str, Contours],
+    reference: SeriesRef,
+    path: str | os.PathLike,
+    label: str = "respmotion",
+    description: str = "",
+    colors: Mapping[str, tuple[int, int, int]] | None = None,
+    interpreted_types: Mapping[str, str] | None = None,
+) -> Path:
+    """:func:`write_rtstruct` from contours already traced by :func:`mask_contours` (name -> ``[(k,
+    points (N, 2) (y, x) indices)]`` on ``reference.geometry``): a caller that streams phases keeps
+    these few polygons instead of full-size masks."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as DSequence
     from pydicom.uid import generate_uid
@@ -231,9 +254,6 @@ def write_rtstruct(
     if len(reference.sop_instance_uids) != geom.shape[0]:
         raise RTStructError(
             f"{path}: reference has {len(reference.sop_instance_uids)} slice UIDs for {geom.shape[0]} slices")
-    for name, m in masks.items():
-        if tuple(np.shape(m)) != geom.shape:
-            raise RTStructError(f"{path}: mask '{name}' has shape {np.shape(m)}, the CT {geom.shape}")
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds = new_instance(RT_STRUCTURE_SET_STORAGE, {k: v for k, v in reference.patient_study.items()
@@ -268,8 +288,8 @@ def write_rtstruct(
     frame_item.RTReferencedStudySequence = DSequence([study_item])
     ds.ReferencedFrameOfReferenceSequence = DSequence([frame_item])
 
-    rois, contours, observations = [], [], []
-    for i, (name, m) in enumerate(masks.items()):
+    rois, roi_contours, observations = [], [], []
+    for i, (name, lines) in enumerate(contours.items()):
         number = i + 1
         roi = Dataset()
         roi.ROINumber = number
@@ -282,7 +302,9 @@ def write_rtstruct(
         rc.ROIDisplayColor = [int(c) for c in color]
         rc.ReferencedROINumber = number
         items = []
-        for k, pts in mask_contours(m):
+        for k, pts in lines:
+            if not 0 <= k < geom.shape[0]:
+                raise RTStructError(f"{path}: structure '{name}' has a contour on slice {k} of {geom.shape[0]}")
             idx = np.concatenate([np.full((len(pts), 1), float(k)), pts], axis=1)
             world = geom.index_to_world(idx)
             c = Dataset()
@@ -292,7 +314,7 @@ def write_rtstruct(
             c.ContourData = [_ds(v) for v in world.ravel()]
             items.append(c)
         rc.ContourSequence = DSequence(items)
-        contours.append(rc)
+        roi_contours.append(rc)
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
@@ -300,11 +322,11 @@ def write_rtstruct(
         obs.ROIInterpreter = ""
         observations.append(obs)
     ds.StructureSetROISequence = DSequence(rois)
-    ds.ROIContourSequence = DSequence(contours)
+    ds.ROIContourSequence = DSequence(roi_contours)
     ds.RTROIObservationsSequence = DSequence(observations)
     with atomic_path(path, suffix=".dcm") as tmp:
         ds.save_as(tmp, enforce_file_format=True)
     return path
 
 
-__all__ = ["RTStructError", "SeriesRef", "mask_contours", "read_rtstruct", "write_rtstruct"]
+__all__ = ["RTStructError", "SeriesRef", "mask_contours", "read_rtstruct", "write_rtstruct", "write_rtstruct_contours"]
