@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # 4x4: LPS mm <-> RAS mm (its own inverse)
 
 
 def _triple(values: Sequence[float], name: str, cast=float) -> tuple:
@@ -69,6 +70,7 @@ class Geometry:
 
     @property
     def spacing_xyz(self) -> np.ndarray:
+        """Spacing in mm in ITK order ``(x, y, z)``."""
         return np.asarray(self.spacing[::-1], dtype=np.float64)
 
     def index_to_world_matrix(self) -> np.ndarray:
@@ -109,13 +111,33 @@ class Geometry:
         w = (v @ self.direction_matrix)[..., ::-1]
         return np.ascontiguousarray(np.moveaxis(w, -1, axis))
 
-    # ----------------------------------------------------------------- normalised
-    def index_to_normalized(self, index_zyx: np.ndarray) -> np.ndarray:
-        """Array index ``(z, y, x)`` -> grid_sample coordinates ``(x, y, z)`` (align_corners=True)."""
-        idx = np.asarray(index_zyx, dtype=np.float64)
-        n = np.maximum(np.asarray(self.shape, dtype=np.float64) - 1.0, 1.0)
-        return (2.0 * idx / n - 1.0)[..., ::-1]
+    # ----------------------------------------------------------------- axes
+    def nearest_world_axes(self) -> tuple[tuple[int, int, float], ...]:
+        """For array axes ``(z, y, x)``: ``(world axis, sign, obliquity in degrees)`` of the LPS axis each runs
+        closest to (world axis 0 = x (L), 1 = y (P), 2 = z (S); sign -1 when the array index runs against it)."""
+        d = self.direction_matrix  # columns: LPS direction of ITK index axes i, j, k = array x, y, z
+        out = []
+        for a in range(3):
+            vec = d[:, 2 - a]
+            w = int(np.argmax(np.abs(vec)))
+            tilt = float(np.degrees(np.arccos(min(1.0, abs(vec[w]) / np.linalg.norm(vec)))))
+            out.append((w, -1 if vec[w] < 0 else 1, tilt))
+        return tuple(out)
 
+    def superior_sign(self) -> float:
+        """+1 if array index z increases towards superior (LPS +z), -1 if towards inferior; ``ValueError`` when
+        the array z axis is not the superior-inferior axis (LPS z component of its direction below 0.9)."""
+        dz = self.direction_matrix[2, 2]  # LPS z component of the array z axis
+        if abs(dz) < 0.9:
+            raise ValueError("the array z axis is not the superior-inferior axis; lung base is undefined")
+        return float(np.sign(dz))
+
+    def superior_mm(self, slices: np.ndarray) -> np.ndarray:
+        """Offsets of ``slices`` array-z steps -> mm along LPS +z (superior), for a grid whose z axis is the
+        superior-inferior axis (see :meth:`superior_sign`)."""
+        return slices * self.spacing[0] * self.superior_sign()
+
+    # ----------------------------------------------------------------- derived grids
     # ----------------------------------------------------------------- derived grids
     def resized(self, shape: Sequence[int]) -> "Geometry":
         """Same field of view (voxel edges kept) sampled with ``shape`` voxels."""
@@ -129,13 +151,6 @@ class Geometry:
         origin = self.index_to_world(first_idx)
         return Geometry(shape, tuple(spacing), tuple(origin), self.direction)
 
-    def with_shape_and_spacing(self, shape: Sequence[int], spacing: Sequence[float]) -> "Geometry":
-        """Grid centred on the same physical centre with a new shape/spacing."""
-        centre = self.index_to_world((np.asarray(self.shape) - 1) / 2.0)
-        g = Geometry(shape, spacing, (0.0, 0.0, 0.0), self.direction)
-        offset = centre - g.index_to_world((np.asarray(g.shape) - 1) / 2.0)
-        return Geometry(shape, spacing, tuple(offset), self.direction)
-
     def same_as(self, other: "Geometry", tol: float = 1e-4) -> bool:
         return (
             self.shape == other.shape
@@ -146,6 +161,32 @@ class Geometry:
 
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing))
+
+    def image_orientation(self) -> tuple[float, ...]:
+        """DICOM ImageOrientationPatient of the slices: LPS unit vectors of array x (row) then array y (column)."""
+        d = self.direction_matrix
+        return (*(float(v) for v in d[:, 0]), *(float(v) for v in d[:, 1]))
+
+    # ----------------------------------------------------------------- other libraries' records
+    def ras_affine(self) -> np.ndarray:
+        """4x4 NIfTI affine: ITK index ``(i, j, k, 1)`` -> RAS mm (NIfTI's world frame)."""
+        return LPS_TO_RAS @ self.index_to_world_matrix()
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, shape: Sequence[int], ras: bool = False) -> "Geometry":
+        """Inverse of :meth:`index_to_world_matrix` (``ras=True``: of :meth:`ras_affine`) for a grid of ``shape``
+        ``(z, y, x)``: spacing from the column lengths, direction from the normalised columns."""
+        lps = LPS_TO_RAS @ affine if ras else np.asarray(affine, dtype=np.float64)
+        m = lps[:3, :3]
+        spacing_xyz = np.linalg.norm(m, axis=0)
+        direction = m / spacing_xyz
+        return cls(tuple(shape), tuple(spacing_xyz[::-1]), tuple(lps[:3, 3]), tuple(direction.ravel()))
+
+    @classmethod
+    def from_itk(cls, size_xyz: Sequence[int], spacing_xyz: Sequence[float], origin: Sequence[float],
+                 direction: Sequence[float]) -> "Geometry":
+        """From ITK/SimpleITK's size, spacing (both ``(x, y, z)``), origin and direction."""
+        return cls(tuple(size_xyz[::-1]), tuple(spacing_xyz[::-1]), tuple(origin), tuple(direction))
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -167,3 +208,32 @@ class Geometry:
             )
         except KeyError as exc:
             raise ValueError(f"geometry record lacks key {exc}") from exc
+
+
+# --------------------------------------------------------------------- DICOM slices
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """LPS normal of the slices of a DICOM ImageOrientationPatient (6 numbers: row then column direction):
+    row x column, the direction along which slices are sorted and array z increases."""
+    o = np.asarray(orientation, dtype=np.float64)
+    return np.cross(o[:3], o[3:])
+
+
+def direction_from_orientation(orientation: Sequence[float]) -> tuple[float, ...]:
+    """ITK direction (9 numbers) of a DICOM series: columns row, column and :func:`slice_normal`."""
+    o = np.asarray(orientation, dtype=np.float64)
+    return tuple(np.stack([o[:3], o[3:], slice_normal(o)], axis=1).ravel())
+
+
+# --------------------------------------------------------------------- pyramid levels
+def level_positions(full_n: int, level_n: int) -> np.ndarray:
+    """Full-resolution voxel index of each voxel of a pyramid level with ``level_n`` voxels along one axis (same
+    field of view, voxel edges kept: the mapping of :meth:`Geometry.resized`)."""
+    scale = full_n / level_n
+    return (np.arange(level_n) + 0.5) * scale - 0.5
+
+
+def level_to_normalized(full_n: int, level_n: int) -> tuple[float, float]:
+    """``(a, b)`` such that ``a * p + b`` is the ``grid_sample`` coordinate (``align_corners=True``, -1 .. +1 over
+    the level's voxel centres) on a level of ``level_n`` voxels of the full-resolution index ``p`` (one axis)."""
+    r = level_n / full_n
+    return 2.0 * r / max(level_n - 1, 1), 2.0 * (0.5 * level_n / full_n - 0.5) / max(level_n - 1, 1) - 1.0

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core import warp as W
 from ..core.geometry import Geometry
 from ..core.types import DisplacementField
 from ..io.atomic import atomic_path
@@ -103,13 +104,6 @@ def basis_matrix(positions: np.ndarray, stride: float, n_points: int, deriv: int
     return out
 
 
-def level_positions(full_n: int, level_n: int) -> np.ndarray:
-    """Full-resolution voxel index of each voxel of a pyramid level with ``level_n`` voxels (same field of
-    view, the mapping of :meth:`Geometry.resized`)."""
-    scale = full_n / level_n
-    return (np.arange(level_n) + 0.5) * scale - 0.5
-
-
 # ----------------------------------------------------------------------------- evaluation (torch)
 def evaluate(coef: torch.Tensor, bz: torch.Tensor, by: torch.Tensor, bx: torch.Tensor) -> torch.Tensor:
     """Separable evaluation: ``coef`` ``(B, C, Kz, Ky, Kx)`` -> ``(B, C, Nz, Ny, Nx)`` with ``B_axis`` ``(N, K)``."""
@@ -181,26 +175,21 @@ def jacobian_determinant(basis: Basis, coef_mm: torch.Tensor, spacing: Sequence[
 
     Same quantity as :func:`respmotion.core.warp.jacobian_determinant` (which uses finite differences).
     """
-    s = torch.as_tensor(spacing, dtype=coef_mm.dtype, device=coef_mm.device)
-    coef_vox = coef_mm / s[None, :, None, None, None]
+    coef_vox = W.mm_to_voxels(coef_mm, spacing)
     d = [basis.field(coef_vox, tuple(int(a == j) for a in range(3))) for j in range(3)]  # d u_vox / d idx_j
-    j = [[d[col][:, row] + (1.0 if row == col else 0.0) for col in range(3)] for row in range(3)]
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return W.det3([[d[col][:, row] + (1.0 if row == col else 0.0) for col in range(3)] for row in range(3)])
 
 
 def bending_energy(basis: Basis, coef_mm: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
     """Mean bending energy per pair ``(B,)`` in mm^-2: sum of squared second derivatives (mm/mm^2) of the
     three components (mixed terms counted twice), averaged over the basis positions."""
-    s = [float(v) for v in spacing]
     total = 0.0
     for a in range(3):
         for b in range(a, 3):
             derivs = [0, 0, 0]
             derivs[a] += 1
             derivs[b] += 1
-            d2 = basis.field(coef_mm, tuple(derivs)) / (s[a] * s[b])
+            d2 = basis.field(coef_mm, tuple(derivs)) / W.step_mm(spacing, (a, b))
             total = total + (1.0 if a == b else 2.0) * (d2**2).sum(1).mean(dim=(1, 2, 3))
     return total
 
@@ -250,27 +239,15 @@ def bending_energy_knots(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequ
     """Bending energy ``(B,)`` in mm^-2 at the interior control points (same quantity as
     :func:`bending_energy` evaluated at knot positions), one 3D convolution."""
     d2 = knot_derivatives(coef_mm, grid, _SECOND)
-    s = [float(v) for v in spacing]
-    scale = torch.tensor([1 / (s[a] * s[b]) ** 2 * (1.0 if a == b else 2.0) for a, b in
+    scale = torch.tensor([1 / W.step_mm(spacing, (a, b)) ** 2 * (1.0 if a == b else 2.0) for a, b in
                           [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]], dtype=coef_mm.dtype, device=coef_mm.device)
     return (d2**2 * scale.view(1, 1, 6, 1, 1, 1)).sum((1, 2)).mean(dim=(1, 2, 3))
 
 
 def jacobian_knots(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequence[float]) -> torch.Tensor:
     """Jacobian determinant of ``p -> p + u(p)`` at the interior control points ``(B, K-2...)``."""
-    s = torch.as_tensor(spacing, dtype=coef_mm.dtype, device=coef_mm.device)
-    d = knot_derivatives(coef_mm / s.view(1, 3, 1, 1, 1), grid, _FIRST)  # (B, 3 comps, 3 dirs, ...)
-    j = [[d[:, r, c] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-
-
-def _cofactors(j):
-    """Cofactor matrix (= d det / d J) of a 3x3 matrix given as nested lists of tensors."""
-    return [[j[1][1] * j[2][2] - j[1][2] * j[2][1], j[1][2] * j[2][0] - j[1][0] * j[2][2], j[1][0] * j[2][1] - j[1][1] * j[2][0]],
-            [j[0][2] * j[2][1] - j[0][1] * j[2][2], j[0][0] * j[2][2] - j[0][2] * j[2][0], j[0][1] * j[2][0] - j[0][0] * j[2][1]],
-            [j[0][1] * j[1][2] - j[0][2] * j[1][1], j[0][2] * j[1][0] - j[0][0] * j[1][2], j[0][0] * j[1][1] - j[0][1] * j[1][0]]]
+    d = knot_derivatives(W.mm_to_voxels(coef_mm, spacing), grid, _FIRST)  # (B, 3 comps, 3 dirs, ...)
+    return W.det3([[d[:, r, c] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)])
 
 
 class _KnotRegulariser(torch.autograd.Function):
@@ -291,21 +268,22 @@ class _KnotRegulariser(torch.autograd.Function):
                     w = [v / float(stride[ax]) ** key[-1] for v in _KNOT[key[-1]]]
                     nodes[key] = _taps(nodes[key[:-1]], coef.ndim - 3 + ax, w)
         n_knots = float(np.prod(nodes[leaves[0]].shape[-3:]))
-        s = [float(v) for v in spacing]
         pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
-        bscale = [bending_weight * (1.0 if a == b else 2.0) / (s[a] * s[b]) ** 2 / n_knots for a, b in pairs]
+        bscale = [bending_weight * (1.0 if a == b else 2.0) / W.step_mm(spacing, (a, b)) ** 2 / n_knots
+                  for a, b in pairs]
         total = sum(sc * (nodes[leaf] ** 2).sum(dim=tuple(range(1, coef.ndim))) for sc, leaf in zip(bscale, leaves[:6]))
         grads: dict[tuple, torch.Tensor] = {leaf: nodes[leaf] * (2.0 * sc) for sc, leaf in zip(bscale, leaves[:6])}
         if jacobian_weight > 0:
             first = [nodes[leaf] for leaf in leaves[6:]]  # d/dz, d/dy, d/dx of (N, 3, ...) in mm per voxel
-            j = [[first[d][:, c] / s[c] + (1.0 if c == d else 0.0) for d in range(3)] for c in range(3)]
-            cof = _cofactors(j)
-            det = j[0][0] * cof[0][0] + j[0][1] * cof[0][1] + j[0][2] * cof[0][2]
+            j = [[first[d][:, c] / W.step_mm(spacing, (c,)) + (1.0 if c == d else 0.0) for d in range(3)]
+                 for c in range(3)]
+            cof = W.cofactors3(j)
+            det = W.det3(j)
             gap = F.relu(jacobian_min - det)
             total = total + jacobian_weight * (gap**2).sum(dim=(1, 2, 3)) / n_knots
             ddet = gap * (-2.0 * jacobian_weight / n_knots)  # d total / d det
             for d, leaf in enumerate(leaves[6:]):
-                g = torch.stack([ddet * cof[c][d] / s[c] for c in range(3)], 1)
+                g = torch.stack([ddet * cof[c][d] / W.step_mm(spacing, (c,)) for c in range(3)], 1)
                 grads[leaf] = grads[leaf] + g if leaf in grads else g
         ctx.grads = grads
         ctx.meta = (stride, coef.ndim, {k: v.shape for k, v in nodes.items()})

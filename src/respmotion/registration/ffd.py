@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core import warp as W
-from .bspline import (Basis, ControlGrid, evaluate, evaluate_points, knot_regulariser, level_positions,
-                      point_weights)
+from ..core.geometry import level_positions, level_to_normalized
+from .bspline import Basis, ControlGrid, evaluate, evaluate_points, knot_regulariser, point_weights
 
 
 @dataclass
@@ -196,14 +196,13 @@ class _Level:
         self.pos = [torch.as_tensor(p, dtype=dtype, device=device) for p in pos]
         self.basis = [torch.as_tensor(b, dtype=dtype, device=device) for b in
                       (Basis(grid, pos).matrix(a) for a in range(3))]
-        # normalised coordinate (align_corners=True) of level index q = (p + 0.5) * m / n - 0.5, p full-res
-        a = [2.0 * (m / n) / max(m - 1, 1) for n, m in zip(full, self.shape)]
-        b = [2.0 * (0.5 * m / n - 0.5) / max(m - 1, 1) - 1.0 for n, m in zip(full, self.shape)]
+        # grid_sample coordinate of full-resolution index p on this level: a * p + b per axis
+        a, b = zip(*(level_to_normalized(n, m) for n, m in zip(full, self.shape)))
         self.a = torch.as_tensor(a, dtype=dtype, device=device)
         self.b = torch.as_tensor(b, dtype=dtype, device=device)
         # mm along (z, y, x) -> grid_sample units along (x, y, z): applied to the control points (the field is
         # linear in them), so the hot loop evaluates grid offsets directly
-        self.mm_to_grid = (self.a / torch.as_tensor(spacing, dtype=dtype, device=device)).flip(0)
+        self.mm_to_grid = W.mm_to_normalized(self.a, spacing)
         active = self.weight.amax(0) > 0  # (z, y, x) union over the batch
         if bool(active.any()):
             nz = active.nonzero()
@@ -281,8 +280,7 @@ class _FoldingProbe:
         self.m = vox.shape[0]
         self.flat, self.weights = point_weights(grid, q.to(torch.float64))
         self.lung = None if lung is None else lung[q[:, 0], q[:, 1], q[:, 2]].to(torch.float32)
-        sp = torch.as_tensor(spacing, dtype=torch.float32)
-        self.scale = 1.0 / (sp.view(3, 1, 1) * torch.stack(h).to(torch.float32).view(1, 3, -1))  # (comp, dir, M)
+        self.scale = W.mm_to_voxel_gradient(spacing, torch.stack(h).to(torch.float32))  # (comp, dir, M)
 
     def __call__(self, coef: torch.Tensor) -> torch.Tensor:
         u = evaluate_points(coef.reshape(-1, *coef.shape[-3:]), self.flat, self.weights)  # (3 or 6, 6M)
@@ -290,43 +288,12 @@ class _FoldingProbe:
             u = self.lung * u[:3] + (1.0 - self.lung) * u[3:]
         u = u.view(3, 3, 2, self.m)  # (component, direction, +/-, M)
         g = (u[:, :, 0] - u[:, :, 1]) * self.scale  # d u_c / d p_d in voxels
-        j = [[g[c, d] + (1.0 if c == d else 0.0) for d in range(3)] for c in range(3)]
-        return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-                - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-                + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-
-
-def _jacobian_determinant32(u: torch.Tensor, spacing) -> torch.Tensor:
-    """:func:`respmotion.core.warp.jacobian_determinant` of one field ``(3, Z, Y, X)`` mm in float32, differences
-    by slicing (central inside, one-sided at the border, like ``torch.gradient``): ~3x faster than the float64
-    original on a 50x256x256 grid; rounding error ~1e-6 for determinants of order 1."""
-    j = []
-    for c in range(3):
-        uc = u[c] / float(spacing[c])
-        row = []
-        for d in range(3):
-            g = torch.empty_like(uc)
-            n = uc.shape[d]
-            if n == 1:
-                g.zero_()
-            else:
-                g.narrow(d, 1, n - 2).copy_(uc.narrow(d, 2, n - 2) - uc.narrow(d, 0, n - 2)).mul_(0.5)
-                g.narrow(d, 0, 1).copy_(uc.narrow(d, 1, 1) - uc.narrow(d, 0, 1))
-                g.narrow(d, n - 1, 1).copy_(uc.narrow(d, n - 1, 1) - uc.narrow(d, n - 2, 1))
-            if c == d:
-                g.add_(1.0)
-            row.append(g)
-        j.append(row)
-    det = j[1][1] * j[2][2]
-    det.sub_(j[1][2] * j[2][1]).mul_(j[0][0])
-    det.sub_((j[1][0] * j[2][2]).sub_(j[1][2] * j[2][0]).mul_(j[0][1]))
-    det.add_((j[1][0] * j[2][1]).sub_(j[1][1] * j[2][0]).mul_(j[0][2]))
-    return det
+        return W.det3([[g[c, d] + (1.0 if c == d else 0.0) for d in range(3)] for c in range(3)])
 
 
 def _determinant_box(coef: torch.Tensor, grid: ControlGrid, lung: torch.Tensor | None, spacing,
                      lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
-    """Jacobian determinant (:func:`_jacobian_determinant32`) of the dense field of ``coef`` (one pair) on the
+    """Jacobian determinant (:func:`respmotion.core.warp.jacobian_determinant` in float32) of the dense field of ``coef`` (one pair) on the
     voxel box ``[lo, hi)``, equal to the full-grid values there: the field is evaluated with a one-voxel margin (dropped)
     so central differences see the same neighbours; at the image border both are one-sided."""
     n = grid.image_shape
@@ -338,7 +305,7 @@ def _determinant_box(coef: torch.Tensor, grid: ControlGrid, lung: torch.Tensor |
     else:
         w = lung[elo[0]:ehi[0], elo[1]:ehi[1], elo[2]:ehi[2]].to(coef.dtype)[None, None]
         u = w * basis.field(coef[0][None]) + (1.0 - w) * basis.field(coef[1][None])
-    det = _jacobian_determinant32(u[0].to(torch.float32), spacing)
+    det = W.jacobian_determinant(u.to(torch.float32), spacing, dtype=torch.float32)[0]
     return det[tuple(slice(a - e, b - e) for a, b, e in zip(lo, hi, elo))]
 
 
@@ -476,8 +443,3 @@ def register(
         return fixed_coef, log
     return coef.detach(), log
 
-
-def blend_fields(inner: torch.Tensor, outer: torch.Tensor, lung: torch.Tensor) -> torch.Tensor:
-    """Sliding field: ``lung * inner + (1 - lung) * outer`` with fields ``(B, 3, ...)`` and ``lung`` ``(B, ...)``."""
-    w = lung.to(inner.dtype)[:, None]
-    return w * inner + (1.0 - w) * outer
