@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     from .commands._common import run_command
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow flags (``data import CT --out F shape=8,32,32``); argparse stops
+    # collecting positionals at the first flag, so those come back here
+    bad = [a for a in extra if "=" not in a or a.startswith("-")]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     return run_command(args)
 
 

@@ -1,8 +1,9 @@
 """One config system: typed dataclasses, loaded from YAML/JSON, overridden by ``key=value``.
 
 Precedence: dataclass defaults < ``--config FILE`` < explicit command-line flags < ``key=value``
-overrides (dotted keys reach nested sections, e.g. ``train.lr=1e-4``).  Unknown keys are an
-error naming the key and the file.  :func:`save_config` writes the resolved config beside
+overrides (dotted keys reach nested sections, e.g. ``train.steps=100``).  Unknown keys are an
+error naming the key and the file; so are sizes in ``*shape`` settings below 1, and whatever a
+config class's ``__post_init__`` refuses (``ValueError``), prefixed with the file or "command line".  :func:`save_config` writes the resolved config beside
 every output.
 """
 
@@ -89,11 +90,27 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", source: str 
         raise ConfigError(f"{where}unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
     try:
         kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+        for k, v in kwargs.items():
+            _check_shape(prefix + k, v)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:  # a config class's own __post_init__ validation
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{prefix}{exc}" if prefix and not str(exc).startswith(prefix) else str(exc)) from None
     except ConfigError as exc:
         if source and not str(exc).startswith(f"{source}: "):
             raise ConfigError(f"{source}: {exc}") from None  # nested sections: name the file too
         raise
-    return cls(**kwargs)
+
+
+def _check_shape(key: str, value: Any) -> None:
+    """Every ``*shape`` setting (volume or latent grid, z, y, x) is a list of positive integers."""
+    if not key.rsplit(".", 1)[-1].endswith("shape") or not isinstance(value, (tuple, list)):
+        return
+    bad = [v for v in value if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+    if bad:
+        raise ConfigError(f"{key}: every size must be a positive number of voxels, got {list(value)}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -20,7 +22,8 @@ class UserError(Exception):
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON config file (see the stage's config dataclass)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (dotted keys of the config), e.g. train.steps=100 or "
+                        "train.lr_max=1e-4")
 
 
 def resolve_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any]) -> T:
@@ -39,16 +42,53 @@ def command(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace]
     parser.set_defaults(func=func)
 
 
+def one_line(text: str) -> str:
+    """A message on one line (library messages sometimes span several)."""
+    return " | ".join(ln.strip() for ln in text.splitlines() if ln.strip()) or "(no message)"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OS-level failure, naming the file: permission, disk full, a file where a folder goes."""
+    name = exc.filename
+    if name is None:
+        return str(exc)  # our own FileNotFoundError("<file>: ...") messages, or an OS error without a file
+    name = os.fsdecode(name)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = "no permission to write or read here" if exc.errno != errno.EROFS else "read-only file system"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device (files already there were kept; free space and rerun)"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR) and os.path.isfile(name):
+        what = "is a file, not a folder"
+    elif exc.errno == errno.EISDIR:
+        what = "is a folder, not a file"
+    else:
+        what = exc.strerror or type(exc).__name__
+    other = f" -> {os.fsdecode(exc.filename2)}" if exc.filename2 else ""
+    return f"{name}{other}: {what}"
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Run the selected subcommand; input problems become one line on stderr and exit code 2."""
+    """Run the selected subcommand; input problems become one line on stderr and exit code 2.
+
+    Input problems: :class:`UserError`, config and value errors (their messages name the file),
+    and every ``OSError`` (permissions, disk full, a file where a folder should be) and
+    ``MemoryError`` (a request larger than the machine), which a user fixes, not the code."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # pydicom logs warnings about files it then fails on (or reads anyway); our errors name the file
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    prefix = f"respmotion {args.command}: error:"
     try:
         rc = args.func(args)
-    except (UserError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (UserError, ConfigError, ValueError) as exc:
         # Known input errors: their message already names the file and the problem.
-        print(f"respmotion {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix} {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prefix} {one_line(describe_os_error(exc))}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        print(f"{prefix} not enough memory ({str(exc) or 'allocation failed'}); use a smaller shape or batch",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"respmotion {args.command}: interrupted", file=sys.stderr)

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         help="register every phase to a reference phase and/or consecutive phases (B-spline FFD)",
         description="Register breathing phases (pull fields in mm on the fixed grid, stored as B-spline control "
                     "points). Sharded by --rank/--world-size or torchrun's RANK/WORLD_SIZE; finished pairs are "
-                    "skipped, so a rerun resumes.",
+                    "skipped, so a rerun resumes; pairs whose phase images or settings changed are redone. "
+                    "--out is owned: another run with other settings is refused unless --overwrite.",
     )
     p.add_argument("--data", help="cohort root (patient/study/phase_XX.npy)")
     p.add_argument("--out", help="output root for <patient>/<study>/<pair>.npz + .json quality records")
@@ -27,13 +28,17 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="pairs per batch (0: a whole study)")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: default)")
+    p.add_argument("--overwrite", action="store_true", help="take over an --out registered with other settings "
+                   "(its pairs are redone; default: refuse)")
     add_config_args(p)
     command(p, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..registration.config import RegisterConfig
-    from ..registration.pipeline import run_registration
+    from ..io.layout import iter_studies
+    from ..io.ownership import claim
+    from ..registration.pipeline import result_settings, run_registration
 
     flags = {k: getattr(args, k) for k in ("data", "out", "pairs", "reference", "rank", "world_size", "device",
                                            "batch_size", "threads")}
@@ -42,8 +47,12 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--data and --out are required")
     if not Path(cfg.data).is_dir():
         raise UserError(f"{cfg.data}: dataset folder not found")
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, cfg.out, name="register_config.yaml")
-    summary = run_registration(cfg)
+    if next(iter_studies(cfg.data), None) is None:
+        raise UserError(f"{cfg.data}: no complete study (study.json) found")
+    # the shards of one run share --out; a run with other result settings is refused (or, with
+    # --overwrite, takes over: its pairs are redone)
+    with claim(cfg.out, "register", {"settings": result_settings(cfg)}, overwrite=args.overwrite, shared=True):
+        save_resolved(cfg, cfg.out, name="register_config.yaml")
+        summary = run_registration(cfg)
     print(json.dumps(summary))
     return 0

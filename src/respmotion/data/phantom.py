@@ -474,14 +474,59 @@ def make_patient(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: floa
     return Phantom(seed, shape, noise_hu)
 
 
+# peak memory of writing one patient: bytes a voxel for each phase computed at once (measured at
+# 32x128x128: 293 B/voxel with one thread, 537 with two)
+BYTES_PER_VOXEL_THREAD = 300
+
+
+def check_request(shape: Sequence[int], noise_hu: float, patients: int = 1, seed: int = 0) -> tuple[int, int, int]:
+    """Validate a phantom request; returns the shape as ``(z, y, x)`` ints.
+
+    Raises ``ValueError`` (one line) for a shape that is not 3 positive sizes, a negative noise
+    level, fewer than one patient or a negative seed."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"phantom shape must be 3 positive sizes z,y,x, got {','.join(map(str, shape))}")
+    if not math.isfinite(noise_hu) or noise_hu < 0:
+        raise ValueError(f"phantom noise_hu must be >= 0 HU (a standard deviation), got {noise_hu:g}")
+    if patients < 1:
+        raise ValueError(f"phantom patients must be >= 1, got {patients}")
+    if seed < 0:
+        raise ValueError(f"phantom seed must be >= 0, got {seed}")
+    return shape  # type: ignore[return-value]
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # not Linux: fall back to the physical memory size
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(shape: Sequence[int], parallel: int) -> None:
+    """Refuse (``MemoryError`` with the numbers) a request the machine cannot hold, before allocating."""
+    need = math.prod(shape) * BYTES_PER_VOXEL_THREAD * parallel
+    have = available_memory()
+    if need > have:
+        raise MemoryError(f"a {'x'.join(map(str, shape))} phantom needs about {need / 2**30:,.1f} GiB of memory "
+                          f"({parallel} phase(s) at once), {have / 2**30:,.1f} GiB are available")
+
+
 def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
                   noise_hu: float = 10.0, threads: int = 2) -> StudyDir:
     """Write one phantom patient (one study) in the cohort layout; skips a complete study.
 
     ``threads``: phases computed and written concurrently (numpy and torch release the GIL in the
-    heavy loops); the files do not depend on it.  The completion marker is written last."""
+    heavy loops); the files do not depend on it.  The completion marker is written last.  Use
+    :func:`write_cohort` for a whole output folder (it owns the folder, see :mod:`respmotion.io.ownership`)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    shape = check_request(shape, noise_hu, 1, seed)
     sd = StudyDir(Path(out) / patient_id / "study_0")
     if sd.is_complete():
         return sd
@@ -531,19 +576,39 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
 
 
 def write_cohort(out: str | Path, patients: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
-                 noise_hu: float = 10.0, progress: bool = False, workers: int = 1) -> list[StudyDir]:
+                 noise_hu: float = 10.0, progress: bool = False, workers: int = 1,
+                 overwrite: bool = False) -> list[StudyDir]:
     """Write ``patients`` phantom patients ``phantom_000``... (patient i uses seed ``seed * 1000 + i``).
 
     ``workers`` > 1 writes patients in parallel processes, the cores left to each run its phases in
     threads; the result does not depend on either.  Measured on 2 cores at 50x256x256: one process
-    (2 threads) 11.7 s a patient, two processes 13 s a patient (each imports torch)."""
+    (2 threads) 11.7 s a patient, two processes 13 s a patient (each imports torch).
+
+    The request is checked first (sizes, noise, memory: ``ValueError`` / ``MemoryError`` before
+    anything is allocated or written).  ``out`` is owned (:func:`respmotion.io.ownership.claim`):
+    a rerun with the same patients/seed/shape/noise resumes, another one is refused unless
+    ``overwrite`` (which empties ``out`` first), and a second process writing ``out`` is refused."""
+    from ..io.ownership import claim
+
+    shape = check_request(shape, noise_hu, patients, seed)
+    if workers < 1:
+        raise ValueError(f"phantom workers must be >= 1, got {workers}")
+    procs = min(workers, patients) if workers > 1 else 1
+    threads = max(1, min(4, (os.cpu_count() or 1) // procs))  # phases of a patient in threads (see write_patient)
+    check_memory(shape, procs * threads)
+    identity = {"patients": patients, "seed": seed, "shape": list(shape), "noise_hu": float(noise_hu)}
+    with claim(out, "phantom", identity, overwrite=overwrite):
+        return _write_jobs(out, patients, seed, shape, noise_hu, progress, workers, threads)
+
+
+def _write_jobs(out: str | Path, patients: int, seed: int, shape: tuple[int, int, int], noise_hu: float,
+                progress: bool, workers: int, threads: int) -> list[StudyDir]:
+    """The patients of :func:`write_cohort` (its checks and folder claim done)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    procs = min(workers, patients) if workers > 1 else 1
-    threads = max(1, min(4, (os.cpu_count() or 1) // procs))  # phases of a patient in threads (see write_patient)
     jobs = [(out, f"phantom_{i:03d}", seed * 1000 + i, tuple(shape), noise_hu, threads) for i in range(patients)]
     bar = tqdm(total=len(jobs), desc="phantom", unit="patient", disable=not progress)
     if workers <= 1 or len(jobs) <= 1:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.atomic import file_sha256, read_json, read_npy, write_json, write_npy
+from ..io.atomic import clean_stale_tmp, file_sha256, read_json, read_npy, write_json, write_npy
 from ..io.layout import PHASES, StudyDir, iter_studies
 
 log = logging.getLogger("respmotion")
@@ -107,6 +107,27 @@ def _encode(model: torch.nn.Module, arrays: list[np.ndarray], device: torch.devi
     return [a for a in z.float().cpu().numpy()]
 
 
+def expected_field_ids(source_name: str) -> list[str]:
+    """Every field id of a complete study for a source name (``gt_step``: step_00..step_90,
+    ``gt_ref`` / ``reg_ref@DIR``: ref_10..ref_90)."""
+    kind = source_name.split("@", 1)[0].rsplit("_", 1)[-1]
+    return [f"{kind}_{p:02d}" for p in PHASES if not (kind == "ref" and p == REFERENCE_PHASE)]
+
+
+def check_field_set(study: StudyDir, source: Any) -> None:
+    """A study has all of a source's fields or none of them (e.g. a real study without ground
+    truth); a partial set (a lost ``gt/dvf_step_30.npy``) is an error naming the missing file."""
+    if not source.name.startswith(("gt_", "reg_")):
+        return  # another source (an adapter): its own field_ids are the whole set
+    have = set(source.field_ids(study))
+    missing = [fid for fid in expected_field_ids(source.name) if fid not in have]
+    if have and missing:
+        kind, pct = field_kind(missing[0])
+        name = study.gt_path(kind, pct) if source.name.startswith("gt_") else f"{source.name} field {missing[0]}"
+        raise ValueError(f"{name}: missing ({len(missing)} of the study's {source.name} fields are missing, "
+                         f"{len(have)} present); restore it or remove the study")
+
+
 def encode_study(
     study: StudyDir,
     out_dir: Path,
@@ -135,6 +156,8 @@ def encode_study(
             written += 1
     for p in image_phases:
         files[f"image_{p:02d}.npy"] = list(read_npy(out_dir / f"image_{p:02d}.npy", mmap=True).shape)
+    for src in sources:
+        check_field_set(study, src)
     ids = [fid for src in sources for fid in src.field_ids(study)]
     owner = {fid: src for src in sources for fid in src.field_ids(study)}
     todo = [fid for fid in ids if not (out_dir / f"dvf_{fid}.npy").exists()]
@@ -226,6 +249,8 @@ def build_latent_set(
         if (sdir / STUDY_MARKER).exists():
             skipped += 1
             continue
+        if sdir.is_dir():  # an interrupted earlier run's temporary files (this study is this rank's alone)
+            clean_stale_tmp(sdir)
         files += encode_study(study, sdir, image_ae, dvf_ae, sources, phases, dev, prior=prior)
         done += 1
     summary = {"rank": r, "world_size": world, "studies": len(mine), "encoded": done, "skipped": skipped,

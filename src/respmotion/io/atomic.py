@@ -1,7 +1,9 @@
 """Atomic file writes: write to a temporary file in the target folder, then rename.
 
 A reader never sees a half-written file, and a crash (even kill -9) leaves either the old file
-or the new one, plus at worst a stray ``.tmp-*`` file that later runs ignore and clean up.
+or the new one, plus at worst a stray ``.tmp-*`` file that later runs ignore and clean up.  A
+failed write (disk full, no permission) removes its temporary file and raises an ``OSError``
+naming the target file.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # e.g. ENOSPC inside a writer: name the target
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

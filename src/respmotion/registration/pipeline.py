@@ -1,9 +1,11 @@
 """Register the phase pairs of a cohort: shard, skip finished pairs, batch a study's pairs, write atomically.
 
 Each pair becomes ``<out>/<patient>/<study>/<name>.npz`` (:func:`~.bspline.save_bspline`, atomic) followed by
-``<name>.json`` (its quality record).  A pair is finished when its ``.npz`` loads; a rerun after a crash (even
-``kill -9``) skips those, removes the temporary files of its own unfinished pairs and redoes them.  Load a
-result as a dense field with :func:`respmotion.registration.load_pair_field` or :func:`~.bspline.dense_field`.
+``<name>.json`` (its quality record).  A pair is finished when its ``.npz`` loads and records the SHA-256 of the
+two phase files it was computed from and the same result settings; a rerun after a crash (even ``kill -9``)
+skips those, removes the temporary files of its own unfinished pairs and redoes them, and redoes a pair whose
+``.npz`` is unreadable (truncated) or whose phase images or settings changed since.  Load a result as a dense field with :func:`respmotion.registration.load_pair_field` or
+:func:`~.bspline.dense_field`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import zipfile
 from itertools import groupby
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core.geometry import Geometry
-from ..io.atomic import TMP_PREFIX, read_json, write_json, write_npy
+from ..io.atomic import TMP_PREFIX, file_sha256, read_json, write_json, write_npy
 from ..io.layout import StudyDir, iter_studies
 from .bspline import BSplineField, ControlGrid, dense_tensor, load_bspline, save_bspline
 from .config import RegisterConfig
@@ -30,8 +33,29 @@ from .quality import quality_record
 log = logging.getLogger("respmotion.register")
 
 
-def pair_done(pair: Pair, out: str | os.PathLike) -> bool:
-    """True when every stored name of ``pair`` loads (missing aliases/quality files are restored)."""
+# settings that do not change a pair's result (which patients, batching, extra mask files)
+_NOT_RESULT_SETTINGS = ("patients", "batch_size", "write_masks")
+
+
+def result_settings(cfg: RegisterConfig) -> dict:
+    """The settings a stored pair must have been computed with to count as finished."""
+    d = _settings_dict(cfg)
+    for k in _NOT_RESULT_SETTINGS:
+        d.pop(k, None)
+    return d
+
+
+def pair_inputs(pair: Pair) -> dict[str, str]:
+    """SHA-256 of the fixed and moving phase files (a pair is redone when they change)."""
+    return {"fixed_sha256": file_sha256(pair.study.phase_path(pair.fixed)),
+            "moving_sha256": file_sha256(pair.study.phase_path(pair.moving))}
+
+
+def pair_done(pair: Pair, out: str | os.PathLike, inputs: dict[str, str] | None = None,
+              settings: dict | None = None) -> bool:
+    """True when a stored name of ``pair`` loads and (when given) was computed from ``inputs`` with
+    ``settings`` (see :func:`pair_inputs`, :func:`result_settings`); missing aliases/quality files are
+    restored.  An unreadable (e.g. truncated) file is removed and the pair redone."""
     paths = pair.paths(out)
     good = None
     for p in paths:
@@ -39,10 +63,17 @@ def pair_done(pair: Pair, out: str | os.PathLike) -> bool:
             try:
                 good = load_bspline(p)
                 break
-            except ValueError:
-                log.warning("%s: unreadable, will redo", p)
+            except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+                log.warning("%s: unreadable (%s), will redo", p, type(exc).__name__)
                 p.unlink()
     if good is None:
+        return False
+    if inputs is not None and {k: good.meta.get("inputs", {}).get(k) for k in inputs} != inputs:
+        log.warning("%s: computed from other phase images than %s now holds, will redo", paths[0], pair.study.path)
+        return False
+    if settings is not None and {k: v for k, v in good.meta.get("settings", {}).items()
+                                 if k not in _NOT_RESULT_SETTINGS} != settings:
+        log.warning("%s: computed with other registration settings, will redo", paths[0])
         return False
     for p in paths:
         if not p.exists():
@@ -103,8 +134,11 @@ class _StudyCache:
 
 
 def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, out: Path,
-                   device: torch.device, mask_owner: set[int]) -> list[dict]:
-    """Register ``batch`` (pairs of one study) in one tensor and write every result; returns their records."""
+                   device: torch.device, mask_owner: set[int], inputs: dict[Pair, dict[str, str]] | None = None
+                   ) -> list[dict]:
+    """Register ``batch`` (pairs of one study) in one tensor and write every result; returns their records.
+
+    ``inputs``: each pair's :func:`pair_inputs`, recorded in its quality record (computed here if missing)."""
     t0 = time.perf_counter()
     fixed = np.stack([cache.image(p.fixed) for p in batch])
     moving = np.stack([cache.image(p.moving) for p in batch])
@@ -129,7 +163,8 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
                 "quality": {**q, "seconds": seconds, "batch_size": len(batch), "device": str(device)},
                 "optimiser": {"levels": [{k: v for k, v in lv.items() if k != "trace"} for lv in opt_log["levels"]],
                               "folding_repair": opt_log["repair"]["pairs"][b] if "repair" in opt_log else None},
-                "settings": _settings_dict(cfg)}
+                "settings": _settings_dict(cfg),
+                "inputs": (inputs or {}).get(pair) or pair_inputs(pair)}
         stored = BSplineField(stored_coef, grid, geom, meta, None if lung is None else lung[b])
         for path in pair.paths(out):
             save_bspline(stored, path)
@@ -153,7 +188,10 @@ def _settings_dict(cfg: RegisterConfig) -> dict:
 
 
 def run_registration(cfg: RegisterConfig) -> dict:
-    """Register this rank's share of the cohort's pairs; returns a summary (counts, seconds)."""
+    """Register this rank's share of the cohort's pairs; returns a summary (counts, seconds).
+
+    Pairs stored with other phase images or result settings are redone (see :func:`pair_done`).
+    ``respmotion register`` also owns the output folder (:mod:`respmotion.io.ownership`)."""
     cfg.check()
     if not cfg.data or not cfg.out:
         raise ValueError("register needs --data and --out")
@@ -170,6 +208,7 @@ def run_registration(cfg: RegisterConfig) -> dict:
         if missing:
             raise ValueError(f"{cfg.data}: no complete study of patient(s) {', '.join(missing)}")
         studies = [s for s in studies if s.patient in set(cfg.patients)]
+    settings = result_settings(cfg)
     all_pairs = [p for s in studies for p in study_pairs(s, cfg.pairs, cfg.reference)]
     mine = shard(all_pairs, rank, world)
     # the body mask of a phase is written by the rank that owns the first pair with that fixed phase
@@ -185,7 +224,8 @@ def run_registration(cfg: RegisterConfig) -> dict:
         group = list(group)
         for p in group:
             _clean_own_tmp(p, out)
-        todo = [p for p in group if not pair_done(p, out)]
+        inputs = {p: pair_inputs(p) for p in group}
+        todo = [p for p in group if not pair_done(p, out, inputs[p], settings)]
         summary["skipped"] += len(group) - len(todo)
         if not todo:
             continue
@@ -193,7 +233,7 @@ def run_registration(cfg: RegisterConfig) -> dict:
         size = cfg.batch_size or len(todo)
         for i in range(0, len(todo), size):
             batch = todo[i:i + size]
-            recs = register_batch(cache, batch, cfg, out, device, owners.get(study_key, set()))
+            recs = register_batch(cache, batch, cfg, out, device, owners.get(study_key, set()), inputs)
             summary["registered"] += len(batch)
             for r in recs:
                 q = r["quality"]

@@ -34,6 +34,7 @@ from ..models.prior import NPY as PRIOR_NPY
 from ..models.prior import PRIOR_MODES, MotionPrior
 from . import distributed as D
 from .data import FieldDataset, VolumeDataset, field_source, studies_of
+from .checkpoint import own_run_dir
 from .engine import FitResult, Task, TrainConfig, Trainer, unwrap
 from .splits import Split, split_patients
 
@@ -152,7 +153,10 @@ class AutoencoderTask(Task):
         out = model(x)
         recon = out.recon.float()
         if self.cfg.kind == "image":
-            return self.loss_fn(recon, x)
+            terms = self.loss_fn(recon, x)
+            if "ssim" in terms:  # the loss term is 1 - SSIM: logged under that name, not as an SSIM
+                terms["one_minus_ssim"] = terms.pop("ssim")
+            return terms
         kl = kl_divergence(out.mu.float(), out.logvar.float()) if out.logvar is not None else None
         warm = self.cfg.dvf_loss.kl_warmup_steps
         return self.loss_fn(recon, x, kl, min(1.0, step / warm) if warm > 0 else 1.0)
@@ -273,28 +277,36 @@ def train_autoencoder(
             run_dir = resume.parent
         else:
             run_dir = D.broadcast_object(_new_run_dir(cfg) if info.is_main else None, info)
-        split = make_split(cfg)
-        if resume is not None and (run_dir / "split.json").exists():
-            from ..io.atomic import read_json
-
-            split = Split.from_dict(read_json(run_dir / "split.json"))
-        if not split.train:
-            raise ValueError(f"{cfg.data.root}: no training patients")
-        prior = _prior_for_run(cfg, split, run_dir, info)
-        train_set = make_dataset(cfg, split.train, prior=prior)
-        val_set = make_dataset(cfg, split.val, prior=prior) if split.val else None
-        if len(train_set) == 0:
-            raise ValueError(f"{cfg.data.root}: no training items for kind {cfg.kind!r} "
-                             f"(field source {cfg.data.field_source!r})" if cfg.kind == "dvf" else
-                             f"{cfg.data.root}: no CT volumes of phases {cfg.data.phases} for the training patients")
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-            write_json(run_dir / "split.json", split.to_dict())
-            log.info("run folder %s: %d train / %d val items, patients %s | %s | %s", run_dir, len(train_set),
-                     len(val_set) if val_set else 0, len(split.train), len(split.val), len(split.test))
-        D.barrier(info)
-        trainer = Trainer(AutoencoderTask(cfg, split, prior), train_set, val_set, cfg.train, run_dir, to_dict(cfg), info)
-        return trainer.fit(resume=resume, init=init)
+        with own_run_dir(run_dir, f"autoencoder_{cfg.kind}", resume is not None, info.is_main):
+            return _train_in(cfg, run_dir, info, resume, init)
     finally:
         D.cleanup()
+
+
+def _train_in(cfg: AutoencoderRunConfig, run_dir: Path, info, resume: Path | None, init: str | Path | None
+              ) -> FitResult:
+    """The body of :func:`train_autoencoder` once ``run_dir`` is owned."""
+    split = make_split(cfg)
+    if resume is not None and (run_dir / "split.json").exists():
+        from ..io.atomic import read_json
+
+        split = Split.from_dict(read_json(run_dir / "split.json"))
+    if not split.train:
+        raise ValueError(f"{cfg.data.root}: no training patients")
+    prior = _prior_for_run(cfg, split, run_dir, info)
+    train_set = make_dataset(cfg, split.train, prior=prior)
+    val_set = make_dataset(cfg, split.val, prior=prior) if split.val else None
+    if len(train_set) == 0:
+        raise ValueError(f"{cfg.data.root}: no training items for kind {cfg.kind!r} "
+                         f"(field source {cfg.data.field_source!r})" if cfg.kind == "dvf" else
+                         f"{cfg.data.root}: no CT volumes of phases {cfg.data.phases} for the training patients")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / "split.json", split.to_dict())
+        log.info("run folder %s: %d train / %d val items, patients %s | %s | %s", run_dir, len(train_set),
+                 len(val_set) if val_set else 0, len(split.train), len(split.val), len(split.test))
+    D.barrier(info)
+    trainer = Trainer(AutoencoderTask(cfg, split, prior), train_set, val_set, cfg.train, run_dir, to_dict(cfg), info)
+    return trainer.fit(resume=resume, init=init)
+

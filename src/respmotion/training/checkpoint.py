@@ -21,11 +21,13 @@ Checkpoint dict (plain containers, tensors and numbers only)::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -45,8 +47,35 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: never half-written."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        try:
+            torch.save({"format": FORMAT, **state}, tmp)
+        except RuntimeError as exc:  # torch reports a failed file write (disk full, I/O error) so
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            raise OSError(errno.EIO, f"writing the checkpoint failed ({lines[0] if lines else 'no detail'})",
+                          str(path)) from exc
     return path
+
+
+@contextlib.contextmanager
+def own_run_dir(run_dir: str | os.PathLike, task: str, resuming: bool, is_main: bool = True) -> Iterator[None]:
+    """Hold ``run_dir`` for one training (rank 0 only; the other ranks follow it) while the block runs.
+
+    A new run (not ``resuming``) into a folder that already holds a run is refused (it would
+    overwrite that run's checkpoints or mix two configs); a second training of the same folder at
+    once is refused by the lock (:func:`respmotion.io.ownership.claim`).  Both errors name ``--resume``."""
+    from ..io.ownership import OwnershipError, claim, holds_data
+
+    if not is_main:
+        yield
+        return
+    run_dir = Path(run_dir)
+    if not resuming and run_dir.is_dir() and holds_data(run_dir):
+        found = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+        raise OwnershipError(f"{run_dir}: holds a training run already ({', '.join(found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}); pass --resume {run_dir} to continue it, "
+                             f"or choose another --run-dir")
+    with claim(run_dir, "train", {"task": task}, resume_flag="--resume", adopt=resuming):
+        yield
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
