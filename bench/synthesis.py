@@ -3,7 +3,7 @@
 ``fixed`` (default): :func:`respmotion.synthesis.pipeline.synthesize` with a
 :class:`~respmotion.synthesis.pipeline.FixedMotion` holding a phantom's exact fields -- what every
 synthesis run costs besides the motion model: resampling, warping 10 phases, writing NIfTI + MHA
-volumes and ITK fields, the 4D NIfTI and the summary (GIFs are timed by ``bench.render``).
+volumes and ITK fields and the summary (GIFs are timed by ``bench.render``).
 
 ``ldm``: the same with an **untrained default-size** latent diffusion bundle built in memory
 (image AE + DVF VAE + phase-conditioned UNet, :class:`respmotion.diffusion.pipeline.MotionGenerator`)
@@ -59,8 +59,8 @@ def untrained_generator(device: str):
 
 
 def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = False, variant: str = "fixed",
-        cache_dir: str | None = None, formats: tuple[str, ...] = ("nii.gz", "mha")) -> dict[str, Any]:
-    """One synthesis of one sample (10 phases); ``quick`` writes only .mha files (no gzip)."""
+        cache_dir: str | None = None, formats: tuple[str, ...] = ("nifti", "mha")) -> dict[str, Any]:
+    """One synthesis of one sample (10 phases); ``quick`` writes only .mha files."""
     from bench.common import PeakRSS, cuda_peak_mb, environment, phantom_cycle, reset_cuda_peak
 
     from respmotion.core.types import DisplacementField, Volume
@@ -81,7 +81,7 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
     del cts, dvfs
     setup_s = time.perf_counter() - t0
     fmts = ("mha",) if quick else tuple(formats)
-    opts = SynthesisOptions(samples=1, seed=0, formats=fmts, render=False)
+    opts = SynthesisOptions(samples=1, seed=0, formats=fmts)
     with tempfile.TemporaryDirectory(prefix="respmotion-bench-synth-") as out:
         reset_cuda_peak(device)
         with PeakRSS() as mem:

@@ -49,9 +49,12 @@ def phantom_study(tmp_path_factory):
 
 def test_synthesize_with_ground_truth_motion(tmp_path, phantom_study):
     out = tmp_path / "syn"
-    rc = main(["synthesize", str(phantom_study), "--model", "gt", "--out", str(out), "--no-render"])
+    rc = main(["synthesize", str(phantom_study), "--model", "gt", "--out", str(out), "--no-render",
+               "--formats", "nifti,mha,nifti4d"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["formats"] == ["nifti", "mha", "nifti4d"] and summary["seed"] == 0
+    assert summary["motion"]["kind"] == "fixed fields"
     s0 = summary["samples"][0]
     assert set(s0["phases"]) == {f"{k:02d}" for k in range(0, 100, 10)}
     assert all(v["folding_percent"] == 0 for v in s0["phases"].values())
@@ -93,7 +96,7 @@ def test_synthesize_structures_dicom_amplitude(tmp_path, phantom_study):
                "--structures", str(tmp_path / "gtv.nii.gz")])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
-    gtv = s["structures"]["gtv"]
+    gtv = s["samples"][0]["structures"]["gtv"]
     truth = info["nodule_trajectory_lps_mm"]
     for k, rec in gtv["phases"].items():
         # shift of the centroid relative to phase 00 vs the true nodule shift
@@ -101,12 +104,17 @@ def test_synthesize_structures_dicom_amplitude(tmp_path, phantom_study):
         true = np.subtract(truth[f"{int(k):02d}"][0], truth["00"][0])
         assert np.linalg.norm(moved - true) < 1.0, (k, moved, true)
     assert gtv["peak_to_peak_mm"]["z_si"] > 5 and gtv["itv_volume_cm3"] > 0
-    assert len(list((out / "sample_00" / "dicom").glob("rtstruct_phase_*_gtv.dcm"))) == 10
+    rts = sorted((out / "sample_00" / "dicom").glob("rtstruct_phase_*.dcm"))
+    assert len(rts) == 10  # one per phase, every structure and its ITV in it
+    import pydicom
+
+    rs = pydicom.dcmread(rts[5])
+    assert [r.ROIName for r in rs.StructureSetROISequence] == ["gtv", "gtv_ITV"]
     # the written DICOM 4D-CT reads back as one 10-phase study through our importer
     from respmotion.io.dicom import read_dicom_series
 
     ph50 = read_dicom_series(out / "sample_00" / "dicom" / "phase_50")
-    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "sample_00" / "phase_50.mha")))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "sample_00" / "phase_50.nii.gz")))
     assert np.abs(ph50.array - ours).max() <= 1.0  # int16 storage rounding
 
     # amplitude 2: about twice the motion, still invertible
@@ -130,3 +138,89 @@ def test_evaluate_synthesis_report(tmp_path):
     assert h["zero/dvf_error_lung_mean_mm"] > 2.0 and h["population_mean/dvf_error_lung_mean_mm"] > 0.1
     assert abs(h["model/diaphragm_excursion_mm"] - h["truth/diaphragm_excursion_mm"]) < 1e-6
     assert (out / "summary.png").stat().st_size > 10_000 and (out / "summary.html").exists()
+
+
+def _smooth_case(native_shape, model_shape):
+    """A CT with texture on ``native_shape`` and a smooth breathing-like field on its model grid."""
+    geom = Geometry(native_shape, (2.5, 1.3, 1.1), (-20.0, 15.0, 40.0))
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in native_shape], indexing="ij")
+    ct = Volume((-700 + 300 * np.sin(zz / 1.7) * np.cos(yy / 2.3) + 200 * np.sin(xx / 1.9)).astype(np.float32), geom)
+    mg = geom.resized(model_shape)
+    mz, my, mx = np.meshgrid(*[np.linspace(0, 1, n, dtype=np.float32) for n in model_shape], indexing="ij")
+    base = np.stack([4.0 * np.sin(np.pi * my) * mx, 1.5 * mz * mx, -2.0 * np.cos(np.pi * mz) * my])
+    fields = {k: DisplacementField((np.sin(np.pi * k / 100) * base).astype(np.float32), mg) for k in range(0, 100, 10)}
+    return ct, fields
+
+
+@pytest.mark.parametrize("native_shape,model_shape", [((21, 40, 36), (8, 16, 16)), ((6, 30, 22), (8, 16, 32))])
+def test_streaming_equals_whole_volume_path(tmp_path, native_shape, model_shape):
+    """Slab-wise warping of the native CT with the model-grid field (int16 HU written) equals the earlier
+    whole-volume path (field resampled to the native grid, then warped) within 0.5 HU, and the written
+    model-grid field, resampled to the native grid, equals that path's native field within 0.01 mm;
+    ITK's DisplacementFieldTransform applies the written model-grid field like our warp."""
+    from respmotion.io.volumes import load_field, load_volume
+    from respmotion.synthesis.pipeline import FixedMotion, SynthesisOptions, synthesize
+
+    ct, fields = _smooth_case(native_shape, model_shape)
+    out = tmp_path / "s"
+    synthesize(ct, FixedMotion(fields, model_shape), out, SynthesisOptions(formats=("nifti", "mha"), slab=4))
+    for k in (0, 30, 50):
+        native = ops.resample_field(fields[k], native_shape)  # the earlier path, one phase
+        old = ops.warp_volume(ct, DisplacementField(native.array, ct.geometry)).array
+        new = load_volume(out / "sample_00" / f"phase_{k:02d}.nii.gz")
+        assert new.array.dtype == np.int16 and new.geometry.same_as(ct.geometry)
+        assert np.abs(new.array - old).max() <= 0.5 + 1e-3
+        written = load_field(out / "sample_00" / f"dvf_{k:02d}.mha")
+        assert written.geometry.same_as(fields[k].geometry, tol=1e-3)
+        assert np.abs(ops.resample_field(written, native_shape).array - native.array).max() <= 0.01
+    moved = np.abs(ops.warp_volume(ct, DisplacementField(ops.resample_field(fields[50], native_shape).array,
+                                                         ct.geometry)).array - ct.array).mean()
+    assert moved > 5  # a real motion
+    ct_img = sitk.ReadImage(str(out / "sample_00" / "phase_00.mha"))  # == the input CT in int16
+    disp = sitk.ReadImage(str(out / "sample_00" / "dvf_50.mha"))
+    tx = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(ct_img, sitk.sitkFloat32), ct_img, tx, sitk.sitkLinear))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "sample_00" / "phase_50.mha")))
+    inner = (slice(2, -2), slice(3, -3), slice(3, -3))
+    assert np.abs(theirs[inner] - ours[inner]).mean() < 1.0
+
+
+def test_dicom_phases_join_the_input_study(tmp_path):
+    """--formats dicom on a DICOM input: one series per phase in the input's study and frame of reference,
+    'Gated, NN%', read back by SimpleITK and pydicom with the input's geometry; one RTSTRUCT per phase."""
+    import pydicom
+    from dicom_factory import write_ct_series
+
+    from respmotion.io.dicom import list_dicom_files, read_dicom_series
+    from respmotion.synthesis.pipeline import FixedMotion, SynthesisOptions, synthesize
+
+    ct0, fields = _smooth_case((8, 24, 20), (4, 12, 10))
+    folder = tmp_path / "input"
+    write_ct_series(folder, ct0.array.astype(np.float64).round(), ct0.geometry.spacing, ct0.geometry.origin,
+                    series_description="planning CT", study_uid="1.2.826.0.1.3680043.8.498.7",
+                    frame_of_reference_uid="1.2.826.0.1.3680043.8.498.8")
+    ct = read_dicom_series(folder)
+    gtv = np.zeros(ct.geometry.shape, np.uint8)
+    gtv[2:6, 8:16, 6:14] = 1
+    out = tmp_path / "s"
+    synthesize(ct, FixedMotion(fields, (4, 12, 10)), out, SynthesisOptions(formats=("dicom",), template=str(folder)),
+               structures={"GTV": gtv})
+    d = out / "sample_00" / "dicom"
+    assert not list(out.glob("sample_00/*.nii.gz"))  # only the formats asked for
+    for k in range(0, 100, 10):
+        hs = [pydicom.dcmread(p, stop_before_pixels=True) for p in list_dicom_files(d / f"phase_{k:02d}")]
+        assert {h.StudyInstanceUID for h in hs} == {"1.2.826.0.1.3680043.8.498.7"}
+        assert {h.FrameOfReferenceUID for h in hs} == {"1.2.826.0.1.3680043.8.498.8"}
+        assert {h.SeriesDescription for h in hs} == {f"Gated, {k:02d}%"} and len({h.SeriesInstanceUID for h in hs}) == 1
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(d / f"phase_{k:02d}")))
+        img = reader.Execute()
+        assert img.GetSize() == ct.geometry.shape[::-1]
+        np.testing.assert_allclose(img.GetOrigin(), ct.geometry.origin, atol=1e-3)
+        np.testing.assert_allclose(img.GetSpacing(), ct.geometry.spacing[::-1], atol=1e-4)
+        rs = pydicom.dcmread(d / f"rtstruct_phase_{k:02d}.dcm")
+        assert rs.StudyInstanceUID == "1.2.826.0.1.3680043.8.498.7"
+        assert [r.ROIName for r in rs.StructureSetROISequence] == ["GTV", "GTV_ITV"]
+        ref_series = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert ref_series.SeriesInstanceUID == hs[0].SeriesInstanceUID
+    assert read_dicom_series(d / "phase_00").geometry.same_as(ct.geometry)

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..diffusion.config import SAMPLER_CHOICES
 from ._common import UserError, add_config_args, command, resolve_config, save_resolved
 
 
@@ -33,6 +34,7 @@ class EvaluateSynthesisConfig:
     device: str = "cpu"
     sampler: str = ""
     steps: int = 0
+    delta_t: int = 0
 
 
 def add_parser(targets: argparse._SubParsersAction) -> None:
@@ -47,8 +49,9 @@ def add_parser(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, help="samples per study")
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "dpmpp2m"])
-    p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="diffusion sampler (default: the bundle's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
+    p.add_argument("--delta-t", type=int, help="timestep stride of the research code: T / DELTA_T steps")
     add_config_args(p)
     command(p, run)
 
@@ -57,14 +60,15 @@ def _motion(cfg: EvaluateSynthesisConfig, study):
     from ..synthesis.run import SynthesizeConfig, load_motion
 
     return load_motion(SynthesizeConfig(ct=str(study.path) if study else cfg.ct, model=cfg.model, device=cfg.device,
-                                        sampler=cfg.sampler, steps=cfg.steps), study)
+                                        sampler=cfg.sampler, steps=cfg.steps, delta_t=cfg.delta_t), study)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(EvaluateSynthesisConfig, args, {
         "data": args.data, "ct": args.ct, "landmarks": args.landmarks, "model": args.model, "out": args.out,
         "patients": args.patients, "split": args.split, "samples": args.samples, "seed": args.seed,
-        "device": args.device, "sampler": args.sampler, "steps": args.steps})
+        "device": args.device, "sampler": args.sampler, "steps": args.steps,
+        "delta_t": args.delta_t})
     if not cfg.model:
         raise UserError("no motion model given (--model BUNDLE_DIR or --model gt)")
     out = Path(cfg.out)

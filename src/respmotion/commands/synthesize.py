@@ -3,6 +3,17 @@
 CT: a DICOM folder, a NIfTI/MHA/NRRD file, a ``phase_XX.npy`` of our layout, or a study folder
 of our layout (its phase 00 is used).  Motion: ``--model DIR`` (a trained model bundle, see
 ``respmotion train``), or ``--model gt`` on a phantom study (its exact motion; for checks).
+
+Outputs (``--formats``, comma-separated): ``nifti`` (default: phase_XX.nii.gz as int16 HU and
+dvf_XX.nii.gz float32 ITK fields, one compressed copy of each, read by 3D Slicer, ITK and nibabel),
+``mha`` (the same as .mha), ``dicom`` (a CT series per phase in the input's DICOM study, "Gated,
+NN%", and with --structures one RTSTRUCT per phase holding every structure and its ITV),
+``nifti4d`` (ct_4d.nii.gz).  Phases are warped and written one at a time.
+
+Sampling (diffusion bundles): ``--sampler ddpm|ddim|dpm`` (dpm = DPM-Solver++(2M)); a sampler
+other than the bundle's starts from its own defaults (ddpm: all T steps, ddim: T/5, dpm: 20);
+``--steps N`` or ``--delta-t D`` (the research code's stride, T/D steps).  An impossible
+combination is refused in one line.
 """
 
 from __future__ import annotations
@@ -11,6 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..diffusion.config import SAMPLER_CHOICES
+from ..synthesis.pipeline import DEFAULT_FORMATS, FORMATS
 from ..synthesis.run import SynthesizeConfig
 from ._common import UserError, add_config_args, command, resolve_config, save_resolved
 
@@ -22,13 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="trained model bundle folder, or 'gt' (phantom study's exact motion)")
     p.add_argument("--samples", type=int, help="number of breathing cycles to draw")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm", "dpmpp2m"], help="diffusion sampler")
-    p.add_argument("--steps", type=int, help="sampling steps")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="diffusion sampler (default: the bundle's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
+    p.add_argument("--delta-t", type=int, help="timestep stride of the research code: T / DELTA_T steps")
+    p.add_argument("--formats", help=f"comma-separated outputs from {','.join(FORMATS)} (default "
+                   f"{','.join(DEFAULT_FORMATS)}: one compressed copy of every phase (int16 HU) and field)")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--amplitude", type=float, help="breathing amplitude factor (1 = model's motion)")
     p.add_argument("--excursion-mm", type=float, help="target diaphragm SI excursion in mm")
     p.add_argument("--trace", help="CSV breathing trace (time, amplitude): writes a sequence following it")
-    p.add_argument("--dicom", action="store_true", default=None, help="also write each phase as a DICOM CT series")
+    p.add_argument("--dicom", action="store_true", default=None, help="add dicom to --formats")
     p.add_argument("--structures", nargs="+", help="RTSTRUCT file and/or mask files on the input CT")
     p.add_argument("--structure-names", nargs="+", help="structures to take from the RTSTRUCT (default: all)")
     p.add_argument("--no-render", dest="render", action="store_false", default=None, help="skip the GIFs")
@@ -42,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(SynthesizeConfig, args, {
         "ct": args.ct, "out": args.out, "model": args.model, "samples": args.samples, "seed": args.seed,
-        "sampler": args.sampler, "steps": args.steps, "device": args.device, "amplitude": args.amplitude,
+        "sampler": args.sampler, "steps": args.steps, "delta_t": args.delta_t,
+        "formats": args.formats.split(",") if args.formats else None, "device": args.device, "amplitude": args.amplitude,
         "excursion_mm": args.excursion_mm, "trace": args.trace, "dicom": args.dicom, "structures": args.structures,
         "structure_names": args.structure_names, "render": args.render, "heatmap": args.heatmap, "fps": args.fps,
         "num_slices": args.num_slices})

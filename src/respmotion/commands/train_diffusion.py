@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..diffusion.config import SAMPLER_CHOICES
 from ._common import UserError, command, resolve_config
 
 
@@ -26,7 +27,7 @@ def add_parser(targets: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--latents", metavar="DIR", help="latent set folder from `respmotion latents` (data.latents)")
     p.add_argument("--target", choices=("ref", "step"),
                    help="ref: each phase relative to 00 (default); step: consecutive transitions (model.target)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp2m"), help="default sampler stored with the model")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default sampler stored with the model")
     p.add_argument("--delta-t", type=int, help="DDIM timestep stride (research default 5 -> 200 steps)")
     p.add_argument("--sampling-steps", type=int, help="sampler steps (overrides --delta-t; dpmpp2m: 20)")
     add_run_args(p)

@@ -9,10 +9,16 @@ prediction target, x0 instead of epsilon (see :class:`ScheduleConfig`), and the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 TARGET_MODES = ("ref", "step")
+#: the one sampler registry: canonical names (diffusion.schedulers builds them), the aliases the
+#: commands also accept, and what each name means when it is chosen without --steps / --delta-t.
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SAMPLER_ALIASES = {"dpm": "dpmpp2m"}
+SAMPLER_CHOICES = SAMPLERS + tuple(SAMPLER_ALIASES)
+SAMPLER_DEFAULTS = {  # (steps, delta_t): ddpm all T steps; ddim the research stride 5 (T / 5 steps); dpmpp2m 20
+    "ddpm": (0, 1), "ddim": (0, 5), "dpmpp2m": (20, 5)}
 IMAGE_CONDITIONS = ("plain", "deviation", "both")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # sample = x0
 
@@ -71,6 +77,60 @@ class SamplerConfig:
     eta: float = 0.0
     use_ema: bool = True
     shared_noise: bool = True  # one draw per cycle: the same noise for every phase (coherent cycles)
+
+    def __post_init__(self) -> None:
+        self.name = SAMPLER_ALIASES.get(self.name, self.name)
+        if self.name not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_CHOICES)}, got {self.name!r}")
+
+    def num_steps(self, T: int) -> int:
+        """Network evaluations of one trajectory for a schedule of ``T`` timesteps; raises a
+        one-line ``ValueError`` for an impossible setting."""
+        if self.name == "ddpm":
+            if self.steps not in (0, T):
+                raise ValueError(f"ddpm samples over all {T} timesteps; got steps={self.steps} (use ddim or dpm)")
+            return T
+        if self.steps > 0:
+            if self.steps > T:
+                raise ValueError(f"steps must be in 1..{T} (the schedule's timesteps), got {self.steps}")
+            return self.steps
+        if self.delta_t < 1 or T % self.delta_t:
+            raise ValueError(f"delta_t must divide num_train_timesteps={T}, got {self.delta_t}")
+        return T // self.delta_t
+
+
+def choose_sampler(base: SamplerConfig, T: int, name: str = "", steps: int = 0, delta_t: int = 0) -> SamplerConfig:
+    """The sampler a user asked for on top of a bundle's default ``base`` (schedule of ``T`` timesteps).
+
+    ``name`` (a :data:`SAMPLER_CHOICES` entry; "" keeps ``base``'s): another sampler than the
+    bundle's starts from that sampler's own defaults (:data:`SAMPLER_DEFAULTS`: ddpm all T steps,
+    ddim T / 5, dpm 20), never from the bundle's step count.  ``steps`` > 0 sets the number of
+    steps, ``delta_t`` > 0 the research code's stride (T / delta_t steps); both given must agree.
+    Every impossible combination raises a one-line ``ValueError``; the result is validated.
+    """
+    if steps < 0 or delta_t < 0:
+        raise ValueError(f"steps and delta_t must be positive, got steps={steps}, delta_t={delta_t}")
+    cfg = base
+    if name:
+        canon = SAMPLER_ALIASES.get(name, name)
+        if canon not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_CHOICES)}, got {name!r}")
+        if canon != base.name:
+            d_steps, d_delta = SAMPLER_DEFAULTS[canon]
+            cfg = replace(base, name=canon, steps=d_steps, delta_t=d_delta)
+    if delta_t:
+        if T % delta_t:
+            raise ValueError(f"--delta-t {delta_t} does not divide the model's {T} timesteps")
+        if steps and steps != T // delta_t:
+            raise ValueError(f"--steps {steps} and --delta-t {delta_t} disagree ({T} / {delta_t} = {T // delta_t} "
+                             f"steps); give one of them")
+        cfg = replace(cfg, steps=0, delta_t=delta_t)
+    elif steps:
+        cfg = replace(cfg, steps=steps)
+    if cfg.name == "ddpm" and ((steps and steps != T) or (delta_t and delta_t != 1)):
+        raise ValueError(f"ddpm samples over all {T} timesteps (delta_t 1); --steps/--delta-t choose ddim or dpm")
+    cfg.num_steps(T)
+    return cfg
 
 
 FAST_SAMPLER = SamplerConfig(name="dpmpp2m", steps=20)

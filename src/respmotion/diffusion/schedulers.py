@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from .config import PREDICTION_TYPES, SAMPLERS, SamplerConfig, ScheduleConfig
+from .config import PREDICTION_TYPES, SamplerConfig, ScheduleConfig
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t (B,)) -> model output
 NoiseFn = Callable[[], torch.Tensor]  # -> a standard normal tensor shaped like x_t
@@ -215,18 +215,9 @@ class DPMSolverPP2M(Sampler):
 def make_sampler(schedule: NoiseSchedule, cfg: SamplerConfig) -> Sampler:
     """Build the sampler named in ``cfg`` (see :class:`~respmotion.diffusion.config.SamplerConfig`)."""
     T = schedule.T
-    if cfg.name not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {cfg.name!r}")
+    steps = cfg.num_steps(T)  # validates name and steps/delta_t (one-line ValueError)
     if cfg.name == "ddpm":
-        if cfg.steps not in (0, T):
-            raise ValueError(f"ddpm samples over all {T} timesteps; got steps={cfg.steps} (use ddim or dpmpp2m)")
         return DDPMSampler(schedule, list(range(T - 1, -1, -1)))
-    if cfg.steps > 0:
-        steps = cfg.steps
-    else:
-        if cfg.delta_t < 1 or T % cfg.delta_t:
-            raise ValueError(f"delta_t must divide num_train_timesteps={T}, got {cfg.delta_t}")
-        steps = T // cfg.delta_t
     ts = trailing_timesteps(T, steps)
     if cfg.name == "ddim":
         return DDIMSampler(schedule, ts, cfg.eta)

@@ -70,6 +70,45 @@ def centroid_lps(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
     return geometry.index_to_world(mean_idx)
 
 
+class MotionAccumulator:
+    """:func:`structure_motion` one phase at a time (a streaming synthesis holds one phase's mask).
+
+    ``add(k, mask)`` per phase (binary or occupancy ``(z, y, x)``), then ``result()``; memory: the
+    uint8 ITV and a few numbers per phase.
+    """
+
+    def __init__(self, geometry: Geometry, itv_threshold: float = 0.5) -> None:
+        self.geometry, self.itv_threshold = geometry, itv_threshold
+        self.voxel_cm3 = geometry.voxel_volume_mm3() / 1000.0
+        self.phases: dict[int, dict[str, Any]] = {}
+        self.itv = np.zeros(geometry.shape, dtype=bool)
+
+    def add(self, k: int, mask: np.ndarray) -> None:
+        w = _occupancy(mask)
+        if w.shape != self.geometry.shape:
+            raise ValueError(f"phase {k} mask shape {w.shape} != geometry shape {self.geometry.shape}")
+        if not w.any():
+            raise ValueError(f"structure is empty at phase {k}")
+        c = centroid_lps(w, self.geometry)
+        self.phases[int(k)] = {"centroid_lps_mm": [float(v) for v in c], "volume_cm3": float(w.sum() * self.voxel_cm3)}
+        self.itv |= w >= self.itv_threshold
+
+    def result(self) -> dict[str, Any]:
+        if not self.phases:
+            raise ValueError("no phase masks")
+        phases = dict(sorted(self.phases.items()))
+        cents_a = np.asarray([rec["centroid_lps_mm"] for rec in phases.values()])
+        ptp = cents_a.max(0) - cents_a.min(0)
+        pair = np.linalg.norm(cents_a[:, None] - cents_a[None], axis=-1)
+        return {
+            "phases": phases,
+            "peak_to_peak_mm": {"x_lr": float(ptp[0]), "y_ap": float(ptp[1]), "z_si": float(ptp[2]),
+                                "vector_max": float(pair.max())},
+            "itv_volume_cm3": float(self.itv.sum() * self.voxel_cm3),
+            "itv": self.itv.astype(np.uint8),
+        }
+
+
 def structure_motion(
     masks_by_phase: Mapping[int, np.ndarray], geometry: Geometry, itv_threshold: float = 0.5
 ) -> dict[str, Any]:
@@ -85,30 +124,10 @@ def structure_motion(
     """
     if not masks_by_phase:
         raise ValueError("no phase masks")
-    voxel_cm3 = geometry.voxel_volume_mm3() / 1000.0
-    phases: dict[int, dict[str, Any]] = {}
-    cents = []
-    itv = np.zeros(geometry.shape, dtype=bool)
+    acc = MotionAccumulator(geometry, itv_threshold)
     for k, m in sorted(masks_by_phase.items()):
-        w = _occupancy(m)
-        if w.shape != geometry.shape:
-            raise ValueError(f"phase {k} mask shape {w.shape} != geometry shape {geometry.shape}")
-        if not w.any():
-            raise ValueError(f"structure is empty at phase {k}")
-        c = centroid_lps(w, geometry)
-        cents.append(c)
-        phases[int(k)] = {"centroid_lps_mm": [float(v) for v in c], "volume_cm3": float(w.sum() * voxel_cm3)}
-        itv |= w >= itv_threshold
-    cents_a = np.asarray(cents)
-    ptp = cents_a.max(0) - cents_a.min(0)
-    pair = np.linalg.norm(cents_a[:, None] - cents_a[None], axis=-1)
-    return {
-        "phases": phases,
-        "peak_to_peak_mm": {"x_lr": float(ptp[0]), "y_ap": float(ptp[1]), "z_si": float(ptp[2]),
-                            "vector_max": float(pair.max())},
-        "itv_volume_cm3": float(itv.sum() * voxel_cm3),
-        "itv": itv.astype(np.uint8),
-    }
+        acc.add(k, m)
+    return acc.result()
 
 
 def motion_summary(motion: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ at the prior's shape.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -36,10 +35,19 @@ class DiffusionMotion:
         return [{k: DisplacementField(fields[s, i], ct.geometry, {"sample": s, "phase": k})
                  for i, k in enumerate(res.phases)} for s in range(fields.shape[0])]
 
+    def describe(self) -> dict:
+        """What summary.json records about the motion: sampler, its steps (network evaluations per
+        trajectory), delta_t, eta and the model grid."""
+        return {"kind": "latent diffusion", "sampler": self.sampler.name,
+                "steps": self.sampler.num_steps(self.generator.schedule.T), "delta_t": self.sampler.delta_t,
+                "eta": self.sampler.eta, "model_shape": list(self.shape)}
+
 
 def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = None, steps: int | None = None,
-                shape: tuple[int, int, int] | None = None) -> DiffusionMotion:
-    """Load a trained diffusion model bundle; ``sampler``/``steps`` override its default sampler."""
+                shape: tuple[int, int, int] | None = None, delta_t: int | None = None) -> DiffusionMotion:
+    """Load a trained diffusion model bundle; ``sampler`` / ``steps`` / ``delta_t`` override its default
+    sampler (:func:`respmotion.diffusion.config.choose_sampler`: one-line ``ValueError`` when impossible)."""
+    from ..diffusion.config import choose_sampler
     from ..diffusion.pipeline import MotionGenerator
     from ..training.checkpoint import latest_checkpoint
 
@@ -48,11 +56,10 @@ def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = Non
         raise FileNotFoundError(f"{p}: model bundle not found")
     ckpt = latest_checkpoint(p)
     gen = MotionGenerator.from_checkpoints(ckpt, device=device)
-    cfg = gen.default_sampler
-    if sampler:
-        cfg = dataclasses.replace(cfg, name={"dpm": "dpmpp2m"}.get(sampler, sampler))
-    if steps:
-        cfg = dataclasses.replace(cfg, steps=int(steps))
+    try:
+        cfg = choose_sampler(gen.default_sampler, gen.schedule.T, sampler or "", steps or 0, delta_t or 0)
+    except ValueError as exc:
+        raise ValueError(f"{p}: {exc}") from None
     return DiffusionMotion(gen, cfg, shape)
 
 
