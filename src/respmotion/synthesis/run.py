@@ -10,7 +10,7 @@ import numpy as np
 from ..core.types import Volume
 from ..io.atomic import read_json, write_json
 from ..io.layout import PHASES, StudyDir
-from .pipeline import FixedMotion, MotionModel, SynthesisOptions, render_result, synthesize
+from .pipeline import DEFAULT_FORMATS, FixedMotion, MotionModel, SynthesisOptions, render_result, synthesize
 
 
 @dataclass
@@ -20,13 +20,15 @@ class SynthesizeConfig:
     model: str = ""  # model bundle folder, or "gt" for a phantom study's ground-truth motion
     samples: int = 1
     seed: int = 0
-    sampler: str = ""  # override the bundle's sampler (ddpm, ddim, dpm)
-    steps: int = 0  # override the bundle's number of sampling steps (0 = bundle default)
+    sampler: str = ""  # override the bundle's sampler (diffusion.config.SAMPLER_CHOICES; "" = bundle default)
+    steps: int = 0  # number of sampling steps (0 = the sampler's default)
+    delta_t: int = 0  # research-code timestep stride: num_train_timesteps / delta_t steps (0 = not given)
     device: str = "cpu"
     amplitude: float = 1.0
     excursion_mm: float | None = None
     trace: str = ""
-    dicom: bool = False
+    formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))  # pipeline.FORMATS
+    dicom: bool = False  # adds "dicom" to formats
     structures: list[str] = field(default_factory=list)
     structure_names: list[str] = field(default_factory=list)
     render: bool = True
@@ -51,6 +53,8 @@ def load_input(path: str | Path) -> tuple[Volume, StudyDir | None, np.ndarray | 
 
 def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
     if cfg.model == "gt":
+        if cfg.sampler or cfg.steps or cfg.delta_t:
+            raise ValueError("--sampler/--steps/--delta-t choose how a diffusion bundle samples; --model gt has none")
         if study is None or not study.gt_path("ref", 0).exists():
             raise ValueError(f"{cfg.ct}: --model gt needs a phantom study folder with gt/ fields")
         fields = {k: study.load_gt("ref", k) for k in PHASES}
@@ -62,7 +66,8 @@ def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
                                 steps=cfg.steps or None)
     from .ldm import load_bundle
 
-    return load_bundle(cfg.model, device=cfg.device, sampler=cfg.sampler or None, steps=cfg.steps or None)
+    return load_bundle(cfg.model, device=cfg.device, sampler=cfg.sampler or None, steps=cfg.steps or None,
+                       delta_t=cfg.delta_t or None)
 
 
 def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]:
@@ -91,61 +96,50 @@ def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]
 
 
 def run_synthesis(cfg: SynthesizeConfig) -> dict:
+    from .pipeline import check_formats
+
+    formats = check_formats([*cfg.formats, *(["dicom"] if cfg.dicom else [])])
     ct, study, lung = load_input(cfg.ct)
     model = load_motion(cfg, study)
     structures = _load_structures(cfg, ct) if cfg.structures else {}
-    opts = SynthesisOptions(samples=cfg.samples, seed=cfg.seed, amplitude=cfg.amplitude,
-                            excursion_mm=cfg.excursion_mm, dicom=cfg.dicom)
+    source = Path(ct.meta.get("source", ""))
+    opts = SynthesisOptions(samples=cfg.samples, seed=cfg.seed, amplitude=cfg.amplitude, excursion_mm=cfg.excursion_mm,
+                            formats=formats, template=str(source) if source.is_dir() else None)
     if cfg.excursion_mm is not None and lung is None:
         from ..anatomy import lung_mask
 
         lung = lung_mask(ct.array)
-    result = synthesize(ct, model, cfg.out, opts, lung_mask=lung)
+    result = synthesize(ct, model, cfg.out, opts, lung_mask=lung, structures=structures)
     summary = result.summary
     out = Path(cfg.out)
-    contour_masks = None
-    if structures:
-        from ..io.volumes import save_volume
-        from .contours import motion_summary, propagate_structure, structure_motion
-
-        summary["structures"] = {}
-        contour_masks = []
-        sdir = out / "sample_00" / "structures"
-        for name, mask in structures.items():
-            occupancy = propagate_structure(mask, result.cycles[0], threshold=None)
-            motion = structure_motion(occupancy, ct.geometry)
-            summary["structures"][name] = motion_summary(motion)
-            by_phase = {k: (occupancy[k] >= 0.5).astype(np.uint8) for k in sorted(occupancy)}
-            contour_masks.append([by_phase[k] for k in sorted(by_phase)])
-            for k, m in by_phase.items():
-                save_volume(Volume(m, ct.geometry), sdir / f"{name}_{k:02d}.nii.gz")
-            save_volume(Volume(motion["itv"], ct.geometry), sdir / f"{name}_ITV.nii.gz")
-            if cfg.dicom:
-                from ..io.rtstruct import write_rtstruct
-
-                series = result.dicom[0]["series"]
-                for k in sorted(by_phase):
-                    write_rtstruct({name: by_phase[k], f"{name}_ITV": motion["itv"]}, series[k],
-                                   out / "sample_00" / "dicom" / f"rtstruct_phase_{k:02d}_{name}.dcm")
     if cfg.trace:
-        from ..core.ops import warp_volume
-        from ..io.volumes import save_field, save_volume
-        from .breathing import trace_sequence
-
-        seq = trace_sequence(result.cycles[0], cfg.trace)
-        tdir = out / "trace"
-        frames = []
-        for i, (t, f) in enumerate(seq):
-            save_volume(warp_volume(ct, f), tdir / f"frame_{i:04d}.nii.gz")
-            save_field(f, tdir / f"dvf_{i:04d}.mha")
-            frames.append({"index": i, "time_s": float(t), "mean_mm": float(f.magnitude().mean())})
-        summary["trace"] = {"csv": cfg.trace, "frames": frames}
+        summary["trace"] = _write_trace(ct, result.cycles[0], cfg.trace, out / "trace", formats)
     if cfg.render:
-        gifs = render_result(result, ct, style="heatmap" if cfg.heatmap else "arrows", fps=cfg.fps,
-                             contours=contour_masks, num_slices=cfg.num_slices)
+        gifs = render_result(result, style="heatmap" if cfg.heatmap else "arrows", fps=cfg.fps,
+                             structures=structures, num_slices=cfg.num_slices)
         summary["gifs"] = [str(g) for g in gifs if str(g).endswith(".gif")]
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _write_trace(ct: Volume, cycle: dict, trace_csv: str, tdir: Path, formats: tuple[str, ...]) -> dict:
+    """One frame per trace sample (fields from the model-grid cycle), warped and written one at a time."""
+    import torch
+
+    from ..io.volumes import save_field, save_volume
+    from .breathing import trace_sequence
+    from .pipeline import VOLUME_SUFFIX, hu_int16, warp_native
+
+    suffixes = [VOLUME_SUFFIX[f] for f in formats if f in VOLUME_SUFFIX] or [VOLUME_SUFFIX["nifti"]]
+    chans = torch.from_numpy(ct.array.astype(np.float32))[None]
+    frames = []
+    for i, (t, f) in enumerate(trace_sequence(cycle, trace_csv)):
+        frame = Volume(hu_int16(warp_native(chans, f, ct.geometry)[0]), ct.geometry)
+        for suffix in suffixes:
+            save_volume(frame, tdir / f"frame_{i:04d}.{suffix}")
+            save_field(f, tdir / f"dvf_{i:04d}.{suffix}")
+        frames.append({"index": i, "time_s": float(t), "mean_mm": float(f.magnitude().mean())})
+    return {"csv": trace_csv, "frames": frames}
 
 
 def read_summary(out: str | Path) -> dict:
