@@ -63,7 +63,7 @@ def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
         from .seed import load_seed_motion
 
         return load_seed_motion(cfg.model[len("seed:"):], device=cfg.device, sampler=cfg.sampler or None,
-                                steps=cfg.steps or None)
+                                steps=cfg.steps or None, delta_t=cfg.delta_t or None)
     from .ldm import load_bundle
 
     return load_bundle(cfg.model, device=cfg.device, sampler=cfg.sampler or None, steps=cfg.steps or None,

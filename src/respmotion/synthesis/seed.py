@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..core import warp as W
 from ..core.types import DisplacementField, Volume
-from ..diffusion.config import FAST_SAMPLER, SamplerConfig, ScheduleConfig
+from ..diffusion.config import SamplerConfig, ScheduleConfig, choose_sampler
 from ..diffusion.schedulers import NoiseSchedule, make_sampler, run_sampler
 from ..io.layout import PHASES
 from ..models.seed import SeedModels, load_seed_checkpoints
@@ -131,7 +131,7 @@ class SeedMotion:
         self.sampler = make_sampler(self.schedule, sampler)
         self.provenance = {
             "kind": "seed", **models.provenance, "sampler": sampler.name, "steps": self.sampler.num_steps,
-            "delta_t": sampler.delta_t if sampler.name == "ddim" and not sampler.steps else None,
+            "delta_t": sampler.delta_t if sampler.name == "ddim" and not sampler.steps else None, "eta": sampler.eta,
             "prediction": "epsilon", "T": self.schedule.T, "model_shape": list(self.shape),
             "cycle": "steps p->p+1 (p = 0..8) sampled autoregressively and composed; 90->00 % not sampled: "
                      "phase 00 is the input (u_00 = 0), the implied closing step is the inverse of u_90",
@@ -179,19 +179,13 @@ class SeedMotion:
 
 def load_seed_motion(root: str | Path, device: str = "cpu", sampler: str | None = None, steps: int | None = None,
                      delta_t: int | None = None) -> SeedMotion:
-    """``seed:DIR`` motion model.  ``sampler``: ddim (default: the research DDIM, delta_t 5 = 200
-    steps), dpm / dpmpp2m (20 steps unless ``steps``), ddpm (all T steps); ``steps`` sets the
-    number of steps, ``delta_t`` the research stride (T / delta_t steps).  One-line ``ValueError``
-    for an impossible combination."""
+    """``seed:DIR`` motion model.  Default: the research DDIM (delta_t 5 = 200 steps); ``sampler``,
+    ``steps`` and ``delta_t`` choose another as for our bundles
+    (:func:`respmotion.diffusion.config.choose_sampler`: dpm 20 steps, ddpm all T; one-line
+    ``ValueError`` for an impossible combination)."""
     models = load_seed_checkpoints(root, device=device)
-    name = {"dpm": "dpmpp2m"}.get(sampler or "ddim", sampler or "ddim")
-    cfg = {"ddim": DEFAULT_SAMPLER, "dpmpp2m": FAST_SAMPLER}.get(name, SamplerConfig(name=name, steps=0))
-    if delta_t and steps:
-        raise ValueError(f"--steps {steps} and --delta-t {delta_t}: give one of them")
-    if delta_t:
-        cfg = replace(cfg, steps=0, delta_t=int(delta_t))
-    if steps:
-        cfg = replace(cfg, steps=int(steps))
+    T = seed_schedule(models).T
+    cfg = choose_sampler(DEFAULT_SAMPLER, T, sampler or "", steps or 0, delta_t or 0)
     return SeedMotion(models, cfg, device, shape=model_shape(models))
 
 
