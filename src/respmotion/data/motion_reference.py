@@ -47,12 +47,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..anatomy.lung_frame import EXTENT_PERCENTILES, lateral_sign, lung_box, normalised
+
 FORMAT = "respmotion.motion_reference/1"
-EXTENT_PERCENTILES = (1.0, 99.0)
 CASES = tuple(range(1, 10))
 DEGREE = 3
 RIDGE = 1e-3
 COMPONENTS = ("superior", "posterior", "lateral")
+DIRLAB_INFERIOR = 1.0  # DIR-Lab slice indices grow inferiorly (the base moves most, at the larger index)
 SAMPLED_PHASES = (0, 10, 20, 30, 40, 50)
 #: end-exhale phases searched: DIR-Lab's T50 is the extreme (maximum exhale) phase of its ten, so the
 #: end-exhale lies within half a bin of 50 %; the phase curve is fitted on the exhale half only
@@ -89,31 +91,9 @@ def load_cases(root: str | Path, cases: Sequence[int] = CASES) -> list[Case]:
     return out
 
 
-def lung_box(points_xyz: np.ndarray) -> dict[str, list[float]]:
-    """Box of a point cloud (landmarks or lung voxels), mm: per axis the :data:`EXTENT_PERCENTILES`."""
-    lo, hi = np.percentile(points_xyz, EXTENT_PERCENTILES, axis=0)
-    return {"lo": lo.tolist(), "hi": hi.tolist()}
-
-
-def normalised(points_xyz: np.ndarray, box: dict[str, list[float]], inferior_axis_sign: float = 1.0) -> np.ndarray:
-    """``(N, 3)`` points (x, y, z mm) -> ``(N, 3)`` ``(n_si, n_ap, n_ml)`` in the box, clipped to [0, 1].
-
-    ``inferior_axis_sign``: +1 when z grows inferiorly (DIR-Lab slices), -1 when it grows superiorly (LPS).
-    n_ap grows towards +y (posterior in both frames); n_ml is ``|x - centre| / half width``."""
-    lo, hi = np.asarray(box["lo"]), np.asarray(box["hi"])
-    p = np.asarray(points_xyz, dtype=np.float64)
-    z = (p[:, 2] - lo[2]) / (hi[2] - lo[2])
-    n_si = z if inferior_axis_sign > 0 else 1.0 - z
-    n_ap = (p[:, 1] - lo[1]) / (hi[1] - lo[1])
-    n_ml = np.abs(p[:, 0] - 0.5 * (lo[0] + hi[0])) / (0.5 * (hi[0] - lo[0]))
-    return np.clip(np.stack([n_si, n_ap, n_ml], 1), 0.0, 1.0)
-
-
 def components(points_xyz: np.ndarray, disp_xyz: np.ndarray, box: dict[str, list[float]]) -> np.ndarray:
     """DIR-Lab displacement (x, y, z mm) -> (superior, posterior, lateral) mm."""
-    centre = 0.5 * (box["lo"][0] + box["hi"][0])
-    side = np.where(points_xyz[:, 0] >= centre, 1.0, -1.0)
-    return np.stack([-disp_xyz[:, 2], disp_xyz[:, 1], disp_xyz[:, 0] * side], 1)
+    return np.stack([-disp_xyz[:, 2], disp_xyz[:, 1], disp_xyz[:, 0] * lateral_sign(points_xyz, box)], 1)
 
 
 def amplitude(case: Case) -> float:
@@ -140,7 +120,7 @@ def fit_spatial(cases: Sequence[Case], degree: int = DEGREE, ridge: float = RIDG
     for c in cases:
         box = lung_box(c.t00)
         a = amplitude(c)
-        rows.append(basis(normalised(c.t00, box), degree))
+        rows.append(basis(normalised(c.t00, box, DIRLAB_INFERIOR), degree))
         ys.append(components(c.t00, c.t50 - c.t00, box) / a)
         ws.append(np.full(len(c.t00), 1.0 / len(c.t00)))
     X, Y, w = np.concatenate(rows), np.concatenate(ys), np.concatenate(ws)
@@ -229,10 +209,8 @@ def predict(model: dict[str, Any], case: Case, amplitude_mm: float | None) -> np
     """Predicted T00 -> T50 displacement of a case's 300 landmarks in DIR-Lab axes (x, y, z mm)."""
     box = lung_box(case.t00)
     a = model["amplitude_median_mm"] if amplitude_mm is None else amplitude_mm
-    d = a * spatial_unit(model, normalised(case.t00, box))  # superior, posterior, lateral
-    centre = 0.5 * (box["lo"][0] + box["hi"][0])
-    side = np.where(case.t00[:, 0] >= centre, 1.0, -1.0)
-    return np.stack([d[:, 2] * side, d[:, 1], -d[:, 0]], 1)
+    d = a * spatial_unit(model, normalised(case.t00, box, DIRLAB_INFERIOR))  # superior, posterior, lateral
+    return np.stack([d[:, 2] * lateral_sign(case.t00, box), d[:, 1], -d[:, 0]], 1)
 
 
 def leave_one_out(cases: Sequence[Case]) -> list[dict[str, Any]]:
@@ -256,7 +234,7 @@ def profiles(cases: Sequence[Case], bins: int = 5) -> dict[str, Any]:
     ns, ds = [], []
     for c in cases:
         box = lung_box(c.t00)
-        ns.append(normalised(c.t00, box))
+        ns.append(normalised(c.t00, box, DIRLAB_INFERIOR))
         ds.append(components(c.t00, c.t50 - c.t00, box) / amplitude(c))
     n, d = np.concatenate(ns), np.concatenate(ds)
     edges = np.linspace(0, 1, bins + 1)

@@ -4,6 +4,11 @@ The external check on real data (e.g. the POPI end-inhale CT with its 41 landmar
 phases): the motion model sees only the CT; its field of phase k moves the phase-00 landmarks
 (inverse of the pull, :func:`respmotion.evaluation.landmarks.landmark_error`) and the result is
 compared with the true phase-k positions, next to the "no motion" error.
+
+``si_amplitude_mm`` gives the model the patient's breathing amplitude as a user would: one number, the
+mean superior displacement of the lung at 50 % (for POPI the mean superior-inferior landmark displacement
+at 50 %, 5.2 mm), applied through the amplitude control
+(:func:`respmotion.synthesis.breathing.amplitude_for_superior_mean` + ``scale_motion``, invertible).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def read_phase_landmarks(path: str | Path) -> dict[int, np.ndarray]:
 
 
 def evaluate_ct_landmarks(ct_path: str | Path, landmarks_path: str | Path, model, out: str | Path,
-                          samples: int = 1, seed: int = 0) -> dict:
+                          samples: int = 1, seed: int = 0, si_amplitude_mm: float | None = None) -> dict:
     from ..data.importer import import_ct
     from .report import write_report
 
@@ -40,6 +45,14 @@ def evaluate_ct_landmarks(ct_path: str | Path, landmarks_path: str | Path, model
         raise ValueError(f"{landmarks_path}: no landmarks for the reference phase 0 %")
     model_ct = resample_volume(ct, model.shape) if ct.geometry.shape != tuple(model.shape) else ct
     cycles = model.generate(model_ct, samples, seed)
+    factors = []
+    if si_amplitude_mm is not None:
+        from ..anatomy import lung_mask
+        from ..synthesis.breathing import amplitude_for_superior_mean, scale_motion
+
+        lung = lung_mask(model_ct.array)
+        factors = [amplitude_for_superior_mean(c, lung, float(si_amplitude_mm)) for c in cycles]
+        cycles = [scale_motion(c, f) for c, f in zip(cycles, factors)]
     per_phase: dict[str, dict] = {}
     for k in sorted(lms):
         if k == 0:
@@ -57,6 +70,8 @@ def evaluate_ct_landmarks(ct_path: str | Path, landmarks_path: str | Path, model
             "model/landmark_error_phase50_mm": per_phase.get("50", {}).get("model", {}).get("mean") if "50" in per_phase else None,
             "no_motion/landmark_error_phase50_mm": per_phase["50"]["no_motion"]["mean"] if "50" in per_phase else None,
             "n_landmarks": int(len(lms[0])),
+            "si_amplitude_mm": si_amplitude_mm,
+            "amplitude_factors": factors,
         },
         "landmarks": {"units": "mm", "phases": {str(int(k)): {"no_motion": {"all": v["no_motion"]},
                                                                **({"field": {"all": v["model"]}} if v["model"] else {})}

@@ -44,7 +44,7 @@ import torch
 
 from ..core import warp as W
 from ..core.types import DisplacementField, Volume
-from ..evaluation.metrics import diaphragm_excursion
+from ..anatomy.measures import diaphragm_excursion
 
 #: largest displacement (voxels) of one scaling-and-squaring step.
 MAX_STEP_VOXELS = 0.5
@@ -163,25 +163,61 @@ def amplitude_for_excursion(
     def excursion(a: float) -> float:
         return abs(diaphragm_excursion(m, exp_field(vel, a))["mean_mm"])
 
+    return _secant(excursion, target_mm, tol_mm, max_iter, f"the model's phase {k} has no diaphragm motion to scale")
+
+
+def _secant(measure, target_mm: float, tol_mm: float, max_iter: int, no_motion: str) -> float:
+    """Factor ``a`` >= 0 with ``measure(a) == target_mm`` (within ``tol_mm``); ``measure`` ~ linear, 0 at 0."""
     if target_mm == 0:
         return 0.0
-    e1 = excursion(1.0)
+    e1 = measure(1.0)
     if e1 < 1e-3:
-        raise ValueError(f"the model's phase {k} has no diaphragm motion to scale")
+        raise ValueError(no_motion)
     a0, f0 = 0.0, -target_mm
     a1 = target_mm / e1
-    f1 = excursion(a1) - target_mm
+    f1 = measure(a1) - target_mm
     for _ in range(max_iter):
         if abs(f1) <= tol_mm:
             return a1
         a0, f0, a1 = a1, f1, a1 - f1 * (a1 - a0) / (f1 - f0)
         if a1 < 0:
             raise ValueError(f"no amplitude factor reaches {target_mm} mm")
-        f1 = excursion(a1) - target_mm
+        f1 = measure(a1) - target_mm
     if abs(f1) > tol_mm:
         raise ValueError(
             f"amplitude search did not reach {target_mm} mm within {tol_mm} mm (last {f1 + target_mm:.2f} mm)")
     return a1
+
+
+def superior_mean(field: DisplacementField, lung_mask: Volume | np.ndarray) -> float:
+    """Mean superior displacement (mm, LPS +z) of the lung's points: ``-mean(u_z)`` of the pull field over
+    the reference lung mask (first order in the field gradient)."""
+    m = _mask_volume(lung_mask, field).array != 0
+    if not m.any():
+        raise ValueError("the lung mask is empty")
+    up = field.geometry.axes_to_world(field.array[:, m], axis=0)[2]
+    return float(-up.mean())
+
+
+def amplitude_for_superior_mean(
+    fields: Mapping[int, DisplacementField],
+    lung_mask: Volume | np.ndarray,
+    target_mm: float,
+    phase: int = 50,
+    velocities: Mapping[int, DisplacementField] | None = None,
+    tol_mm: float = 0.05,
+    max_iter: int = 8,
+) -> float:
+    """Factor for :func:`scale_motion` giving the lung a mean superior displacement of ``target_mm`` at
+    ``phase`` (default 50 %): the breathing amplitude as a user gives it, e.g. the mean superior-inferior
+    landmark displacement at 50 % of a 4D-CT.  Secant search as :func:`amplitude_for_excursion`."""
+    if not math.isfinite(target_mm) or target_mm < 0:
+        raise ValueError(f"target amplitude must be >= 0 mm, got {target_mm}")
+    if phase not in fields:
+        raise ValueError(f"phase {phase} is not among the fields ({sorted(fields)})")
+    vel = velocities[phase] if velocities is not None and phase in velocities else velocity_field(fields[phase])
+    return _secant(lambda a: superior_mean(exp_field(vel, a), lung_mask), target_mm, tol_mm, max_iter,
+                   f"the model's phase {phase} has no superior motion to scale")
 
 
 # ---------------------------------------------------------------------------- breathing trace
