@@ -6,6 +6,7 @@ import torch
 
 from respmotion.core import DisplacementField, Geometry, Volume
 from respmotion.core import ops
+from respmotion.core.geometry import direction_from_orientation, level_positions, level_to_normalized, slice_normal
 from respmotion.core import warp as W
 from respmotion.io.volumes import load_field, load_volume, save_field, save_volume
 
@@ -124,3 +125,69 @@ def test_exp_velocity_is_invertible_and_scales():
     u2 = W.exp_velocity(2 * v, (1.0, 1.0, 1.0))
     assert W.folding_fraction(u2, (1.0, 1.0, 1.0)) == 0.0
     assert float(u2.abs().max()) > 1.8 * float(u1.abs().max())
+
+
+def test_jacobian_kernel_matches_linalg_det_in_both_precisions():
+    shape = (6, 7, 8)
+    sp = (2.0, 1.5, 1.0)
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    u = torch.stack([0.8 * torch.sin(y / 3) + 0.1 * x, 0.5 * torch.cos(z / 2), 0.3 * y * z / 10])[None]
+    det64 = W.jacobian_determinant(u, sp)
+    # reference: torch.gradient in voxel units and torch.linalg.det of the 3x3 matrices
+    ddf = u[0] / torch.as_tensor(sp, dtype=torch.float64)[:, None, None, None]
+    jac = torch.stack([torch.stack(torch.gradient(ddf[c], dim=(0, 1, 2))) for c in range(3)]) + torch.eye(
+        3, dtype=torch.float64)[:, :, None, None, None]
+    ref = torch.linalg.det(jac.permute(2, 3, 4, 0, 1))
+    torch.testing.assert_close(det64[0], ref)
+    det32 = W.jacobian_determinant(u.float(), sp, dtype=torch.float32)
+    assert det32.dtype == torch.float32
+    torch.testing.assert_close(det32[0].double(), ref, atol=1e-5, rtol=0)
+    j = [[jac[r, c] for c in range(3)] for r in range(3)]
+    torch.testing.assert_close(W.det3(j), ref)
+    cof = W.cofactors3(j)  # d det / d j: det = sum_c j[r][c] cof[r][c] along any row
+    torch.testing.assert_close(sum(j[1][c] * cof[1][c] for c in range(3)), ref)
+
+
+def test_affine_itk_and_dicom_records_roundtrip():
+    direction = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=float)
+    geom = Geometry((5, 6, 7), SPACING, (-10.0, 20.5, 30.25), tuple(direction.ravel()))
+    assert Geometry.from_affine(geom.index_to_world_matrix(), geom.shape).same_as(geom)
+    assert Geometry.from_affine(geom.ras_affine(), geom.shape, ras=True).same_as(geom)
+    np.testing.assert_allclose(geom.ras_affine()[:2], -geom.index_to_world_matrix()[:2])
+    itk = Geometry.from_itk((7, 6, 5), SPACING[::-1], geom.origin, geom.direction)
+    assert itk.same_as(geom)
+    iop = geom.image_orientation()
+    np.testing.assert_allclose(iop, [0, 1, 0, -1, 0, 0])
+    np.testing.assert_allclose(slice_normal(iop), direction[:, 2])
+    np.testing.assert_allclose(direction_from_orientation(iop), geom.direction)
+
+
+def test_axis_codes_and_superior_sign():
+    # array z runs inferior (LPS -z), array y runs along LPS x, array x along LPS y (tilted 10 degrees)
+    t = np.radians(10.0)
+    d = np.array([[0.0, 1.0, 0.0], [np.cos(t), 0.0, 0.0], [np.sin(t), 0.0, -1.0]])
+    geom = Geometry((4, 5, 6), SPACING, (0, 0, 0), tuple(d.ravel()))
+    axes = geom.nearest_world_axes()
+    assert [a[:2] for a in axes] == [(2, -1), (0, 1), (1, 1)]
+    assert axes[0][2] == pytest.approx(0.0) and axes[2][2] == pytest.approx(10.0)
+    assert geom.superior_sign() == -1.0
+    np.testing.assert_allclose(geom.superior_mm(np.array([1, -2])), [-SPACING[0], 2 * SPACING[0]])
+    lying = Geometry((4, 5, 6), SPACING, (0, 0, 0), (1, 0, 0, 0, 0, 1, 0, 1, 0))
+    with pytest.raises(ValueError, match="superior-inferior"):
+        lying.superior_sign()
+
+
+def test_pyramid_level_coordinates_and_unit_factors():
+    full, level = 50, 13
+    pos = level_positions(full, level)
+    a, b = level_to_normalized(full, level)
+    # level voxel q sits at grid_sample coordinate 2 q / (level - 1) - 1 (align_corners=True)
+    np.testing.assert_allclose(a * pos + b, 2.0 * np.arange(level) / (level - 1) - 1.0, atol=1e-12)
+    # same field of view: the level's voxel edges are the full grid's
+    np.testing.assert_allclose([pos[0] - 0.5 * full / level, pos[-1] + 0.5 * full / level], [-0.5, full - 0.5])
+    sp = (3.0, 1.5, 0.5)
+    scale = W.mm_to_normalized(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), sp)
+    torch.testing.assert_close(scale, torch.tensor([8.0, 4 / 3, 1 / 3], dtype=torch.float64))
+    g = W.mm_to_voxel_gradient(sp, torch.tensor([[2.0], [1.0], [1.0]], dtype=torch.float64))
+    assert g.shape == (3, 3, 1) and float(g[0, 0, 0]) == pytest.approx(1 / 6) and float(g[2, 1, 0]) == 2.0
+    assert W.step_mm(sp, (0, 2)) == 1.5 and W.step_mm(sp, (1,)) == 1.5 and W.step_mm(sp, ()) == 1.0

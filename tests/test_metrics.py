@@ -5,14 +5,13 @@ import math
 import numpy as np
 import pytest
 
+from respmotion.anatomy.measures import diaphragm_excursion, lung_base_shift
 from respmotion.core import DisplacementField, Geometry, Volume
 from respmotion.evaluation.metrics import (
     breathing_curve,
-    diaphragm_excursion,
     dvf_error,
     folding_percent,
     image_similarity,
-    lung_base_shift,
     lung_volume_change,
     lung_volume_ml,
     sample_diversity,

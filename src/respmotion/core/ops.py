@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from . import warp as W
-from .geometry import Geometry
 from .types import DisplacementField, Volume
 
 
@@ -24,12 +23,6 @@ def warp_volume(volume: Volume, field: DisplacementField, mode: str = "bilinear"
     if mode == "nearest":
         arr = arr.astype(volume.array.dtype)
     return Volume(arr, volume.geometry, dict(volume.meta))
-
-
-def compose_fields(u: DisplacementField, v: DisplacementField) -> DisplacementField:
-    """``w`` with warp(warp(I, u), v) == warp(I, w); see :func:`warp.compose`."""
-    w = W.compose(W.to_tensor(u.array), W.to_tensor(v.array), u.geometry.spacing)
-    return DisplacementField(w[0].numpy(), u.geometry)
 
 
 def move_world_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
@@ -49,6 +42,7 @@ def pull_world_points(field: DisplacementField, points_xyz: np.ndarray) -> np.nd
 
 
 def jacobian_determinant(field: DisplacementField) -> np.ndarray:
+    """Jacobian determinant ``(z, y, x)`` of ``p -> p + u(p)`` in float64 (:func:`warp.jacobian_determinant`)."""
     return W.jacobian_determinant(W.to_tensor(field.array, dtype=torch.float64), field.geometry.spacing)[0].numpy()
 
 
@@ -89,6 +83,3 @@ def resample_field(field: DisplacementField, shape: Sequence[int]) -> Displaceme
     """Resample a field to ``shape``; values stay in mm."""
     return DisplacementField(resample_array(field.array, shape, 1), field.geometry.resized(shape), dict(field.meta))
 
-
-def identity_geometry(shape: Sequence[int], spacing: Sequence[float]) -> Geometry:
-    return Geometry(tuple(shape), tuple(spacing))

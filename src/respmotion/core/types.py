@@ -54,6 +54,3 @@ class DisplacementField:
         """Displacement length in mm, shape ``(z, y, x)``."""
         return np.sqrt((self.array.astype(np.float64) ** 2).sum(0)).astype(np.float32)
 
-    def world_vectors(self) -> np.ndarray:
-        """Field rotated into LPS world vectors, shape ``(3, z, y, x)`` ordered ``(x, y, z)``."""
-        return self.geometry.axes_to_world(self.array, axis=0).astype(np.float32)

@@ -5,7 +5,7 @@ Convention: the field ``u`` of phase k is a **pull** field whose *fixed* frame i
 the reference (``ref_points``) and at the target (``target_points``), all in LPS mm ``(N, 3)``.
 
 The error used by default (``direction="move"``) is measured in the target frame: a reference landmark is moved
-with the inverse of the pull (:func:`respmotion.core.warp.move_points`, i.e. solve ``q + u(q) = ref``) and
+with the inverse of the pull (:func:`respmotion.core.ops.move_world_points`, i.e. solve ``q + u(q) = ref``) and
 compared with its true target position, ``|q - target|``.  This is where the model says the anatomy goes.
 ``direction="pull"`` instead maps the true target points back, ``|target + u(target) - ref|`` (reference frame;
 no inversion, the usual DIR-Lab style TRE).  Both agree to first order in the field gradient; a test checks
@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-import torch
 
-from ..core import warp as W
+from ..core import ops
 from ..core.types import DisplacementField, Volume
 
 DIRECTIONS = ("move", "pull")
@@ -52,26 +51,6 @@ def points_in_mask(mask: Volume, points_xyz: np.ndarray) -> np.ndarray:
     z, y, x = idx[ok].T
     inside[ok] = mask.array[z, y, x] != 0
     return inside
-
-
-def _index_tensor(field: DisplacementField, points_xyz: np.ndarray) -> torch.Tensor:
-    # np.ascontiguousarray: Geometry.world_to_index returns a reversed (negative-stride) view that
-    # torch.as_tensor rejects; core.ops.move_world_points / pull_world_points currently trip on it.
-    return torch.as_tensor(np.ascontiguousarray(field.geometry.world_to_index(points_xyz)), dtype=torch.float64)
-
-
-def move_reference_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
-    """Reference-frame LPS points moved into the target frame (inverse of the pull, core.warp.move_points)."""
-    field_t = torch.as_tensor(field.array, dtype=torch.float64)
-    q = W.move_points(field_t, _index_tensor(field, points_xyz), field.geometry.spacing)
-    return field.geometry.index_to_world(q.numpy())
-
-
-def pull_target_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
-    """Target-frame LPS points ``p`` -> ``p + u(p)`` in the reference frame (core.warp.pull_points)."""
-    field_t = torch.as_tensor(field.array, dtype=torch.float64)
-    q = W.pull_points(field_t, _index_tensor(field, points_xyz), field.geometry.spacing)
-    return field.geometry.index_to_world(q.numpy())
 
 
 def _outside_grid(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
@@ -132,10 +111,10 @@ def landmark_error(
     if field is None:
         err = np.linalg.norm(tgt - ref, axis=1)
     elif direction == "move":
-        err = np.linalg.norm(move_reference_points(field, ref) - tgt, axis=1)
+        err = np.linalg.norm(ops.move_world_points(field, ref) - tgt, axis=1)
         off_grid = _outside_grid(field, ref) | _outside_grid(field, tgt)
     else:
-        err = np.linalg.norm(pull_target_points(field, tgt) - ref, axis=1)
+        err = np.linalg.norm(ops.pull_world_points(field, tgt) - ref, axis=1)
         off_grid = _outside_grid(field, ref) | _outside_grid(field, tgt)
     inside = points_in_mask(mask, ref) if mask is not None else None
     return LandmarkErrors(err, inside, off_grid)

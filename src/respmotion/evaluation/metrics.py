@@ -5,16 +5,11 @@ reference phase, normally 0 % end-inhale); volumes are HU; masks are :class:`Vol
 boolean ``(z, y, x)`` arrays on the same grid.  All distances are mm, volumes ml.
 
 Image similarity (:func:`image_similarity`): SSIM and PSNR are computed with MONAI on both images clipped to
-:data:`HU_WINDOW` = [-1000, 1000] HU, so the data range is 2000 HU (air to dense bone-ish tissue; lung and soft
-tissue dominate).  MAE is in HU on the unclipped images.
+the HU window of :mod:`respmotion.data.intensity` ([-1000, 1000] HU), so the data range is 2000 HU (air to dense
+bone-ish tissue; lung and soft tissue dominate).  MAE is in HU on the unclipped images.
 
-Diaphragm excursion (:func:`diaphragm_excursion`): the lung base is, for every (y, x) column of the reference
-lung mask, its most inferior lung voxel (lowest LPS z).  Those points are moved into the target phase with the
-inverse of the pull (how anatomy moves, :func:`respmotion.core.warp.move_points`), and the excursion is the mean
-superior-inferior displacement of them, in mm along LPS +z: **positive = superior**.  From end-inhale (0 %) to
-end-exhale (50 %) the diaphragm rises, so a healthy value is positive (about 10-20 mm).  Columns at the lateral
-edge of the lung contribute their lowest voxel too, which may sit on the chest wall rather than the dome.
-:func:`lung_base_shift` is the same quantity measured from two masks instead of a field.
+Diaphragm excursion and lung-base shift are anatomy measures (:mod:`respmotion.anatomy.measures`), imported
+here for the evaluation's callers.
 """
 
 from __future__ import annotations
@@ -25,13 +20,16 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from ..anatomy.measures import diaphragm_excursion, lung_base_shift
 from ..core import ops
 from ..core import warp as W
 from ..core.types import DisplacementField, Volume
-from .landmarks import error_stats, move_reference_points
+from ..data.intensity import HU_WINDOW
+from .landmarks import error_stats
 
-#: HU window (low, high) for SSIM/PSNR; data range = high - low = 2000 HU.
-HU_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
+__all__ = ["dvf_error", "dvf_error_per_phase", "mean_displacement", "breathing_curve", "folding_percent",
+           "sample_diversity", "lung_volume_ml", "warp_mask", "lung_volume_change", "diaphragm_excursion",
+           "lung_base_shift", "image_similarity"]
 
 MaskLike = Volume | np.ndarray | None
 
@@ -141,67 +139,6 @@ def lung_volume_change(ref_mask: Volume, target_mask: Volume) -> dict:
     if v0 <= 0:
         raise ValueError("reference lung mask is empty")
     return {"ref_ml": v0, "target_ml": v1, "change_ml": v1 - v0, "change_percent": 100.0 * (v1 - v0) / v0}
-
-
-def _si_sign(mask: Volume) -> float:
-    """+1 if array index z increases towards superior (LPS +z), -1 if towards inferior."""
-    dz = mask.geometry.direction_matrix[2, 2]  # LPS z component of the array z axis
-    if abs(dz) < 0.9:
-        raise ValueError("the array z axis is not the superior-inferior axis; lung base is undefined")
-    return float(np.sign(dz))
-
-
-def _base_index(mask: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Per (y, x) column with lung: index z of the most inferior lung voxel; returns (column bool (y, x), z (y, x))."""
-    m = mask.array != 0
-    cols = m.any(axis=0)
-    if not cols.any():
-        raise ValueError("lung mask is empty")
-    if _si_sign(mask) > 0:
-        z = np.argmax(m, axis=0)  # first (lowest index = most inferior) lung voxel
-    else:
-        z = m.shape[0] - 1 - np.argmax(m[::-1], axis=0)
-    return cols, z
-
-
-def lung_base_points(mask: Volume) -> np.ndarray:
-    """LPS mm ``(N, 3)`` of the most inferior lung voxel of every (y, x) column of ``mask``."""
-    cols, z = _base_index(mask)
-    y, x = np.nonzero(cols)
-    return mask.geometry.index_to_world(np.stack([z[y, x], y, x], axis=1).astype(np.float64))
-
-
-def diaphragm_excursion(ref_mask: Volume, field: DisplacementField) -> dict:
-    """Mean superior-inferior motion (mm, + = superior) of the reference lung base under ``field`` (see module doc).
-
-    ``ref_mask`` is the lung mask of the reference phase (moving frame of the pull field).
-    Returns ``{"mean_mm", "median_mm", "p95_abs_mm", "n_columns"}``.
-    """
-    _si_sign(ref_mask)
-    base = lung_base_points(ref_mask)
-    dz = move_reference_points(field, base)[:, 2] - base[:, 2]
-    return {
-        "mean_mm": float(dz.mean()),
-        "median_mm": float(np.median(dz)),
-        "p95_abs_mm": float(np.percentile(np.abs(dz), 95)),
-        "n_columns": int(dz.size),
-    }
-
-
-def lung_base_shift(ref_mask: Volume, target_mask: Volume) -> dict:
-    """Mean SI shift (mm, + = superior) of the lung base between two masks, over columns with lung in both.
-
-    Per (y, x) column: LPS z of the target's most inferior lung voxel minus the reference's.  Resolution is one
-    slice; ``{"mean_mm", "median_mm", "n_columns"}``.
-    """
-    _same_grid(ref_mask, target_mask, "reference and target masks")
-    c0, z0 = _base_index(ref_mask)
-    c1, z1 = _base_index(target_mask)
-    both = c0 & c1
-    if not both.any():
-        raise ValueError("the two lung masks share no (y, x) column")
-    dz = (z1[both] - z0[both]) * ref_mask.geometry.spacing[0] * _si_sign(ref_mask)
-    return {"mean_mm": float(dz.mean()), "median_mm": float(np.median(dz)), "n_columns": int(both.sum())}
 
 
 # ---------------------------------------------------------------------------- images

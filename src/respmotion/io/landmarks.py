@@ -194,7 +194,9 @@ def read_dirlab_txt(
         if case not in DIRLAB_SPACING_XYZ:
             raise LandmarkFileError(f"{path}: unknown DIR-Lab case {case} (known: 1-10)")
         spacing_xyz = DIRLAB_SPACING_XYZ[case]
-    return zero_based * np.asarray(spacing_xyz, dtype=np.float64)
+    # headerless grid: voxel (1, 1, 1) at the origin, identity direction, large enough to hold the points
+    frame = Geometry.from_itk(np.max(idx, axis=0).astype(int), spacing_xyz, (0.0, 0.0, 0.0), np.eye(3).ravel())
+    return frame.index_to_world(zero_based[:, ::-1])
 
 
 def read_elastix_points(path: str | os.PathLike, geometry: Geometry | None = None) -> np.ndarray:

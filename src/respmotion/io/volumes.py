@@ -24,7 +24,6 @@ from ..core.geometry import Geometry
 from ..core.types import DisplacementField, Volume
 from .atomic import atomic_path, read_json, read_npy, write_json, write_npy
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
 
@@ -54,14 +53,14 @@ def to_sitk(array: np.ndarray, geometry: Geometry, vector: bool = False):
         img = sitk.GetImageFromArray(np.moveaxis(world, 0, -1).astype(np.float32), isVector=True)  # half the size of float64; ITK transforms cast
     else:
         img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    img.SetSpacing(tuple(float(s) for s in geometry.spacing[::-1]))
+    img.SetSpacing(tuple(float(s) for s in geometry.spacing_xyz))
     img.SetOrigin(tuple(float(o) for o in geometry.origin))
     img.SetDirection(tuple(float(d) for d in geometry.direction))
     return img
 
 
 def geometry_from_sitk(img) -> Geometry:
-    return Geometry(tuple(img.GetSize()[::-1]), tuple(img.GetSpacing()[::-1]), tuple(img.GetOrigin()), tuple(img.GetDirection()))
+    return Geometry.from_itk(img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
 
 def from_sitk(img, vector: bool = False) -> tuple[np.ndarray, Geometry]:
@@ -76,17 +75,24 @@ def from_sitk(img, vector: bool = False) -> tuple[np.ndarray, Geometry]:
     return arr, geom
 
 
+def _read_sitk(path: Path):
+    """SimpleITK image of ``path``; an unreadable file raises ``ValueError`` naming it."""
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1]})") from exc
+
+
 # ---------------------------------------------------------------- NIfTI (scalar) via nibabel
-def _nifti_affine(geometry: Geometry) -> np.ndarray:
-    return _LPS_TO_RAS @ geometry.index_to_world_matrix()
+def nifti_affine(geometry: Geometry) -> np.ndarray:
+    """The NIfTI affine (ITK index -> RAS mm) of a NIfTI file written for ``geometry``; its array is the volume's
+    ``(z, y, x)`` array transposed to ``(x, y, z)``."""
+    return geometry.ras_affine()
 
 
-def _geometry_from_affine(affine: np.ndarray, shape_zyx: tuple[int, int, int]) -> Geometry:
-    lps = _LPS_TO_RAS @ affine
-    m = lps[:3, :3]
-    spacing_xyz = np.linalg.norm(m, axis=0)
-    direction = m / spacing_xyz
-    return Geometry(shape_zyx, tuple(spacing_xyz[::-1]), tuple(lps[:3, 3]), tuple(direction.ravel()))
+_nifti_affine = nifti_affine  # transitional: synthesis/pipeline.py still imports the private name (issue 21)
 
 
 def check_finite(array: np.ndarray, where: str | os.PathLike) -> np.ndarray:
@@ -109,7 +115,7 @@ def save_volume(volume: Volume, path: str | os.PathLike) -> Path:
     elif kind == "nifti":
         import nibabel as nib
 
-        img = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), _nifti_affine(volume.geometry))
+        img = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), nifti_affine(volume.geometry))
         img.header.set_xyzt_units("mm")
         with atomic_path(path) as tmp:
             nib.save(img, str(tmp))
@@ -151,14 +157,9 @@ def load_volume(path: str | os.PathLike) -> Volume:
         if data.ndim != 3:
             raise ValueError(f"{path}: expected a 3D NIfTI volume, got shape {data.shape}")
         arr = check_finite(np.ascontiguousarray(data.transpose(2, 1, 0)), path)
-        return Volume(arr, _geometry_from_affine(img.affine, arr.shape), {"source": str(path)})
+        return Volume(arr, Geometry.from_affine(img.affine, arr.shape, ras=True), {"source": str(path)})
     if kind == "sitk":
-        import SimpleITK as sitk
-
-        try:
-            img = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1]})") from exc
+        img = _read_sitk(path)
         if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
             raise ValueError(f"{path}: expected a 3D scalar image, got {img.GetDimension()}D with {img.GetNumberOfComponentsPerPixel()} components")
         arr, geom = from_sitk(img)
@@ -199,12 +200,7 @@ def load_field(path: str | os.PathLike) -> DisplacementField:
             raise ValueError(f"{path}: expected a (3, z, y, x) field, got shape {arr.shape}")
         return DisplacementField(check_finite(arr, path), Geometry.from_dict(info["geometry"]), info.get("meta", {}))
     if kind in ("nifti", "sitk"):
-        import SimpleITK as sitk
-
-        try:
-            img = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1]})") from exc
+        img = _read_sitk(path)
         if img.GetNumberOfComponentsPerPixel() != 3 or img.GetDimension() != 3:
             raise ValueError(f"{path}: expected a 3D image with 3-component vectors")
         arr, geom = from_sitk(img, vector=True)

@@ -19,8 +19,9 @@ with strides ``(1, 2, 2)`` to downsample and :class:`~monai.networks.blocks.UpSa
 
 Network units (the model carries them, see :meth:`Autoencoder.normalize`):
 
-* CT: Hounsfield units clipped to ``[hu_min, hu_max]`` (default ``[-1000, 1000]``) and mapped
-  linearly to ``[-1, 1]``.  (The research code used ``[-1024, 3071]``; the narrower window keeps
+* CT: Hounsfield units clipped to ``[hu_min, hu_max]`` (default: the window of
+  :mod:`respmotion.data.intensity`, ``[-1000, 1000]``) and mapped linearly to ``[-1, 1]`` by its
+  functions.  (The research code used ``[-1024, 3071]``; the narrower window keeps
   lung/soft-tissue contrast, and bone above 1000 HU saturates.)
 * DVF: millimetres divided by ``dvf_scale_mm`` (default 10 mm), components ``(z, y, x)``,
   pull convention (see :mod:`respmotion.core.types`).
@@ -41,6 +42,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.layers.factories import Act
 
+from ..data.intensity import HU_WINDOW, denormalize_hu, normalize_hu
 from ..io.torchfile import load_weights_only
 
 KINDS = ("image", "dvf")
@@ -66,8 +68,8 @@ class AutoencoderNetConfig:
     dropout: float = 0.05
     norm_groups: int = 32
     act: str = "swish"
-    hu_min: float = -1000.0
-    hu_max: float = 1000.0
+    hu_min: float = HU_WINDOW[0]
+    hu_max: float = HU_WINDOW[1]
     dvf_scale_mm: float = 10.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,15 +211,14 @@ class Autoencoder(nn.Module):
         """Physical units (HU, or mm for a DVF) -> network units (see module docstring)."""
         c = self.cfg
         if c.kind == "image":
-            x = torch.clamp(x, c.hu_min, c.hu_max)
-            return 2.0 * (x - c.hu_min) / (c.hu_max - c.hu_min) - 1.0
+            return normalize_hu(x, (c.hu_min, c.hu_max))
         return x / c.dvf_scale_mm
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
         """Network units -> HU (within the window) or mm."""
         c = self.cfg
         if c.kind == "image":
-            return (y + 1.0) * 0.5 * (c.hu_max - c.hu_min) + c.hu_min
+            return denormalize_hu(y, (c.hu_min, c.hu_max))
         return y * c.dvf_scale_mm
 
     # ------------------------------------------------------------------ codec

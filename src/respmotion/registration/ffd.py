@@ -15,26 +15,18 @@ Method (one control lattice, refined image pyramid, as hf-deepali's FFD set-up o
   (1, 2, 2)) whose offset changes every iteration: every voxel contributes over a few iterations and the
   images keep their full resolution (unlike halving the images, SPEC section 7: 0.53 mm), at a quarter of the
   grid-sampling cost; only the bounding box of the batch's body weights is visited (weight-0 voxels add nothing
-  to the weighted NCC: same loss, ~55 % of the strided grid on the phantom);
+  to the weighted NCC: same loss);
 * folding repair (:func:`repair_folding`, on by default): the knot penalty cannot see every voxel, and the
   sliding blend is discontinuous at the lung surface, so after the last level the dense field's Jacobian
   determinant is computed exactly as :func:`respmotion.core.warp.jacobian_determinant` does; pairs with any
   det <= 0 get a few gradient steps on a hinge at the offending voxels (outside field first) until none is
-  left.  Measured on 00->50 at 50x256x256: 1234 folded voxels (0.038 %) -> 0, lung error 0.298 / 0.857 mm ->
-  0.296 / 0.857 mm (mean / p95), 3 rounds; moving both fields from the start also reached 0 but cost
-  0.34 / 1.12 mm, Adam instead of bounded gradient steps 0.57 / 1.75 mm.
+  left.
 
 Optional sliding (``sliding=True``): two fields, one used inside the fixed lung mask and one outside, each with
 its own regulariser, so the lung may slide along the chest wall.
 
-Where the time goes (torch.profiler, 50x256x256, 3 pairs, 1 thread, before -> after this module's hot-loop
-changes): per pair and finest-level iteration 224 -> ~60 ms; the rest is grid_sample forward + backward
-(~70 ns a point) and the basis products.  Changes, each measured on its own: visiting the body box instead
-of the whole strided grid (819k -> 454k points a pair); one evaluation of both sliding fields with a custom
-blend (63 -> 16 ms per 3 pairs); the knot regulariser with a hand-written backward (conv3d backward took
-10 ms a call; autograd through slices 122 ms -> 36 ms per call for 6 fields); NCC from precomputed fixed-image
-statistics (3 dot products); ``bmm`` with the basis expanded (``matmul(2-D, 3-D)`` copied the result).
-Measured evidence for the engine and the settings is in :mod:`respmotion.registration` (package doc).
+Measurements behind the method, the settings and the hot loop (profile, speed, accuracy) are in
+``docs/registration.md``.
 """
 
 from __future__ import annotations
@@ -54,7 +46,7 @@ from .bspline import Basis, ControlGrid, evaluate, evaluate_points, knot_regular
 
 @dataclass
 class FFDSettings:
-    """Optimiser settings (defaults: the measured best; see the package docstring)."""
+    """Optimiser settings (defaults: the measured best; see docs/registration.md)."""
 
     stride: tuple[float, float, float] = (3.0, 8.0, 8.0)  # control point spacing, full-res voxels (z, y, x)
     levels: tuple[tuple[int, int, int], ...] = ((4, 4, 4), (2, 2, 2), (1, 1, 1))  # downsampling per level
@@ -102,16 +94,6 @@ def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     return x
 
 
-def _ncc(f: torch.Tensor, m: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Weighted global NCC per pair: ``f``, ``m``, ``w`` ``(B, N...)`` -> ``(B,)``."""
-    dims = tuple(range(1, f.ndim))
-    sw = w.sum(dims, keepdim=True).clamp_min(eps)
-    fc = f - (w * f).sum(dims, keepdim=True) / sw
-    mc = m - (w * m).sum(dims, keepdim=True) / sw
-    cov = (w * fc * mc).sum(dims)
-    return cov / torch.sqrt((w * fc * fc).sum(dims) * (w * mc * mc).sum(dims) + eps)
-
-
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-pair dot product of ``(B, N...)`` tensors -> ``(B,)`` (one BLAS call forward and backward)."""
     n = a.shape[0]
@@ -131,7 +113,7 @@ class _FixedStats:
         self.var = (self.fw * fc).sum(dims)
 
     def ncc(self, m: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-        """Same value as :func:`_ncc` (``sum w (f - mean f)(m - mean m) = sum fw m``): 1 product and 3 dot
+        """Same value as :func:`respmotion.registration.quality.masked_ncc` (``sum w (f - mean f)(m - mean m) = sum fw m``): 1 product and 3 dot
         products on the points instead of ~15 elementwise passes."""
         wm = self.w * m
         s1 = wm.flatten(1).sum(1)
@@ -143,9 +125,8 @@ class _FixedStats:
 class _Points:
     """The voxels one iteration looks at: level voxels ``offset::step`` inside the bounding box of the batch's
     body weights (a weight-0 voxel adds nothing to the weighted NCC, so the crop leaves the loss unchanged).
-    A dense sub-grid ``(nz, ny, nx)``, shared by the pairs of the batch.  (Gathering only the weight > 0 voxels
-    of the box was slower: on the phantom 78 % of the box is body, and index_select + its backward cost more
-    than grid-sampling the other 22 %.)"""
+    A dense sub-grid ``(nz, ny, nx)``, shared by the pairs of the batch (gathering only the weight > 0 voxels of
+    the box was slower: docs/registration.md)."""
 
     axes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # level voxel indices of the sub-grid per axis (long)
     basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # basis rows of those indices ``(n_axis, K_axis)``
@@ -162,9 +143,8 @@ class _Points:
 
 class _Blend(torch.autograd.Function):
     """Sliding blend ``lung * inside + (1 - lung) * outside`` of ``t`` ``(B, 6, ...)`` (inside = channels 0-2)
-    with ``lung`` ``(B, 1, ...)``; backward writes the two gradients into one preallocated tensor.  Measured (3 pairs,
-    50x79x115 points, 1 thread): 16 ms forward + backward, against 44 ms for autograd through slices (zero-filled
-    copies) and 63 ms for a product with stacked weights."""
+    with ``lung`` ``(B, 1, ...)``; backward writes the two gradients into one preallocated tensor (cheaper than
+    autograd through slices or a product with stacked weights: docs/registration.md)."""
 
     @staticmethod
     def forward(ctx, t, lung):

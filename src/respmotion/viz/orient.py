@@ -11,8 +11,8 @@ Display convention (radiological, written down here and tested in ``tests/test_r
 How: a volume ``(z, y, x)`` on any axis-aligned geometry is first turned into the *canonical
 display array* ``C[s, p, l]`` whose axes run inferior->superior, anterior->posterior and
 right->left (the LPS directions), by transposing and flipping array axes according to the
-geometry's direction matrix (each array axis is matched to the world axis it is closest to, so an
-oblique volume is shown along its nearest axes).  Displacement fields get the same
+geometry's direction (:meth:`~respmotion.core.geometry.Geometry.nearest_world_axes`: each array axis is
+matched to the world axis it is closest to, so an oblique volume is shown along its nearest axes).  Displacement fields get the same
 transpose/flip, with the components permuted and negated to match.  Views then slice ``C``:
 
 ===========  ===========  ==========================  ==================
@@ -70,19 +70,16 @@ class Canonical:
 
     @classmethod
     def from_geometry(cls, geometry: Geometry) -> "Canonical":
-        d = geometry.direction_matrix  # columns: LPS direction of index axes x, y, z
         perm = [-1, -1, -1]
         flip = [False, False, False]
         worst = 0.0
-        for a in range(3):  # array axis a (0 = z, 1 = y, 2 = x) is ITK index axis 2 - a
-            vec = d[:, 2 - a]
-            w = int(np.argmax(np.abs(vec)))  # world axis 0 = x (L), 1 = y (P), 2 = z (S)
-            c = 2 - w
+        for a, (w, sign, tilt) in enumerate(geometry.nearest_world_axes()):  # array axis a: 0 = z, 1 = y, 2 = x
+            c = 2 - w  # world axis 0 = x (L), 1 = y (P), 2 = z (S) is canonical axis 2, 1, 0
             if perm[c] != -1:
                 raise ValueError(f"direction matrix {geometry.direction} maps two array axes onto one world axis")
             perm[c] = a
-            flip[c] = bool(vec[w] < 0)
-            worst = max(worst, float(np.degrees(np.arccos(min(1.0, abs(vec[w]) / np.linalg.norm(vec))))))
+            flip[c] = sign < 0
+            worst = max(worst, tilt)
         spacing = tuple(float(geometry.spacing[perm[c]]) for c in range(3))
         return cls(tuple(perm), tuple(flip), spacing, worst)  # type: ignore[arg-type]
 
