@@ -25,20 +25,21 @@ def warp_volume(volume: Volume, field: DisplacementField, mode: str = "bilinear"
     return Volume(arr, volume.geometry, dict(volume.meta))
 
 
-def move_world_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
-    """Move LPS points of the moving (reference) image into the fixed frame (inverse of the pull)."""
+def _points_through(step, field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
+    """LPS points -> voxel indices -> ``step(field (3, z, y, x) float64, indices, spacing)`` -> LPS points."""
     g = field.geometry
     idx = torch.as_tensor(g.world_to_index(points_xyz), dtype=torch.float64)
-    q = W.move_points(torch.as_tensor(field.array, dtype=torch.float64), idx, g.spacing)
-    return g.index_to_world(q.numpy())
+    return g.index_to_world(step(torch.as_tensor(field.array, dtype=torch.float64), idx, g.spacing).numpy())
+
+
+def move_world_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
+    """Move LPS points of the moving (reference) image into the fixed frame (inverse of the pull)."""
+    return _points_through(W.move_points, field, points_xyz)
 
 
 def pull_world_points(field: DisplacementField, points_xyz: np.ndarray) -> np.ndarray:
     """``p + u(p)`` for LPS points ``p`` of the fixed frame (where they come from in the moving image)."""
-    g = field.geometry
-    idx = torch.as_tensor(g.world_to_index(points_xyz), dtype=torch.float64)
-    q = W.pull_points(torch.as_tensor(field.array, dtype=torch.float64), idx, g.spacing)
-    return g.index_to_world(q.numpy())
+    return _points_through(W.pull_points, field, points_xyz)
 
 
 def jacobian_determinant(field: DisplacementField) -> np.ndarray:
