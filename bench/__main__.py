@@ -14,6 +14,7 @@ latents               volumes/s encoding a CT and a DVF           bench/latents.
 sampling              s per cycle per sampler, their difference   bench/sampling.py
 synthesis             end to end, FixedMotion: seconds, memory    bench/synthesis.py
 synthesis_ldm         end to end, untrained default-size LDM      bench/synthesis.py
+synthesis_native      512x512x141 CT, 10 phases, NIfTI+DICOM+RT   bench/synthesis_native.py
 render                seconds for the breathing-cycle GIFs        bench/render.py
 ====================  ==========================================  ==========================
 
@@ -66,6 +67,9 @@ BENCHES: list[Bench] = [
           shared_inputs=True),
     Bench("synthesis_ldm", "bench.synthesis", {"shape": FULL_SHAPE, "variant": "ldm"}, cap_s=600, expect_s=600,
           shared_inputs=True, default_on_cpu=False),
+    # native-size warping and writing (POPI 512x512x141 or a phantom of that size): ~2 min on 2 cores, so by name
+    Bench("synthesis_native", "bench.synthesis_native", {"motion": "fixed"}, cap_s=600, expect_s=150,
+          default_on_cpu=False),
     Bench("render", "bench.render", {"shape": FULL_SHAPE}, cap_s=150, expect_s=20, shared_inputs=True),
 ]
 NAMES = [b.name for b in BENCHES]
