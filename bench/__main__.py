@@ -16,10 +16,11 @@ synthesis             end to end, FixedMotion: seconds, memory    bench/synthesi
 synthesis_ldm         end to end, untrained default-size LDM      bench/synthesis.py
 synthesis_native      512x512x141 CT, 10 phases, NIfTI+DICOM+RT   bench/synthesis_native.py
 render                seconds for the breathing-cycle GIFs        bench/render.py
+seed                  research checkpoints: DDIM-200 vs fast, mm  bench/seed.py
 ====================  ==========================================  ==========================
 
-``synthesis_ldm`` runs by default only on CUDA (on 2 CPU cores it takes many minutes); name it
-with ``--only`` to run it anyway.  Each benchmark may run until what is left of ``--budget``, less
+``synthesis_ldm`` and ``seed`` run by default only on CUDA (on 2 CPU cores they take minutes); name them
+with ``--only`` to run them anyway.  Each benchmark may run until what is left of ``--budget``, less
 the typical CPU time of the benchmarks after it (``expect_s``), is spent (at most ``cap_s``).  One
 whose script is missing, fails, or runs past its limit is recorded as ``{"error": "..."}``; the
 others still run, and the exit code is 1 when any benchmark has an error.  The default budget
@@ -71,6 +72,8 @@ BENCHES: list[Bench] = [
     Bench("synthesis_native", "bench.synthesis_native", {"motion": "fixed"}, cap_s=600, expect_s=150,
           default_on_cpu=False),
     Bench("render", "bench.render", {"shape": FULL_SHAPE}, cap_s=150, expect_s=20, shared_inputs=True),
+    # research-code (seed) checkpoints of the published size; on CPU composed timings, no field difference
+    Bench("seed", "bench.seed", {}, cap_s=600, expect_s=240, shared_inputs=True, default_on_cpu=False),
 ]
 NAMES = [b.name for b in BENCHES]
 MIN_SLICE_S = 10.0  # a benchmark given less than this is not started

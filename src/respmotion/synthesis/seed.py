@@ -141,8 +141,12 @@ class SeedMotion:
         """What summary.json records about the motion: checkpoints (sha256), sampler, schedule, cycle."""
         return dict(self.provenance)
 
-    def _transition(self, image: torch.Tensor, phase: int, x_T: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Sampled step ``p -> p + 1`` for images ``(S, 1, *shape)``: airlab units ``(S, 3, *shape)``."""
+    @torch.no_grad()
+    def transition(self, image: torch.Tensor, phase: int, x_T: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """One sampled step ``p -> p + 1`` (``phase`` = p, 0..8) for normalised model-grid images
+        ``(S, 1, *shape)`` of phase p, from initial noise ``x_T`` ``(S, 9, *latent)`` (``gen`` draws
+        the stochastic samplers' noise).  Returns the airlab displacement ``(S, 3, *shape)``
+        (channels x, y, z; normalised units: :func:`airlab_to_pull_mm` converts)."""
         m = self.models
         z_img = m.image_encoder(image)
         labels = torch.full((image.shape[0],), phase, dtype=torch.long, device=image.device)
@@ -169,7 +173,7 @@ class SeedMotion:
         fields = [u]
         current = img0
         for p in range(len(PHASES) - 1):
-            step = airlab_to_pull_mm(self._transition(current, p, x_T, gen), spacing)
+            step = airlab_to_pull_mm(self.transition(current, p, x_T, gen), spacing)
             u = W.compose(u, step, spacing)
             fields.append(u)
             current = W.warp(img0, u, spacing)
