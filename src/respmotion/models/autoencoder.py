@@ -34,7 +34,7 @@ Latents for diffusion: :meth:`Autoencoder.encode_latent` returns the (mean) late
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import torch
