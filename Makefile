@@ -32,7 +32,7 @@ bench: bench-setup
 DIRLAB ?= ../shared/data/dirlab-4dct-landmarks
 motion-reference: setup
 	$(BIN)/python -m respmotion.data.motion_reference --data $(DIRLAB) \
-		--out src/respmotion/data/motion_reference.json --plot docs/motion_reference.png
+		--out src/respmotion/data/motion_reference.json --plot docs/motion_reference.png --phantom 8
 
 clean:
 	rm -rf out runs

@@ -236,7 +236,12 @@ def profiles(cases: Sequence[Case], bins: int = 5) -> dict[str, Any]:
         box = lung_box(c.t00)
         ns.append(normalised(c.t00, box, DIRLAB_INFERIOR))
         ds.append(components(c.t00, c.t50 - c.t00, box) / amplitude(c))
-    n, d = np.concatenate(ns), np.concatenate(ds)
+    return profile_table(np.concatenate(ns), np.concatenate(ds), bins)
+
+
+def profile_table(n: np.ndarray, d: np.ndarray, bins: int = 5) -> dict[str, Any]:
+    """Bin means of ``d`` ``(N, 3)`` (superior, posterior, lateral per unit amplitude) over each column of the
+    normalised positions ``n`` ``(N, 3)`` (``bins`` equal bins in [0, 1])."""
     edges = np.linspace(0, 1, bins + 1)
     out = {"bin_centres": (0.5 * (edges[1:] + edges[:-1])).tolist()}
     for a, axis in enumerate(("si", "ap", "ml")):
@@ -320,11 +325,66 @@ def plot_reference(ref: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def phantom_comparison(patients: int = 8, shape: Sequence[int] = (16, 64, 64), ref: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """The phantom's motion statistics (:meth:`respmotion.data.phantom.Phantom.motion_statistics`, seeds
+    0..patients-1) next to the reference: amplitudes, mean components, superior profiles, phase states."""
+    from .phantom import Phantom
+
+    ref = ref or load_reference()
+    stats = [Phantom(i, shape).motion_statistics() for i in range(patients)]
+    amps = [s["amplitude_mm"] for s in stats]
+
+    def prof(axis: str) -> list[float | None]:
+        cols = zip(*[s["profiles"][axis]["superior"] for s in stats])  # per bin, over patients
+        return [float(np.mean(vals)) if vals else None for vals in ([v for v in c if v is not None] for c in cols)]
+
+    return {
+        "patients": patients, "shape": list(shape),
+        "amplitude_mm": {"phantom": amps, "reference": list(ref["amplitude"]["per_case"].values())},
+        "component_mean_mm": {"phantom": np.mean([s["component_mean_mm"] for s in stats], 0).tolist(),
+                              "reference": np.mean(list(ref["amplitude"]["component_mean_per_case_mm"].values()),
+                                                   0).tolist()},
+        "superior_profile": {a: {"phantom": prof(a), "reference": ref["profiles"][a]["superior"]}
+                             for a in ("si", "ap", "ml")},
+        "superior_state": {"phantom": {k: float(np.mean([s["superior_state"][k] for s in stats]))
+                                       for k in stats[0]["superior_state"]},
+                           "reference_exhale": dict(zip([f"{k:02d}" for k in ref["phase_curve"]["phases"]],
+                                                        ref["phase_curve"]["superior_state_mean"]))},
+        "spine_max_mm": max(s["spine_max_mm"] for s in stats),
+    }
+
+
+def comparison_markdown(cmp: dict[str, Any]) -> str:
+    """``phantom_comparison`` as the docs table (markdown)."""
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    pa, ra = cmp["amplitude_mm"]["phantom"], cmp["amplitude_mm"]["reference"]
+    rows = ["| statistic | phantom | DIR-Lab |", "| --- | --- | --- |",
+            f"| amplitude (mean superior at 50 %), median [min, max] mm | {np.median(pa):.2f} [{min(pa):.2f}, "
+            f"{max(pa):.2f}] | {np.median(ra):.2f} [{min(ra):.2f}, {max(ra):.2f}] |",
+            "| mean (superior, posterior, lateral) mm | " + ", ".join(f(v) for v in cmp["component_mean_mm"]["phantom"])
+            + " | " + ", ".join(f(v) for v in cmp["component_mean_mm"]["reference"]) + " |"]
+    for axis, label in (("si", "apex -> base"), ("ap", "anterior -> posterior"), ("ml", "medial -> lateral")):
+        p = cmp["superior_profile"][axis]
+        rows.append(f"| superior / amplitude, 5 bins {label} | {' '.join(f(v) for v in p['phantom'])} | "
+                    f"{' '.join(f(v) for v in p['reference'])} |")
+    st = cmp["superior_state"]
+    rows.append("| superior state at 00..50 % | " + " ".join(f(st["phantom"][k]) for k in st["reference_exhale"])
+                + " | " + " ".join(f(v) for v in st["reference_exhale"].values()) + " |")
+    rows.append("| superior state at 60..90 % (inhale: Lujan model) | "
+                + " ".join(f(st["phantom"][k]) for k in ("60", "70", "80", "90")) + " | (not measured) |")
+    rows.append(f"| largest motion in the vertebral body, mm | {cmp['spine_max_mm']:.2f} | (not measured) |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="DIR-Lab motion reference -> JSON (+ plot)")
     ap.add_argument("--data", required=True, help="the dirlab-4dct-landmarks folder")
     ap.add_argument("--out", required=True, help="JSON to write")
     ap.add_argument("--plot", help="PNG to write")
+    ap.add_argument("--phantom", type=int, default=0, help="also print the phantom-vs-DIR-Lab table of N patients")
     args = ap.parse_args(argv)
     from ..io.atomic import write_json
 
@@ -337,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         k: ref["phase_curve"][k] for k in ("n", "peak", "eta", "peak_range")},
         "loo_gain_with_amplitude_min": min(r["with_amplitude_gain"] for r in loo),
         "loo_gain_without_amplitude_min": min(r["without_amplitude_gain"] for r in loo)}, indent=1))
+    if args.phantom:
+        print(comparison_markdown(phantom_comparison(args.phantom, ref=ref)))
     return 0
 
 

@@ -5,14 +5,19 @@ parenchyma, branching vessels and nodules, heart, liver and a stomach gas bubble
 diaphragm.  It is drawn once in the *reference* (end-inhale, phase 00) frame on a grid twice as
 fine along z, extended below and above the field of view.
 
-Motion (analytic, in mm, pull convention of :mod:`respmotion.core.types`): for phase k with
-breathing amplitude ``s_k`` (0 at 00 = end-inhale, 1 at 50 = end-exhale)::
+Motion (analytic, in mm, pull convention of :mod:`respmotion.core.types`), calibrated on the measured
+DIR-Lab reference (:mod:`respmotion.data.motion_reference`, table in docs/motion.md): for phase k with
+breathing state ``s_k`` (:func:`breathing_amplitude`: 0 at 00 = end-inhale, 1 at 50 = end-exhale, the
+reference's asymmetric Lujan cos^2n curve)::
 
-    u_z(p) = -A * s * g(z, y, x) * w(y, x)   superior-inferior, largest at the diaphragm,
-                                              only inside the rib cage (w: sliding interface)
-    u_y(p) = -B * s * h(y)                    anterior-posterior, anterior wall moves most
+    u_z(p) = -A * s * g(z, dome) * w(y, x) * ap(y) * ml(x)   superior-inferior: largest at the posterior,
+                                              lateral base; only inside the rib cage and away from the spine
+                                              (w: sliding interfaces), small in the mediastinum
+    u_y(p) = -B * s * h(y)                    anterior-posterior, the anterior chest wall moves most
     u_x(p) = +C * s * x / X                   lateral contraction at exhale
 
+``A`` is set per patient so that the lung's mean superior motion at 50 % is an amplitude drawn from the
+DIR-Lab distribution (:class:`PhantomParams`); ``B`` and ``C`` are fractions of it.
 ``phase_k(p) = phase_00(p + u_k(p))``.  Because ``u_y`` depends on y only and ``u_x`` on x only,
 the Jacobian matrix is triangular and ``det = (1 + du_z/dz)(1 + du_y/dy)(1 + du_x/dx)``, which is
 > 0 by construction even across the sliding interface, where ``u_z`` shears steeply in y and x
@@ -42,13 +47,27 @@ FOV_MM = (150.0, 358.4, 358.4)  # z, y, x field of view
 DEFAULT_SHAPE = (50, 256, 256)
 _EXT_BELOW, _EXT_ABOVE = 36.0, 12.0  # mm of anatomy drawn beyond the FOV (motion pulls from there)
 
+#: motion shape, calibrated on the DIR-Lab reference (docs/motion.md): AP and lateral excursion per mm of mean
+#: superior lung motion; SI motion gain from anterior to posterior and from medial to lateral (linear, x 1 at the
+#: cavity's centre line), and the exponent of the SI profile from the diaphragm (t = 0) to the apex (t = 1).
+AP_PER_SI, LR_PER_SI = 0.2, 0.25
+SI_AP_GAIN, SI_ML_GAIN, SI_PROFILE_EXP = 1.6, 1.0, 1.5
+
+SPINE_Y, SPINE_R = 0.72, 17.0  # vertebral body centre (x body_ay, posterior) and radius, mm
+SPINE_STATIC_R = 26.0  # mm: SI motion fades out (over slide_width) this far from the spine's axis (< 1 mm inside)
+
 HU_AIR, HU_LUNG, HU_FAT, HU_SOFT, HU_BLOOD, HU_LIVER, HU_BONE = -1000.0, -860.0, -100.0, 40.0, 45.0, 60.0, 650.0
 
 
 def breathing_amplitude(percent: float | np.ndarray) -> np.ndarray:
-    """Breathing state s in [0, 1]: 0 at phase 0 % (end-inhale), 1 at 50 % (end-exhale)."""
-    phi = np.asarray(percent, dtype=np.float64) / 100.0
-    return (1.0 - np.cos(2.0 * math.pi * phi)) / 2.0
+    """Breathing state s: 0 at phase 0 % (end-inhale), 1 at 50 % (end-exhale), on the population phase curve
+    of the measured reference (asymmetric Lujan cos^2n, :func:`respmotion.data.motion_reference.phase_state`):
+    the exhale branch fitted to DIR-Lab, end-exhale slightly after 50 %, a shorter inhale branch."""
+    from .motion_reference import load_reference, phase_state
+
+    pc = load_reference()["phase_curve"]
+    s = phase_state(percent, pc["n"], pc["peak"])[0] / phase_state(50.0, pc["n"], pc["peak"])[0]
+    return np.where(np.mod(np.asarray(percent, dtype=np.float64), 100.0) == 50.0, 1.0, s)
 
 
 @dataclass
@@ -61,7 +80,8 @@ class PhantomParams:
     dome_z: float
     dome_height: float
     right_dome_offset: float
-    amp_si: float  # diaphragm superior-inferior excursion at end-exhale, mm
+    amp_mean_si: float  # mean superior displacement of the lung at 50 %, mm (drawn from the DIR-Lab amplitudes)
+    amp_si: float  # diaphragm superior-inferior excursion scale, mm (set so the lung's mean is amp_mean_si)
     amp_ap: float  # anterior chest wall excursion, mm
     amp_lr: float  # lateral excursion at the body edge, mm
     lr_asym: float  # left/right SI amplitude asymmetry
@@ -72,10 +92,22 @@ class PhantomParams:
     def draw(cls, rng: np.random.Generator) -> "PhantomParams":
         """Anatomy is random; motion follows the anatomy visible at end-inhale (plus a little noise),
         so a model that sees the reference CT can predict it better than a population mean:
-        a lower diaphragm at end-inhale means a deeper breath, a deeper chest a larger AP motion."""
+        a lower diaphragm at end-inhale means a deeper breath, a deeper chest a larger AP motion.
+
+        The breath's amplitude (mean superior lung motion at 50 %) is the quantile of the measured DIR-Lab
+        log-normal amplitude distribution (``motion_reference.json``) that the diaphragm's depth picks
+        (5 %..95 %), times 5 % noise; AP and lateral excursions are fractions of it (:data:`AP_PER_SI`,
+        :data:`LR_PER_SI`) that grow with the chest's depth and width."""
+        from statistics import NormalDist
+
+        from .motion_reference import load_reference
+
+        amp = load_reference()["amplitude"]
         body_ax, body_ay = rng.uniform(150, 168), rng.uniform(105, 122)
         dome_z, right_offset = rng.uniform(-50, -38), rng.uniform(4, 12)
         depth = np.clip((-38.0 - dome_z) / 12.0, 0.0, 1.0)
+        z = NormalDist().inv_cdf(0.05 + 0.9 * float(depth))
+        mean_si = math.exp(amp["log_mean"] + amp["log_sd"] * z + rng.normal(0.0, 0.05))
         return cls(
             body_ax=body_ax,
             body_ay=body_ay,
@@ -83,9 +115,10 @@ class PhantomParams:
             dome_z=dome_z,
             dome_height=rng.uniform(14, 22),
             right_dome_offset=right_offset,
-            amp_si=10.0 + 10.0 * depth + rng.normal(0.0, 0.5),
-            amp_ap=3.0 + 4.0 * (body_ay - 105.0) / 17.0 + rng.normal(0.0, 0.3),
-            amp_lr=1.5 + 2.0 * (body_ax - 150.0) / 18.0,
+            amp_mean_si=mean_si,
+            amp_si=mean_si,  # rescaled by Phantom once the lungs are drawn
+            amp_ap=mean_si * AP_PER_SI * (0.8 + 0.4 * (body_ay - 105.0) / 17.0),
+            amp_lr=mean_si * LR_PER_SI * (0.8 + 0.4 * (body_ax - 150.0) / 18.0),
             lr_asym=(right_offset - 8.0) / 30.0,
             abdomen_decay=rng.uniform(70, 80),
             slide_width=2.0,
@@ -112,6 +145,15 @@ class Phantom:
         self.ys = origin_xyz[1] + spacing[1] * np.arange(shape[1])
         self.xs = origin_xyz[0] + spacing[2] * np.arange(shape[2])
         self._draw_anatomy()
+        self._calibrate_amplitude()
+
+    def _calibrate_amplitude(self) -> None:
+        """Scale ``amp_si`` so that the lung's points (the uniform ``lung_parenchyma`` landmarks) move superiorly by
+        ``amp_mean_si`` on average at 50 % (two exact-inverse corrections; the motion is nearly linear in it)."""
+        pts = np.array([c for c, k in zip(self.landmarks_ref, self.landmark_kind) if k == "lung_parenchyma"])
+        for _ in range(2):
+            up = float((self.move_points(50, pts)[:, 0] - pts[:, 0]).mean())
+            self.p.amp_si *= self.p.amp_mean_si / up
 
     # ------------------------------------------------------------------ shapes
     def _cavity_r(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -133,25 +175,32 @@ class Phantom:
     # The motion model is separable: u_y depends on y, u_x on x, and u_z = amp2d(y, x) * g(z, dome(y, x)).
     def _g_dg(self, z: np.ndarray, zd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """SI profile g and its slope dg/dz: g = 1 at the diaphragm (zero slope there, so the field is
-        C1), falling quadratically to 0 at the apex level and as a Gaussian into the abdomen."""
+        C1), falling as ``1 - t**SI_PROFILE_EXP`` to 0 at the apex level and as a Gaussian into the abdomen."""
         d = z - zd
-        h = FOV_MM[0] / 2 + 40.0 - zd
+        h = FOV_MM[0] / 2 + _EXT_ABOVE - zd  # 0 at the top of the drawn lungs (apex)
         above = d >= 0
-        t = d / h
+        t = np.clip(d / h, 0.0, 1.0)
+        q = SI_PROFILE_EXP
         e = np.exp(-((np.minimum(d, 0.0) / self.p.abdomen_decay) ** 2))  # 1 above the dome: no overflow
-        g = np.where(above, np.clip(1.0 - t * t, 0.0, 1.0), e)
-        dg = np.where(above, np.where(t < 1.0, -2.0 * t / h, 0.0), -2.0 * d / self.p.abdomen_decay**2 * e)
+        g = np.where(above, 1.0 - t**q, e)
+        dg = np.where(above, np.where(t < 1.0, -q * t ** (q - 1.0) / h, 0.0), -2.0 * d / self.p.abdomen_decay**2 * e)
         return g, dg
 
     def _g(self, z: np.ndarray, zd: np.ndarray) -> np.ndarray:
         return self._g_dg(z, zd)[0]
 
     def _uz_parts(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(dome z, SI amplitude at s = 1 incl. sliding weight) at (y, x)."""
+        """(dome z, SI amplitude at s = 1 incl. sliding weight) at (y, x): largest at the posterior, lateral base
+        (gains :data:`SI_AP_GAIN`, :data:`SI_ML_GAIN` across the cavity), small in the mediastinum."""
         p = self.p
-        w = 1.0 / (1.0 + np.exp((self._cavity_r(y, x) - 1.0) * (p.body_ax * p.cavity_scale) / p.slide_width))
+        ax, ay = p.body_ax * p.cavity_scale, p.body_ay * p.cavity_scale
+        w = 1.0 / (1.0 + np.exp((self._cavity_r(y, x) - 1.0) * ax / p.slide_width))
+        spine_r = np.sqrt(x * x + (y - SPINE_Y * p.body_ay) ** 2)  # the spine does not move: weight ~0 inside
+        w = w / (1.0 + np.exp((SPINE_STATIC_R - spine_r) / p.slide_width))
         lr = 1.0 + p.lr_asym * np.tanh(x / 40.0)
-        return self.dome(y, x), -p.amp_si * w * lr
+        ap = 1.0 + 0.5 * SI_AP_GAIN * np.clip((y + 0.08 * p.body_ay) / ay, -1.0, 1.0)
+        ml = 1.0 + SI_ML_GAIN * (np.clip(np.sqrt(x * x + 25.0) / ax, 0.0, 1.0) - 0.5)
+        return self.dome(y, x), -p.amp_si * w * lr * ap * ml
 
     def _uy(self, y: np.ndarray) -> np.ndarray:
         p = self.p
@@ -233,7 +282,7 @@ class Phantom:
         img += np.where(body, soft_tex, 0.0).astype(np.float32)
 
         # spine: vertebral body + canal, posterior midline
-        sy, srad = 0.72 * p.body_ay, 17.0
+        sy, srad = SPINE_Y * p.body_ay, SPINE_R
         spine_r = np.sqrt(X**2 + (Y - sy) ** 2)
         img[np.broadcast_to(spine_r < srad, shape)] = HU_BONE
         img[np.broadcast_to(np.sqrt(X**2 + (Y - sy - 24) ** 2) < 8, shape)] = HU_SOFT
@@ -441,10 +490,35 @@ class Phantom:
         interpolation on this grid follows (up to ~3 mm at 16x64x64).  Two in-plane voxels + 4 widths."""
         return 2.0 * max(self.geometry.spacing[1:]) + 4.0 * self.p.slide_width
 
+    def motion_statistics(self) -> dict[str, Any]:
+        """This patient's motion in the terms of the measured reference (``motion_reference``), on its uniform
+        lung points (the ``lung_parenchyma`` landmarks, like DIR-Lab's evenly spread landmarks): amplitude (mean
+        superior motion at 50 %, mm), mean (superior, posterior, lateral) mm, profiles per unit amplitude over the
+        normalised lung position, the superior state per phase, and the largest motion (mm) in the spine."""
+        from ..anatomy.lung_frame import lateral_sign, lung_box, normalised
+        from .motion_reference import profile_table
+
+        ref = np.array([c for c, k in zip(self.landmarks_ref, self.landmark_kind) if k == "lung_parenchyma"])
+        xyz = ref[:, ::-1]
+        box = lung_box(xyz)
+        d = self.move_points(50, ref) - ref  # z (superior), y (posterior), x (left) mm
+        comp = np.stack([d[:, 0], d[:, 1], d[:, 2] * lateral_sign(xyz, box)], 1)
+        amp = float(comp[:, 0].mean())
+        states = {f"{k:02d}": float((self.move_points(k, ref)[:, 0] - ref[:, 0]).mean()) / amp for k in PHASES}
+        p = self.p
+        zz = np.linspace(-FOV_MM[0] / 2, FOV_MM[0] / 2, 16)
+        ang, rad = np.meshgrid(np.linspace(0, 2 * math.pi, 12), np.linspace(0, SPINE_R, 5))  # the vertebral body
+        sy, sx = SPINE_Y * p.body_ay + rad * np.sin(ang), rad * np.cos(ang)
+        spine = self.displacement(50, zz[:, None, None], sy[None], sx[None])
+        return {"amplitude_mm": amp, "component_mean_mm": comp.mean(0).tolist(),
+                "profiles": profile_table(normalised(xyz, box), comp / amp), "superior_state": states,
+                "spine_max_mm": float(np.linalg.norm(spine, axis=0).max())}
+
     def landmarks(self) -> dict[str, Any]:
         """Landmark positions (LPS mm) in every phase; kinds: nodule, vessel_bifurcation, chest_wall,
         lung_parenchyma, below_diaphragm.  Kept are the landmarks that stay 3 mm inside the field of view
-        and farther than :meth:`landmark_margin` from the sliding interface in every phase, so that the
+        and farther than :meth:`landmark_margin` from the sliding interface (and from the edge of the static
+        spine zone) in every phase, so that the
         stored fields move every stored landmark to its true position (to < 0.1 mm)."""
         ref = np.array(self.landmarks_ref)  # (N, 3) z,y,x mm == LPS (z, y, x) for identity direction
         fov_lo = np.array(self.geometry.index_to_world([0, 0, 0]))[::-1]
@@ -457,6 +531,8 @@ class Phantom:
             q = self.move_points(k, ref)
             keep &= np.all((q >= fov_lo + 3.0) & (q <= fov_hi - 3.0), axis=1)
             keep &= np.abs(self.sliding_distance(q[:, 1], q[:, 2])) > margin
+            spine_r = np.sqrt(q[:, 2] ** 2 + (q[:, 1] - SPINE_Y * self.p.body_ay) ** 2)
+            keep &= np.abs(spine_r - SPINE_STATIC_R) > margin  # the static spine's edge is a second interface
             per_phase[f"{k:02d}"] = q
         kinds = [k for k, m in zip(self.landmark_kind, keep) if m]
         return {
@@ -611,17 +687,18 @@ def _write_jobs(out: str | Path, patients: int, seed: int, shape: tuple[int, int
 
     jobs = [(out, f"phantom_{i:03d}", seed * 1000 + i, tuple(shape), noise_hu, threads) for i in range(patients)]
     bar = tqdm(total=len(jobs), desc="phantom", unit="patient", disable=not progress)
-    if workers <= 1 or len(jobs) <= 1:
-        studies = []
-        for job in jobs:
-            studies.append(write_patient(*job))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(write_patient, *job) for job in jobs]
-            studies = []
-            for f in futures:  # in patient order; an error in any worker is raised here
-                studies.append(f.result())
+    studies = []
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                studies.append(write_patient(*job))
                 bar.update()
-    bar.close()
+        else:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(write_patient, *job) for job in jobs]
+                for f in futures:  # in patient order; an error in any worker is raised here
+                    studies.append(f.result())
+                    bar.update()
+    finally:
+        bar.close()  # also on an error: its message then starts on a line of its own
     return studies
