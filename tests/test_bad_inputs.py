@@ -13,6 +13,7 @@ process through :func:`respmotion.cli.main` with stderr captured; the root logge
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -360,3 +361,502 @@ def test_config_with_unknown_nested_key(cli, cohort, tmp_path):
 def test_unknown_override_key(cli, tmp_path):
     out = tmp_path / "ph"
     check(cli, Case(["phantom", "--out", out, "patiens=2"], "patiens", r"unknown config key", [out]))
+
+
+# ============================================================================ issue 20: hostile inputs
+# Each case of the issue's catalogue (tracebacks, silent accepts, mixed outputs, weak messages, small
+# defects) through the CLI in process: one line naming the file and the problem, exit code 2, and
+# nothing already written changed (``tree`` compares file bytes before and after).
+TINY = "4,16,16"  # phantom CLI runs
+REG_YAML = ("pairs: ref\nthreads: 1\nbatch_size: 0\nffd:\n  stride: [2.0, 8.0, 8.0]\n  levels: [[1, 1, 1]]\n"
+            "  iterations: [2]\n  lr_mm: [0.3]\n  subsample: [[1, 2, 2]]\n  repair_folding: false\n")
+TRAIN_OVERRIDES = ["model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]", "model.dropout=0.0",
+                   "image_loss.views=[axial]", "train.num_workers=0", "train.val_every=0", "train.image_every=0",
+                   "train.log_every=1", "train.warmup_steps=0", "train.batch_size=1", "data.phases=[0]",
+                   "data.split_ratios=[1.0,0.0,0.0]"]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``root`` except the ownership lock files."""
+    from respmotion.io.atomic import file_sha256
+
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".owner")}
+
+
+def no_tmp(root: Path) -> None:
+    left = [str(p) for p in root.rglob(".tmp-*")] if root.exists() else []
+    assert not left, f"temporary files left: {left}"
+
+
+def deny_writes(monkeypatch, root: Path) -> None:
+    """Writing under ``root`` fails with EACCES, as in a folder without write permission (tests may
+    run as root, which chmod does not stop): ``os.open`` for writing and ``os.mkdir`` are refused."""
+    import errno
+    import os
+
+    real_open, real_mkdir, top = os.open, os.mkdir, str(root.resolve())
+
+    def under(path) -> bool:
+        return os.path.abspath(os.fsdecode(path)).startswith(top)
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and under(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if under(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+
+def disk_full_after(monkeypatch, ok_writes: int) -> None:
+    """The disk fills up after ``ok_writes`` atomic writes: the next ones fail with ENOSPC."""
+    import errno
+    import os
+
+    real, calls = os.fsync, [0]
+
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] > ok_writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.fixture(scope="module")
+def nifti_ct(tmp_path_factory) -> Path:
+    return _nifti(tmp_path_factory.mktemp("nifti") / "ct.nii.gz", ct_array(7).astype(np.float32))
+
+
+def _argv(command: str, out: Path, cohort: Path, nifti: Path) -> list:
+    study = study_of(cohort)
+    return {
+        "phantom": ["phantom", "--out", out, "--patients", "1", "--shape", TINY],
+        "import": ["data", "import", nifti, "--out", out / "ct.npy"],
+        "register": ["register", "--data", cohort, "--out", out],
+        "render": ["render", "--data", cohort, "--out", out, "--views", "axial"],
+        "train": ["train", "autoencoder", "--kind", "image", "--data", cohort, "--run-dir", out, "--device", "cpu",
+                  "--steps", "1", *TRAIN_OVERRIDES],
+        "synthesize": ["synthesize", study, "--model", "gt", "--out", out, "--no-render"],
+    }[command]
+
+
+COMMANDS = ("phantom", "import", "register", "render", "train", "synthesize")
+
+
+# ---------------------------------------------------------------------------- tracebacks -> one line
+@pytest.mark.parametrize("command", COMMANDS)
+def test_no_write_permission_on_out(cli, cohort, nifti_ct, tmp_path, monkeypatch, command):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    deny_writes(monkeypatch, locked)
+    check(cli, Case(_argv(command, locked / "out", cohort, nifti_ct), str(locked), r"permission", [locked]))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_out_is_an_existing_file(cli, cohort, nifti_ct, tmp_path, command):
+    taken = tmp_path / "taken"
+    taken.write_text("a user's file\n")
+    check(cli, Case(_argv(command, taken, cohort, nifti_ct), str(taken), r"is a file|not a (folder|directory)"))
+    assert taken.read_text() == "a user's file\n"
+
+
+@pytest.mark.parametrize("command, ok_writes", [("phantom", 3), ("import", 1), ("train", 3), ("synthesize", 3)])
+def test_disk_full(cli, cohort, nifti_ct, tmp_path, monkeypatch, command, ok_writes):
+    out = tmp_path / "out"
+    disk_full_after(monkeypatch, ok_writes)  # a few files fit, then the disk is full
+    rc, lines = cli(_argv(command, out, cohort, nifti_ct))
+    errors = [ln for ln in lines if ": error:" in ln]  # training logs its progress before the failure
+    assert rc == 2 and len(errors) == 1 and re.search(r"no space left", errors[0]), lines
+    assert str(out) in errors[0] and not any("Traceback" in ln for ln in lines), lines
+    no_tmp(out)
+    assert not list(out.rglob("study.json")) and not list(out.rglob("*.pt")), "a failed run marked output complete"
+    if command == "import":  # the volume and its sidecar are written together or not at all
+        assert not list(out.rglob("*.npy")) and not list(out.rglob("*.json"))
+
+
+def test_disk_full_phantom_then_rerun_completes(cli, tmp_path, monkeypatch):
+    out = tmp_path / "ph"
+    with monkeypatch.context() as m:
+        disk_full_after(m, 5)
+        assert cli(["phantom", "--out", out, "--patients", "1", "--shape", TINY])[0] == 2
+    rc, lines = cli(["phantom", "--out", out, "--patients", "1", "--shape", TINY])
+    assert rc == 0, lines
+    assert (out / "phantom_000" / "study_0" / "study.json").exists()
+    no_tmp(out)
+
+
+def test_zero_byte_checkpoint(cli, cohort, checkpoints, tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    out = tmp_path / "latents"
+    check(cli, Case(["latents", "--data", cohort, "--image-ae", empty, "--dvf-ae", checkpoints["dvf"], "--out", out,
+                     "--device", "cpu"], "empty.pt", r"not a readable checkpoint.*(empty|cut short)", [out]))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "00000001.pt").write_bytes(b"")
+    (run / "config.yaml").write_text(f"kind: image\ndata:\n  root: {cohort}\n")
+    before = tree(run)
+    check(cli, Case(["train", "autoencoder", "--resume", run, "--device", "cpu"], "00000001.pt",
+                    r"not a readable checkpoint"))
+    assert tree(run) == before
+
+
+def _misfit_checkpoint(path: Path) -> Path:
+    """An image-AE training checkpoint whose weights are of a wider network than its config says."""
+    from respmotion.models.autoencoder import Autoencoder, default_net_config
+    from respmotion.training.checkpoint import save_checkpoint
+
+    small = default_net_config("image", base_channels=8, channel_mults=(1, 2), norm_groups=4)
+    wide = Autoencoder(default_net_config("image", base_channels=16, channel_mults=(1, 2), norm_groups=4))
+    return save_checkpoint({"task": "autoencoder_image", "step": 1, "model": wide.state_dict(),
+                            "model_config": small.to_dict(), "extra": {"kind": "image", "latent_scale": 1.0},
+                            "config": {}, "history": {"train": [], "val": []}, "optimizer": {}, "scheduler": {},
+                            "rng": []}, path)
+
+
+def test_weights_do_not_fit_model_config_resume(cli, cohort, tmp_path):
+    run = tmp_path / "run"
+    _misfit_checkpoint(run / "00000001.pt")
+    (run / "config.yaml").write_text(f"kind: image\ndata:\n  root: {cohort}\nmodel:\n  base_channels: 8\n"
+                                     f"  channel_mults: [1, 2]\n  norm_groups: 4\n")
+    before = tree(run)
+    check(cli, Case(["train", "autoencoder", "--resume", run, "--device", "cpu"], "00000001.pt",
+                    r"weights do not fit"))
+    assert tree(run) == before
+
+
+@pytest.mark.xfail(strict=True, reason="models/autoencoder.load_autoencoder must call io.torchfile.load_state "
+                                       "(file of another owner; the lead wires it)")
+def test_weights_do_not_fit_model_config_latents(cli, cohort, checkpoints, tmp_path):
+    bad = _misfit_checkpoint(tmp_path / "misfit.pt")
+    out = tmp_path / "latents"
+    check(cli, Case(["latents", "--data", cohort, "--image-ae", bad, "--dvf-ae", checkpoints["dvf"], "--out", out,
+                     "--device", "cpu"], "misfit.pt", r"weights do not fit", [out]))
+
+
+@pytest.mark.parametrize("argv", [["phantom", "--shape", "0,16,16"], ["data", "prepare", "--src", ".", "--shape", "0,8,8"],
+                                  ["data", "import", "ct.nii.gz", "--shape", "4,0,8"]])
+def test_shape_with_a_zero(cli, tmp_path, argv):
+    out = tmp_path / "out"
+    check(cli, Case([*argv, "--out", out], "shape", r"positive", [out]))
+
+
+def test_shape_too_large_for_memory(cli, tmp_path):
+    out = tmp_path / "ph"
+    check(cli, Case(["phantom", "--out", out, "--shape", "5000,5000,5000", "--patients", "1"], "5000x5000x5000",
+                    r"needs about [\d,.]+ GiB.*available", [out]))
+
+
+# ---------------------------------------------------------------------------- registration reruns
+@pytest.fixture
+def registered_cohort(cli, cohort, tmp_path) -> tuple[Path, Path, Path]:
+    data = copy_cohort(cohort, tmp_path / "cohort")
+    cfg = tmp_path / "reg.yaml"
+    cfg.write_text(REG_YAML)
+    out = tmp_path / "reg"
+    rc, lines = cli(["register", "--data", data, "--out", out, "--config", cfg])
+    assert rc == 0, lines
+    return data, out, cfg
+
+
+def test_truncated_registration_npz_is_redone(cli, registered_cohort):
+    from respmotion.registration.bspline import load_bspline
+
+    data, out, cfg = registered_cohort
+    victim = next(out.glob("*/*/ref_50.npz"))
+    victim.write_bytes(victim.read_bytes()[:200])  # a copy cut short
+    others = {k: v for k, v in tree(out).items() if "ref_50" not in k and not k.endswith(".yaml")}
+    rc, lines = cli(["register", "--data", data, "--out", out, "--config", cfg])
+    assert rc == 0 and any("ref_50.npz: unreadable" in ln for ln in lines), lines
+    load_bspline(victim)  # redone, readable
+    assert {k: v for k, v in tree(out).items() if k in others} == others  # finished pairs untouched
+
+
+def test_register_after_images_replaced_redoes_their_pairs(cli, registered_cohort):
+    from respmotion.io.atomic import file_sha256, read_json
+
+    data, out, cfg = registered_cohort
+    study = study_of(data)
+    (study / "phase_50.npy").write_bytes((study / "phase_40.npy").read_bytes())  # the cohort's image replaced
+    rc, lines = cli(["register", "--data", data, "--out", out, "--config", cfg])
+    assert rc == 0, lines
+    rec = read_json(next(out.glob("*/*/ref_50.json")))
+    role = "fixed" if rec["fixed_phase"] == 50 else "moving"
+    assert rec["inputs"][f"{role}_sha256"] == file_sha256(study / "phase_50.npy")  # not the stale field
+    assert any("ref_50.npz: computed from other phase images" in ln for ln in lines), lines
+
+
+def test_register_with_other_settings_refused_then_overwrite(cli, registered_cohort):
+    data, out, cfg = registered_cohort
+    before = tree(out)
+    check(cli, Case(["register", "--data", data, "--out", out, "--config", cfg, "reference=50"], str(out),
+                    r"another `respmotion register` run.*--overwrite"))
+    assert tree(out) == before
+
+
+# ---------------------------------------------------------------------------- silent accepts -> refused
+def _rewrite(paths: list[Path], edit: Callable) -> None:
+    import pydicom
+
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        edit(k, ds)
+        ds.save_as(p, enforce_file_format=True)
+
+
+def test_tilted_gantry_series_refused(cli, tmp_path):
+    import math
+
+    paths = write_ct_series(tmp_path / "tilted", ct_array(), spacing_zyx=(3.0, 1.0, 1.0), shuffle=False)
+    shear = 3.0 * math.tan(math.radians(10))  # mm along y per slice: a 10 degree gantry tilt
+
+    def tilt(k, ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.4f}", f"{y + k * shear:.4f}", f"{z:.4f}"]
+        ds.GantryDetectorTilt = "10"
+
+    _rewrite(paths, tilt)
+    out = tmp_path / "out" / "ct.npy"
+    check(cli, Case(["data", "import", tmp_path / "tilted", "--out", out], "tilted", r"tilted gantry", [out.parent]))
+
+
+def test_non_orthonormal_orientation_refused(cli, tmp_path):
+    write_ct_series(tmp_path / "skew", ct_array(), orientation=(1, 0, 0, 0.5, 1, 0))
+    out = tmp_path / "out" / "ct.npy"
+    check(cli, Case(["data", "import", tmp_path / "skew", "--out", out], "skew",
+                    r"ImageOrientationPatient .* not two orthogonal unit vectors", [out.parent]))
+
+
+@pytest.mark.parametrize("what", ["same_headers", "other_description"])
+def test_two_exports_sharing_one_series_uid_refused(cli, tmp_path, what):
+    from pydicom.uid import generate_uid
+
+    uid, study, frame = generate_uid(), generate_uid(), generate_uid()
+    common = dict(series_uid=uid, study_uid=study, frame_of_reference_uid=frame, series_description="CT")
+    write_ct_series(tmp_path / "ct" / "export_a", ct_array(1), **common)
+    if what == "other_description":
+        common["series_description"] = "CT 2"
+    write_ct_series(tmp_path / "ct" / "export_b", ct_array(2), origin_xyz=(0, 0, 18.0), file_prefix="B", **common)
+    out = tmp_path / "out" / "ct.npy"
+    check(cli, Case(["data", "import", tmp_path / "ct", "--out", out], uid,
+                    r"share SeriesInstanceUID.*(InstanceNumber|SeriesDescription)", [out.parent]))
+
+
+@pytest.mark.parametrize("bad", ["patients: -2", "noise_hu: -5", "shape: [-4, 16, 16]", "seed: -1"])
+def test_phantom_bad_values_in_yaml(cli, tmp_path, bad):
+    cfg = tmp_path / "phantom.yaml"
+    cfg.write_text(f"patients: 1\nshape: [4, 16, 16]\n{bad}\n")
+    out = tmp_path / "ph"
+    check(cli, Case(["phantom", "--config", cfg, "--out", out], "phantom.yaml", bad.split(":")[0] + r".*(>= 0|>= 1|positive)",
+                    [out]))
+
+
+def test_latents_with_a_missing_gt_field_refused(cli, cohort, checkpoints, tmp_path):
+    data = copy_cohort(cohort, tmp_path / "cohort")
+    (study_of(data) / "gt" / "dvf_step_30.npy").unlink()
+    out = tmp_path / "latents"
+    check(cli, Case(["latents", "--data", data, "--image-ae", checkpoints["image"], "--dvf-ae", checkpoints["dvf"],
+                     "--out", out, "--device", "cpu"], "dvf_step_30.npy", r"missing", [out]))
+
+
+# ---------------------------------------------------------------------------- mixed outputs -> owned folders
+def test_phantom_rerun_with_other_seed_refused_then_overwrite(cli, tmp_path):
+    import yaml
+
+    out = tmp_path / "ph"
+    assert cli(["phantom", "--out", out, "--patients", "1", "--shape", TINY, "--seed", "1"])[0] == 0
+    before = tree(out)
+    for change in (["--seed", "2"], ["--shape", "4,16,20"], ["--patients", "2"]):
+        argv = ["phantom", "--out", out, "--patients", "1", "--shape", TINY, "--seed", "1"]
+        argv[argv.index(change[0]) + 1] = change[1]
+        check(cli, Case(argv, str(out), r"another `respmotion phantom` run.*--overwrite"))
+        assert tree(out) == before
+    rc, lines = cli(["phantom", "--out", out, "--patients", "1", "--shape", TINY, "--seed", "2", "--overwrite"])
+    assert rc == 0, lines
+    info = json.loads((out / "phantom_000" / "study_0" / "study.json").read_text())
+    assert info["seed"] == 2000 and yaml.safe_load((out / "phantom_config.yaml").read_text())["seed"] == 2
+
+
+def test_two_phantoms_into_one_folder_at_once(tmp_path):
+    """Two real processes, different seeds, one --out: one writes, the other is refused in one line."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ph"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "respmotion.cli", "phantom", "--out", str(out), "--patients",
+                               "2", "--shape", TINY, "--seed", str(seed)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    if codes == [0, 0]:  # the second started after the first finished: it must then have been refused... or equal
+        pytest.fail(f"both runs succeeded into one folder: {results}")
+    assert codes == [0, 2], results
+    err = next(e for rc, e in results if rc == 2).strip().splitlines()
+    assert len(err) == 1 and re.search(r"another respmotion process is writing|another `respmotion phantom` run",
+                                       err[0]), err
+    winner = 1 if results[0][0] == 0 else 2
+    seeds = {json.loads(p.read_text())["seed"] for p in out.glob("*/*/study.json")}
+    assert seeds == {winner * 1000, winner * 1000 + 1}  # one anatomy family, the winner's
+
+
+def test_phantom_refused_while_another_process_writes(cli, tmp_path):
+    from respmotion.io.ownership import claim
+
+    out = tmp_path / "ph"
+    with claim(out, "phantom", {"patients": 1, "seed": 1, "shape": [4, 16, 16], "noise_hu": 10.0}):
+        check(cli, Case(["phantom", "--out", out, "--patients", "1", "--shape", TINY, "--seed", "2"], str(out),
+                        r"another respmotion process is writing"))
+    assert tree(out) == {"owner.json": tree(out)["owner.json"]}
+
+
+@pytest.fixture(scope="module")
+def finished_run(cohort, tmp_path_factory) -> Path:
+    from respmotion.cli import main
+
+    run = tmp_path_factory.mktemp("train") / "run"
+    assert main(["train", "autoencoder", "--kind", "image", "--data", str(cohort), "--run-dir", str(run),
+                 "--device", "cpu", "--steps", "1", *TRAIN_OVERRIDES]) == 0
+    assert (run / "model.pt").exists()
+    return run
+
+
+def test_fresh_train_into_finished_run_refused(cli, cohort, finished_run):
+    before = tree(finished_run)
+    check(cli, Case(["train", "autoencoder", "--kind", "image", "--data", cohort, "--run-dir", finished_run,
+                     "--device", "cpu", "--steps", "2", *TRAIN_OVERRIDES], str(finished_run),
+                    r"holds a training run already.*--resume"))
+    assert tree(finished_run) == before
+
+
+def test_second_training_of_one_run_dir_refused(cli, cohort, finished_run):
+    from respmotion.training.checkpoint import own_run_dir
+
+    before = tree(finished_run)
+    with own_run_dir(finished_run, "autoencoder_image", resuming=True):  # training A holds the folder
+        check(cli, Case(["train", "autoencoder", "--resume", finished_run, "--device", "cpu", "--steps", "3"],
+                        str(finished_run), r"another respmotion process is writing"))
+    assert tree(finished_run) == before
+
+
+# ---------------------------------------------------------------------------- weak messages
+@pytest.mark.xfail(strict=True, reason="viz/study.py loads masks with np.load (no file name); it must use "
+                                       "io.atomic.read_npy (file of another owner; the lead wires it)")
+def test_object_array_mask_names_the_file(cli, cohort, tmp_path):
+    data = copy_cohort(cohort, tmp_path / "cohort")
+    victim = study_of(data) / "masks" / "lung_00.npy"
+    np.save(victim, np.array([{"not": "a mask"}] * 4, dtype=object), allow_pickle=True)
+    out = tmp_path / "gifs"
+    check(cli, Case(["render", "--data", data, "--out", out, "--views", "axial", "--contours", "lung"], "lung_00.npy",
+                    r"object|not a readable", [out], allowed=("render_config.yaml",)))
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "import", "CT", "--out", "OUT/ct.npy", "colour=red"],
+    ["synthesize", "CT", "--model", "gt", "--out", "OUT", "--no-render", "colour=red"],
+    ["phantom", "--out", "OUT", "--shape", TINY, "colour=red"],
+])
+def test_overrides_after_flags_reach_the_config(cli, nifti_ct, tmp_path, argv):
+    argv = [str(nifti_ct) if a == "CT" else a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    check(cli, Case(argv, "colour", r"unknown config key 'colour'", [tmp_path / "out"]))
+
+
+def test_override_after_flags_applies(cli, nifti_ct, tmp_path):
+    out = tmp_path / "ct.npy"
+    rc, lines = cli(["data", "import", nifti_ct, "--out", out, "shape=3,12,12"])
+    assert rc == 0, lines
+    assert np.load(out).shape == (3, 12, 12)
+
+
+# ---------------------------------------------------------------------------- small defects
+def test_train_diffusion_split_uses_patient_folders(tmp_path):
+    from respmotion.diffusion.train import DiffusionRunConfig, make_split
+
+    for patient in ("p0", "p1", "p2"):
+        for study in ("study_0", "study_1"):
+            (tmp_path / patient / study).mkdir(parents=True)
+            (tmp_path / patient / study / "latents.json").write_text("{}")
+    cfg = DiffusionRunConfig()
+    cfg.data.latents = str(tmp_path)
+    split = make_split(cfg, {"dvf_autoencoder": {}})
+    assert sorted([*split.train, *split.val, *split.test]) == ["p0", "p1", "p2"]
+
+
+def test_help_override_examples_are_real_keys():
+    from respmotion.cli import build_parser
+    from respmotion.config import load_config
+    from respmotion.training.autoencoder import AutoencoderRunConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["phantom"]
+    text = next(a.help for a in sub._actions if a.dest == "overrides")
+    examples = re.findall(r"(train\.[\w.]+=\S+?)(?=[ ,)]|$)", text)
+    assert examples, text
+    load_config(AutoencoderRunConfig, None, None, examples)  # raises on an unknown key
+
+
+def test_render_patient_number_of_phantom_ids(cli, cohort, tmp_path):
+    out = tmp_path / "gifs"
+    rc, lines = cli(["render", "--data", cohort, "--out", out, "--patient", "0", "--views", "axial"])
+    assert rc == 0, lines
+    assert list((out / "phantom_000").rglob("*.gif"))
+
+
+def test_image_autoencoder_logs_one_minus_ssim_not_ssim():
+    from respmotion.training.autoencoder import AutoencoderRunConfig, AutoencoderTask, resolve
+    from respmotion.training.splits import Split
+
+    cfg = AutoencoderRunConfig()
+    cfg.model.base_channels, cfg.model.norm_groups, cfg.model.channel_mults = 8, 4, (1, 2)
+    cfg.image_loss.views = ["axial"]
+    task = AutoencoderTask(resolve(cfg), Split(("p",), (), ()))
+    terms = task.loss(task.build_model(), {"x": torch.zeros(1, 1, 8, 16, 16)}, 0)
+    assert "one_minus_ssim" in terms and "ssim" not in terms
+
+
+def test_latents_rerun_removes_orphan_tmp(cli, cohort, checkpoints, tmp_path):
+    out = tmp_path / "latents"
+    argv = ["latents", "--data", cohort, "--image-ae", checkpoints["image"], "--dvf-ae", checkpoints["dvf"],
+            "--out", out, "--device", "cpu", "--fields", "gt_ref"]
+    assert cli(argv)[0] == 0
+    sdir = next(out.glob("*/*/latents.json")).parent
+    (sdir / "latents.json").unlink()  # as if killed before the study's marker
+    (sdir / ".tmp-dvf_ref_40-abc.npy").write_bytes(b"half")
+    assert cli(argv)[0] == 0
+    no_tmp(out)
+
+
+def test_odd_patient_id_gives_no_pydicom_warnings(cli, tmp_path):
+    import warnings
+
+    write_ct_series(tmp_path / "odd", ct_array(), patient_id="X" * 70)  # longer than VR LO allows
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rc, lines = cli(["data", "import", tmp_path / "odd", "--out", tmp_path / "ct.npy"])
+    assert rc == 0, lines
+    assert not [w for w in seen if "pydicom" in (w.filename or "")], [str(w.message) for w in seen][:3]
+
+
+def test_examples_have_no_absolute_machine_paths():
+    root = Path(__file__).resolve().parents[1] / "examples"
+    for p in root.glob("*.py"):
+        hits = re.findall(r"""["'](/(?:work|home|tmp|Users|mnt)/[^"']*)""", p.read_text())
+        assert not hits, f"{p.name}: absolute machine path(s) {hits}"
+
+
+def test_example_rtstruct_reads_on_its_ct():
+    from respmotion.io.dicom_export import SeriesRef
+    from respmotion.io.rtstruct import read_rtstruct
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "data"
+    masks = read_rtstruct(data / "nodule_rtstruct.dcm", SeriesRef.from_folder(data / "ct" / "phase_00"))
+    assert list(masks) == ["GTV"] and masks["GTV"].sum() > 0

@@ -4,6 +4,7 @@ solver comparison on exact denoisers ranks the samplers as they must rank.  No t
 from __future__ import annotations
 
 import json
+import math
 
 from bench import sampling  # the repository root is on sys.path under `python -m pytest` (make test)
 
@@ -14,7 +15,9 @@ def test_sampling_bench_record(tmp_path):
     assert rec["method"] == "composed" and rec["latent_dvf"][1:] == [4, 8, 8]
     for label, steps in (("ddim_200", 200), ("dpmpp2m_20", 20)):
         s = rec["samplers"][label]
-        assert s["steps"] == steps and s["s_per_cycle"] > s["s_per_phase"] > 0
+        assert s["steps"] == steps
+        # measured times are reported, never compared: on a loaded machine any relation can flip
+        assert all(isinstance(s[k], float) and math.isfinite(s[k]) for k in ("s_per_cycle", "s_per_phase"))
     assert rec["difference_trained_demo"].startswith("skipped: no trained model")
     mix = rec["difference_exact_denoisers"]["mixture_64_points_8d"]
     gauss = rec["difference_exact_denoisers"]["gaussian"]

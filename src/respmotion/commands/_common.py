@@ -67,6 +67,13 @@ def describe_os_error(exc: OSError) -> str:
     return f"{name}{other}: {what}"
 
 
+def _error(line: str) -> None:
+    """Print on stderr on a line of its own, also while a progress bar is open (tqdm.write moves it)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run the selected subcommand; input problems become one line on stderr and exit code 2.
 
@@ -81,14 +88,14 @@ def run_command(args: argparse.Namespace) -> int:
         rc = args.func(args)
     except (UserError, ConfigError, ValueError) as exc:
         # Known input errors: their message already names the file and the problem.
-        print(f"{prefix} {one_line(str(exc))}", file=sys.stderr)
+        _error(f"{prefix} {one_line(str(exc))}")
         return 2
     except OSError as exc:
-        print(f"{prefix} {one_line(describe_os_error(exc))}", file=sys.stderr)
+        _error(f"{prefix} {one_line(describe_os_error(exc))}")
         return 2
     except MemoryError as exc:
-        print(f"{prefix} not enough memory ({str(exc) or 'allocation failed'}); use a smaller shape or batch",
-              file=sys.stderr)
+        _error(f"{prefix} not enough memory ({one_line(str(exc) or 'allocation failed')}); use a smaller shape "
+               f"or batch")
         return 2
     except KeyboardInterrupt:
         print(f"respmotion {args.command}: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,14 +106,32 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- import
+def save_volume_files(vol, out: Path) -> None:
+    """``save_volume`` so that a failure (disk full) leaves the old files, never a new ``.npy`` with an
+    old or missing ``.json`` sidecar: the files are written under a temporary name, then renamed."""
+    from ..io.atomic import TMP_PREFIX
+    from ..io.volumes import save_volume, sidecar
+
+    staged = out.with_name(f"{TMP_PREFIX}{out.name}")
+    pairs = [(staged, out)] + ([(sidecar(staged), sidecar(out))] if out.suffix == ".npy" else [])
+    try:
+        save_volume(vol, staged)
+        for src, dst in reversed(pairs):  # the sidecar first: a reader keys on the .npy
+            os.replace(src, dst)
+    finally:
+        for src, _ in pairs:
+            src.unlink(missing_ok=True)
+
+
 def run_import(args: argparse.Namespace) -> int:
     from ..data.importer import import_ct
-    from ..io.volumes import save_volume
 
     cfg = resolve_config(ImportConfig, args, {"shape": args.shape, "series": args.series, "phase": args.phase})
     out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; --out is the volume file to write (e.g. {out / 'ct.npy'})")
     vol = import_ct(args.ct, cfg.shape, series_uid=cfg.series, phase=cfg.phase)
-    save_volume(vol, out)
+    save_volume_files(vol, out)
     save_resolved(cfg, out.parent, f"{out.name.split('.')[0]}.import_config.yaml", extra={"ct": str(args.ct)})
     print(json.dumps({"out": str(out), "shape_zyx": list(vol.geometry.shape),
                       "spacing_zyx_mm": [round(s, 4) for s in vol.geometry.spacing]}))

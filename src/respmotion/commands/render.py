@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="dataset root (patient/study/phase_XX.npy)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--patient", help="patient ID (folder name or its number, e.g. 117); default: all")
+    p.add_argument("--patient", help="patient ID: folder name or its number (117 for 117_HM10395, 1 for "
+                   "phantom_001); default: all")
     p.add_argument("--num-studies", type=int, help="first N studies of each patient (default 1)")
     p.add_argument("--num-slices", type=int, help="slices per view (default 1)")
     p.add_argument("--start-from", choices=START_FROM, help="slices around the middle (default), first or last")
@@ -44,6 +45,22 @@ def _split(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
+def patient_folder(data: str, patient: str) -> str:
+    """The patient folder a ``--patient`` value means: its name, or a number that is the leading
+    (4D-Lung ``117_HM10395``) or trailing (phantom ``phantom_001``) number of exactly one folder."""
+    from ..io.layout import list_patients
+
+    names = list_patients(data)
+    if patient in names or not patient.isdigit():
+        return patient
+    hits = [n for n in names if n.split("_")[0] == patient
+            or (n.rsplit("_", 1)[-1].isdigit() and int(n.rsplit("_", 1)[-1]) == int(patient))]
+    if len(hits) > 1:
+        raise UserError(f"{data}: --patient {patient} matches {len(hits)} patients ({', '.join(hits)}); give the "
+                        f"folder name")
+    return hits[0] if hits else patient
+
+
 def run(args: argparse.Namespace) -> int:
     flags = {
         "data": args.data, "out": args.out, "patient": args.patient, "num_studies": args.num_studies,
@@ -56,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if not job.data or not job.out:
         raise UserError("--data and --out are required")
     job.render.validate()
+    if job.patient is not None:
+        job.patient = patient_folder(job.data, job.patient)
     studies = select_studies(job.data, job.patient, job.num_studies)
     if not studies:
         who = f"patient {job.patient!r}" if job.patient else "any patient"

@@ -25,6 +25,7 @@ is refused instead of mixing latents of two encoders.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -156,8 +157,6 @@ def encode_study(
             written += 1
     for p in image_phases:
         files[f"image_{p:02d}.npy"] = list(read_npy(out_dir / f"image_{p:02d}.npy", mmap=True).shape)
-    for src in sources:
-        check_field_set(study, src)
     ids = [fid for src in sources for fid in src.field_ids(study)]
     owner = {fid: src for src in sources for fid in src.field_ids(study)}
     todo = [fid for fid in ids if not (out_dir / f"dvf_{fid}.npy").exists()]
@@ -225,6 +224,13 @@ def build_latent_set(
     prior = prior_from_record(prov["dvf_autoencoder"]["motion_prior"])
     if prior is not None:
         prov["units"]["dvf_input"] += "; minus the DVF autoencoder's motion prior u_bar[field id]"
+    studies = list(iter_studies(data))
+    if not studies:
+        raise ValueError(f"{data}: no complete studies to encode")
+    mine = shard(studies, r, world)
+    for study in mine:  # a partial field set is refused before anything is written
+        for src in sources:
+            check_field_set(study, src)
     if (out / PROVENANCE).exists():
         old = read_provenance(out)
         if not _same_encoders(old, prov):
@@ -232,10 +238,6 @@ def build_latent_set(
                              f"{old['dvf_autoencoder']['path']}, {old.get('fields')}); use a new --out")
     else:
         write_json(out / PROVENANCE, {**prov, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
-    studies = list(iter_studies(data))
-    if not studies:
-        raise ValueError(f"{data}: no complete studies to encode")
-    mine = shard(studies, r, world)
     phases = [REFERENCE_PHASE] if image_phases == "reference" else list(PHASES)
     t0 = time.perf_counter()
     done = skipped = files = 0
@@ -244,15 +246,16 @@ def build_latent_set(
         from tqdm import tqdm
 
         it = tqdm(mine, desc=f"latents rank {r}/{world}", unit="study")
-    for study in it:
-        sdir = latent_study_dir(out, study)
-        if (sdir / STUDY_MARKER).exists():
-            skipped += 1
-            continue
-        if sdir.is_dir():  # an interrupted earlier run's temporary files (this study is this rank's alone)
-            clean_stale_tmp(sdir)
-        files += encode_study(study, sdir, image_ae, dvf_ae, sources, phases, dev, prior=prior)
-        done += 1
+    with contextlib.closing(it) if progress else contextlib.nullcontext():  # a bar is closed on errors too
+        for study in it:
+            sdir = latent_study_dir(out, study)
+            if (sdir / STUDY_MARKER).exists():
+                skipped += 1
+                continue
+            if sdir.is_dir():  # an interrupted earlier run's temporary files (this study is this rank's alone)
+                clean_stale_tmp(sdir)
+            files += encode_study(study, sdir, image_ae, dvf_ae, sources, phases, dev, prior=prior)
+            done += 1
     summary = {"rank": r, "world_size": world, "studies": len(mine), "encoded": done, "skipped": skipped,
                "files_written": files, "seconds": round(time.perf_counter() - t0, 2), "device": str(dev)}
     log.info("latents rank %d/%d: %d studies encoded, %d already there, %d files in %.1f s", r, world, done,

@@ -10,11 +10,16 @@
 * The respiratory phase comes from SeriesDescription (TCIA 4D-Lung: ``..., Gated, 40.0%``) or,
   failing that, from the Philips/Elscint private tag (01E1,xx1E) (POPI: ``0.0%``).
 
+* Refused (not imported wrongly): slices that do not stack along the normal (tilted gantry), an
+  ImageOrientationPatient that is not two orthogonal unit vectors, and files of two series that
+  share one SeriesInstanceUID (other study/frame/description/phase, or an InstanceNumber twice).
+
 Every problem is a :class:`DicomError` whose one-line message names the file or folder.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -34,6 +39,8 @@ _PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*%\s*$")
 _PRIVATE_PHASE = (0x01E1, 0x1E, "ELSCINT1")
 # Relative tolerance on slice gaps before a series counts as having mixed spacing.
 SPACING_RTOL = 0.01
+# In-plane drift of the slice positions (fraction of a pixel) before a series counts as tilted/sheared.
+IN_PLANE_TOL = 0.1
 
 
 class DicomError(ValueError):
@@ -57,6 +64,8 @@ class SliceInfo:
     study_date: str = ""
     phase: float | None = None
     slice_thickness: float | None = None
+    frame_uid: str = ""
+    instance_number: int | None = None
 
 
 @dataclass
@@ -77,6 +86,18 @@ class SeriesFiles:
 
 
 # ---------------------------------------------------------------- reading single files
+def _quiet(func):
+    """Run ``func`` with Python warnings off: pydicom validates values when they are first read
+    (one warning per file for an odd PatientID: hundreds for a 4D study); problems that matter
+    are our own one-line errors naming the file."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return func(*args, **kwargs)
+    return wrapper
+
+
 def _dcmread(path: Path, header_only: bool):
     import pydicom
 
@@ -153,6 +174,7 @@ def phase_percent(ds) -> float | None:
     return float(m.group(1)) if m else None
 
 
+@_quiet
 def slice_info(path: Path, ds=None) -> SliceInfo:
     """Geometry and grouping keys of one image file (reads the header when ``ds`` is None)."""
     ds = ds if ds is not None else _dcmread(path, header_only=True)
@@ -170,6 +192,7 @@ def slice_info(path: Path, ds=None) -> SliceInfo:
     if min(ps) <= 0:
         raise DicomError(f"{path}: PixelSpacing must be positive, got {ps}")
     thick = ds.get("SliceThickness", None)
+    inst = ds.get("InstanceNumber", None)
     return SliceInfo(
         path, series_uid, ipp, iop, (ps[0], ps[1]), rows, cols,
         study_uid=_text(ds, "StudyInstanceUID"),
@@ -178,12 +201,15 @@ def slice_info(path: Path, ds=None) -> SliceInfo:
         study_date=_text(ds, "StudyDate"),
         phase=phase_percent(ds),
         slice_thickness=float(thick) if thick not in (None, "") else None,
+        frame_uid=_text(ds, "FrameOfReferenceUID"),
+        instance_number=int(inst) if inst not in (None, "") else None,
     )
 
 
 _NON_IMAGE_MODALITIES = {"RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "SEG", "RWV"}
 
 
+@_quiet
 def _is_image(ds, path: Path | None = None) -> bool:
     """True for an image slice; False for a non-image object (RTSTRUCT, SR...) that a folder may
     also hold; a file that claims to be an image (CT/MR/... or has Rows) but lacks its position is
@@ -198,6 +224,7 @@ def _is_image(ds, path: Path | None = None) -> bool:
     return False
 
 
+@_quiet
 def read_pixels_hu(path: Path, ds=None) -> np.ndarray:
     """One slice in HU, float32 ``(rows, cols)`` (pydicom's modality LUT: slope/intercept or LUT)."""
     from pydicom.pixels import apply_modality_lut
@@ -213,6 +240,29 @@ def read_pixels_hu(path: Path, ds=None) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- series geometry
+def check_one_series(slices: list[SliceInfo], where: Path) -> None:
+    """Files grouped by one SeriesInstanceUID must be one series: the same study, frame of reference,
+    description and phase, and no InstanceNumber twice; two exports that reuse a UID are refused."""
+    first = slices[0]
+    keys = (("StudyInstanceUID", "study_uid"), ("FrameOfReferenceUID", "frame_uid"),
+            ("SeriesDescription", "series_description"), ("respiratory phase", "phase"))
+    for s in slices[1:]:
+        for label, attr in keys:
+            if getattr(s, attr) != getattr(first, attr):
+                raise DicomError(f"{where}: {first.path.name} and {s.path.name} share SeriesInstanceUID "
+                                 f"{first.series_uid} but differ in {label} ({getattr(first, attr)!r} vs "
+                                 f"{getattr(s, attr)!r}): two series under one UID; put them in separate folders")
+    seen: dict[int, Path] = {}
+    for s in slices:
+        if s.instance_number is None:
+            continue
+        if s.instance_number in seen:
+            raise DicomError(f"{where}: {seen[s.instance_number].name} and {s.path.name} share SeriesInstanceUID "
+                             f"{first.series_uid} and InstanceNumber {s.instance_number}: two exports under one "
+                             f"UID; put them in separate folders")
+        seen[s.instance_number] = s.path
+
+
 def geometry_of_slices(slices: list[SliceInfo], where: Path) -> tuple[Geometry, list[SliceInfo]]:
     """Sort slices along the normal and derive the volume geometry; checks the series is regular.
 
@@ -229,10 +279,14 @@ def geometry_of_slices(slices: list[SliceInfo], where: Path) -> tuple[Geometry, 
             raise DicomError(f"{where}: slices have different sizes ({s.rows}x{s.cols} in {s.path.name})")
         if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-4):
             raise DicomError(f"{where}: slices have different PixelSpacing ({s.pixel_spacing} in {s.path.name})")
+    check_one_series(slices, where)
     row, col = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row, col)
-    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
-        raise DicomError(f"{first.path}: ImageOrientationPatient rows are not orthonormal")
+    if not (np.isclose(np.linalg.norm(row), 1.0, atol=1e-3) and np.isclose(np.linalg.norm(col), 1.0, atol=1e-3)
+            and abs(float(np.dot(row, col))) < 1e-3):
+        raise DicomError(f"{first.path}: ImageOrientationPatient {first.orientation.tolist()} is not two orthogonal "
+                         f"unit vectors (|row| {np.linalg.norm(row):.3f}, |col| {np.linalg.norm(col):.3f}, "
+                         f"row.col {float(np.dot(row, col)):.3f})")
     pos = np.array([float(np.dot(s.position, normal)) for s in slices])
     order = np.argsort(pos, kind="stable")
     slices = [slices[i] for i in order]
@@ -247,6 +301,14 @@ def geometry_of_slices(slices: list[SliceInfo], where: Path) -> tuple[Geometry, 
             raise DicomError(
                 f"{where}: non-uniform slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm; missing or extra slices?)"
             )
+        # the slices must stack along the normal: a tilted gantry shifts each slice within its plane
+        shift = np.array([s.position - slices[0].position for s in slices])
+        shift -= np.outer(shift @ normal, normal)
+        drift = float(np.linalg.norm(shift, axis=1).max())
+        if drift > IN_PLANE_TOL * min(first.pixel_spacing):
+            raise DicomError(f"{where}: slice positions drift {drift:.2f} mm within the slice plane over the series "
+                             f"(tilted gantry or sheared stack: not a regular grid); resample it to an untilted grid "
+                             f"before importing")
     else:
         dz = first.slice_thickness if first.slice_thickness and first.slice_thickness > 0 else 1.0
     direction = np.stack([row, col, normal], axis=1)  # columns: index axes i (x), j (y), k (z)

@@ -233,14 +233,17 @@ def _prior_for_run(cfg: AutoencoderRunConfig, split: Split, run_dir: Path, info)
     return prior
 
 
-def _check_resumable(path: Path, kind: str) -> None:
-    """A one-line error naming ``path`` when it is unreadable or of another model kind."""
+def _check_resumable(path: Path, cfg: AutoencoderRunConfig) -> None:
+    """A one-line error naming ``path`` when it is unreadable, of another model kind, or holds weights
+    that do not fit the run's model (checked before anything in the run folder is written)."""
+    from ..io.torchfile import load_state
     from .checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     task = str(ckpt.get("task", ""))
-    if task != f"autoencoder_{kind}":
-        raise ValueError(f"{path}: a checkpoint of task {task!r}, cannot resume a {kind!r} autoencoder run")
+    if task != f"autoencoder_{cfg.kind}":
+        raise ValueError(f"{path}: a checkpoint of task {task!r}, cannot resume a {cfg.kind!r} autoencoder run")
+    load_state(Autoencoder(net_config(cfg)), ckpt.get("model"), path)
 
 
 def _new_run_dir(cfg: AutoencoderRunConfig) -> Path:
@@ -273,7 +276,7 @@ def train_autoencoder(
             from .checkpoint import latest_checkpoint
 
             resume = latest_checkpoint(resume)
-            _check_resumable(resume, cfg.kind)  # before anything is logged or written
+            _check_resumable(resume, cfg)  # before anything is logged or written
             run_dir = resume.parent
         else:
             run_dir = D.broadcast_object(_new_run_dir(cfg) if info.is_main else None, info)

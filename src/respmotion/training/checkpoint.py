@@ -60,21 +60,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 def own_run_dir(run_dir: str | os.PathLike, task: str, resuming: bool, is_main: bool = True) -> Iterator[None]:
     """Hold ``run_dir`` for one training (rank 0 only; the other ranks follow it) while the block runs.
 
-    A new run (not ``resuming``) into a folder that already holds a run is refused (it would
-    overwrite that run's checkpoints or mix two configs); a second training of the same folder at
-    once is refused by the lock (:func:`respmotion.io.ownership.claim`).  Both errors name ``--resume``."""
-    from ..io.ownership import OwnershipError, claim, holds_data
+    A new run (not ``resuming``) into a folder that holds a run's weights (``<step>.pt``,
+    ``model.pt``) is refused (it would overwrite them, or mix two configs); a run that died before
+    its first checkpoint may be started again.  A second training of the same folder at once is
+    refused by the lock (:func:`respmotion.io.ownership.claim`).  Both errors name ``--resume``."""
+    from ..io.ownership import OwnershipError, claim
 
     if not is_main:
         yield
         return
     run_dir = Path(run_dir)
-    if not resuming and run_dir.is_dir() and holds_data(run_dir):
-        found = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
-        raise OwnershipError(f"{run_dir}: holds a training run already ({', '.join(found[:3])}"
-                             f"{', ...' if len(found) > 3 else ''}); pass --resume {run_dir} to continue it, "
-                             f"or choose another --run-dir")
-    with claim(run_dir, "train", {"task": task}, resume_flag="--resume", adopt=resuming):
+    weights = [p.name for _, p in list_checkpoints(run_dir)] + (["model.pt"] if (run_dir / "model.pt").exists() else [])
+    if not resuming and weights:
+        raise OwnershipError(f"{run_dir}: holds a training run already ({', '.join(weights[-2:])}); pass --resume "
+                             f"{run_dir} to continue it, or choose another --run-dir")
+    # adopt a run folder without a manifest (older version, or a run that died before its first checkpoint)
+    with claim(run_dir, "train", {"task": task}, resume_flag="--resume",
+               adopt=resuming or (run_dir / "config.yaml").is_file()):
         yield
 
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import save_config
+from ..io.torchfile import load_state
 from . import distributed as D
 from .checkpoint import (
     checkpoint_name,
@@ -269,8 +270,11 @@ class Trainer:
         for key in ("optimizer", "scheduler", "rng"):
             if key not in ckpt:
                 raise ValueError(f"{path}: has no {key} state (a weights-only file cannot be resumed; use warm start)")
-        unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_state(unwrap(self.model), ckpt["model"], path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:  # torch: "loaded state dict contains a parameter group that doesn't match"
+            raise ValueError(f"{path}: optimizer state does not fit this model ({exc})") from exc
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
@@ -286,10 +290,7 @@ class Trainer:
     def warm_start(self, path: str | os.PathLike) -> None:
         """Load only the weights of another run; keep its config as ``prev_config.yaml``."""
         ckpt = load_checkpoint(path, map_location=self.device)
-        try:
-            unwrap(self.model).load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: weights do not fit this model ({str(exc).splitlines()[0]})") from exc
+        load_state(unwrap(self.model), ckpt["model"], path)
         if self.info.is_main:
             save_config(ckpt.get("config", {}), self.run_dir / "prev_config.yaml",
                         extra={"warm_start_from": str(Path(path).resolve()), "warm_start_step": int(ckpt["step"])})
