@@ -84,7 +84,7 @@ def run(device: str = "cpu", quick: bool = False, weights: str | None = None, di
         cache_dir: str | None = None, shape: tuple[int, int, int] = SHAPE) -> dict[str, Any]:
     """The JSON record (module docstring); ``shape`` other than the default is for smoke tests,
     ``quick`` is accepted for ``python -m bench``'s common interface."""
-    from bench.common import phantom_cycle
+    from bench.common import environment, phantom_cycle
     from respmotion.core import warp as W
     from respmotion.core.types import Volume
     from respmotion.diffusion.schedulers import run_sampler
@@ -107,7 +107,7 @@ def run(device: str = "cpu", quick: bool = False, weights: str | None = None, di
         "torch_threads": torch.get_num_threads(), "transitions_per_cycle": 9,
         "params_M": {k: round(sum(p.numel() for p in net.parameters()) / 1e6, 2) for k, net in
                      (("image_ae", m.image_autoencoder), ("dvf_vae", m.dvf_autoencoder), ("unet", m.unet))},
-        "method": "measured" if cuda else "composed", "samplers": {}}
+        "method": "measured" if cuda else "composed", "samplers": {}, "env": environment(device)}
     img = model_input(ct, ref.shape).to(device)
     body = (img[0, 0] > float(normalize_hu(np.float32(-500.0)))).cpu().numpy()  # on the model grid
     gen = torch.Generator(device=device).manual_seed(0)

@@ -127,7 +127,6 @@ class SeedMotion:
         self.device = device
         self.shape = tuple(shape)
         self.schedule = seed_schedule(models)
-        self.sampler_cfg = sampler
         self.sampler = make_sampler(self.schedule, sampler)
         self.provenance = {
             "kind": "seed", **models.provenance, "sampler": sampler.name, "steps": self.sampler.num_steps,
