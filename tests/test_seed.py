@@ -21,8 +21,7 @@ from respmotion.core.types import Volume
 from respmotion.models.seed import (AutoencoderArgs, SeedAutoencoder, SeedUNet, SeedVariationalAutoencoder, UNetArgs,
                                     clean_keys, load_seed_checkpoints, randomize_, write_seed_checkpoints)
 from respmotion.models.seed.loader import DVF_AE, IMAGE_AE, LDM
-from respmotion.synthesis.seed import (SeedMotion, airlab_to_pull_mm, load_seed_motion, model_input, normalize_hu,
-                                       seed_schedule)
+from respmotion.synthesis.seed import SeedMotion, airlab_to_pull_mm, load_seed_motion, model_input, normalize_hu
 
 TINY_IMAGE = AutoencoderArgs(in_channels=1, base_channels=8, latent_channels=3, out_channels=1, layer_type="double_res",
                              keep_z=[True, True], channel_multipliers=[1, 2], norm="group")

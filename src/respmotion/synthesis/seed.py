@@ -43,7 +43,6 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
