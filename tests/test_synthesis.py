@@ -102,7 +102,9 @@ def test_synthesize_structures_dicom_amplitude(tmp_path, phantom_study):
         # shift of the centroid relative to phase 00 vs the true nodule shift
         moved = np.subtract(rec["centroid_lps_mm"], gtv["phases"]["0"]["centroid_lps_mm"])
         true = np.subtract(truth[f"{int(k):02d}"][0], truth["00"][0])
-        assert np.linalg.norm(moved - true) < 1.0, (k, moved, true)
+        # within 1.5 mm of the nodule's true shift (up to 24 mm since the phantom's DIR-Lab calibration); the
+        # generous mask on this 9 x 5.6 x 5.6 mm grid spans a motion gradient
+        assert np.linalg.norm(moved - true) < 1.5, (k, moved, true)
     assert gtv["peak_to_peak_mm"]["z_si"] > 5 and gtv["itv_volume_cm3"] > 0
     rts = sorted((out / "sample_00" / "dicom").glob("rtstruct_phase_*.dcm"))
     assert len(rts) == 10  # one per phase, every structure and its ITV in it

@@ -228,7 +228,13 @@ def _slice_geometry_from_template(headers: dict[Path, Any], ordered) -> list[dic
 
 # ---------------------------------------------------------------------------- writing
 def _hu_to_stored(array: np.ndarray, where: str) -> tuple[np.ndarray, int]:
-    """HU float -> int16 stored values (round((HU - intercept) / slope)), clipped; returns (stored, n_clipped)."""
+    """HU -> int16 stored values (round((HU - intercept) / slope)), clipped; returns (stored, n_clipped).
+
+    Integer HU (e.g. int16 volumes already rounded) take an exact integer path."""
+    if np.issubdtype(np.asarray(array).dtype, np.integer) and float(RESCALE_SLOPE) == 1.0:
+        wide = np.asarray(array, dtype=np.int32) - int(RESCALE_INTERCEPT)
+        n_clipped = int(np.count_nonzero((wide < -32768) | (wide > 32767)))
+        return np.clip(wide, -32768, 32767).astype(np.int16), n_clipped
     a = np.asarray(array, dtype=np.float32)  # exact for every HU value int16 storage can hold
     if not np.all(np.isfinite(a)):
         raise DicomExportError(f"{where}: volume holds NaN or infinite values")

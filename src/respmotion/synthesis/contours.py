@@ -59,15 +59,29 @@ def _occupancy(mask: np.ndarray) -> np.ndarray:
     return m.astype(np.float64) if np.issubdtype(m.dtype, np.floating) else (m != 0).astype(np.float64)
 
 
-def centroid_lps(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Centroid (LPS mm, ``(x, y, z)``) of a binary mask or occupancy-weighted; error when empty."""
-    w = _occupancy(mask)
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Slices of the smallest box holding every non-zero voxel of ``mask`` ``(z, y, x)``; None when empty."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(mask != 0, axis=tuple(a for a in range(3) if a != axis)))
+        if not hit.size:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _weighted_mean_index(w: np.ndarray) -> np.ndarray:
+    """Occupancy-weighted mean voxel index ``(z, y, x)`` of ``w`` (float64, total > 0)."""
     total = w.sum()
     if total <= 0:
         raise ValueError("structure mask is empty")
-    idx = np.argwhere(w > 0)
-    mean_idx = (idx * w[tuple(idx.T)][:, None]).sum(0) / total
-    return geometry.index_to_world(mean_idx)
+    return np.array([(w.sum(axis=tuple(a for a in range(3) if a != axis)) * np.arange(w.shape[axis])).sum() / total
+                     for axis in range(3)])
+
+
+def centroid_lps(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Centroid (LPS mm, ``(x, y, z)``) of a binary mask or occupancy-weighted; error when empty."""
+    return geometry.index_to_world(_weighted_mean_index(_occupancy(mask)))
 
 
 class MotionAccumulator:
@@ -84,14 +98,17 @@ class MotionAccumulator:
         self.itv = np.zeros(geometry.shape, dtype=bool)
 
     def add(self, k: int, mask: np.ndarray) -> None:
-        w = _occupancy(mask)
-        if w.shape != self.geometry.shape:
-            raise ValueError(f"phase {k} mask shape {w.shape} != geometry shape {self.geometry.shape}")
-        if not w.any():
+        m = np.asarray(mask)
+        if m.shape != self.geometry.shape:
+            raise ValueError(f"phase {k} mask shape {m.shape} != geometry shape {self.geometry.shape}")
+        box = _bounding_box(m)
+        if box is None:
             raise ValueError(f"structure is empty at phase {k}")
-        c = centroid_lps(w, self.geometry)
+        w = _occupancy(m[box])  # the structure's box only: a small structure on a large CT costs little
+        origin = np.array([b.start for b in box], dtype=np.float64)
+        c = self.geometry.index_to_world(_weighted_mean_index(w) + origin)
         self.phases[int(k)] = {"centroid_lps_mm": [float(v) for v in c], "volume_cm3": float(w.sum() * self.voxel_cm3)}
-        self.itv |= w >= self.itv_threshold
+        self.itv[box] |= w >= self.itv_threshold
 
     def result(self) -> dict[str, Any]:
         if not self.phases:

@@ -189,8 +189,8 @@ def _field_stats(f: DisplacementField) -> dict:
 
 
 def hu_int16(array: np.ndarray) -> np.ndarray:
-    """HU rounded to the nearest integer and clipped to int16 (what the files store)."""
-    return np.clip(np.rint(array), -32768, 32767).astype(np.int16)
+    """HU rounded to the nearest integer (half to even) and clipped to int16 (what the files store)."""
+    return torch.from_numpy(np.asarray(array, dtype=np.float32)).round().clamp_(-32768, 32767).to(torch.int16).numpy()
 
 
 class CycleWriter:
@@ -229,7 +229,7 @@ class CycleWriter:
                 self.stack = np.empty(self.geometry.shape[::-1] + (len(self.phases),), dtype=np.int16)
             self.stack[..., self.phases.index(k)] = stored.transpose(2, 1, 0)
         if self.dicom is not None:
-            self.dicom.write(k, Volume(hu, self.geometry))
+            self.dicom.write(k, vol)
         self.record["phases"][f"{k:02d}"] = _field_stats(field_)
         if self.names:
             from ..io.rtstruct import mask_contours
