@@ -306,3 +306,29 @@ def test_kill_data_prepare_and_rerun(tmp_path):
             np.testing.assert_allclose(v.array[3, 12, 12], 40.0 + 10 * i + k, atol=1.0)
         assert StudyDir(sd.path).info()["phases"] == list(PHASES)
     assert not tmp_files(out), f"temporary files/folders left: {tmp_files(out)}"
+
+
+# ---------------------------------------------------------------------------- phantom (owned folder)
+def test_kill_phantom_and_rerun(tmp_path):
+    """kill -9 while the phantom writes: the folder's owner record survives and its lock is released, so
+    the same command resumes (result byte-identical to an uninterrupted run) and another seed is refused."""
+    registered("phantom")
+    from respmotion.io.atomic import file_sha256
+
+    def cmd(out: Path, seed: int = 3) -> list[str]:
+        return cli_cmd("phantom", "--out", out, "--patients", 2, "--shape", "8,32,32", "--seed", seed)
+
+    def files(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))  # the config names --out
+                if p.is_file() and not p.name.startswith(".owner") and p.name != "phantom_config.yaml"}
+
+    out = tmp_path / "ph"
+    killed = kill_when(Proc(cmd(out), tmp_path / "ph0"), lambda: any(out.glob("*/*/phase_*.npy")),
+                       random.Random(12).uniform(0.0, 0.5))
+    assert killed, "phantom finished before the kill: make it longer"
+    other = Proc(cmd(out, seed=4), tmp_path / "ph1")
+    assert other.wait(120) == 2 and "--overwrite" in other.stderr(), other.stderr()  # the killed run still owns it
+    run_ok(cmd(out), tmp_path / "ph2")
+    run_ok(cmd(tmp_path / "clean"), tmp_path / "ph3")
+    assert files(out) == files(tmp_path / "clean"), "the resumed phantom differs from an uninterrupted one"
+    assert not tmp_files(out), f"temporary files left: {tmp_files(out)}"
