@@ -13,15 +13,27 @@ present, used as the DICOM template (the phases join its study); else a phantom 
 A spherical GTV (radius 15 mm) on the input goes through every phase: one RTSTRUCT per phase holds it and
 its ITV.  Recorded: wall seconds of :func:`respmotion.synthesis.pipeline.synthesize`, peak resident
 memory (``rss_peak_mb``; ``python -m bench`` adds the process's ``peak_rss_mb``), bytes and files
-written, torch threads.  Targets (issue 23, 2 cores): <= 180 s wall and <= 4 GB peak RSS.
+written, torch threads (default: the CPUs this process may run on, ``os.sched_getaffinity``).
+Targets (issue 23, 2 cores): <= 180 s wall and <= 4 GB peak RSS.
 
-    python -m bench.synthesis_native [--motion fixed|demo] [--threads N] [--keep DIR]
+``--hog N`` runs N busy-looping processes beside the synthesis (load ~N on top of ours), to measure
+the slowdown on a busy machine against a run without (target <= 3x at load 4).  OpenMP's
+``OMP_WAIT_POLICY`` must be set before torch starts, so compare it from the shell::
+
+    python -m bench.synthesis_native > idle.json
+    python -m bench.synthesis_native --hog 4 > hog.json
+    OMP_WAIT_POLICY=PASSIVE python -m bench.synthesis_native --hog 4 > hog_passive.json
+
+    python -m bench.synthesis_native [--motion fixed|demo] [--threads N] [--hog N] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,17 +92,30 @@ def gtv(ct, radius_mm: float = 15.0):
     return (d2 <= radius_mm ** 2).astype(np.uint8)
 
 
-def run(device: str = "cpu", motion: str = "fixed", threads: int = 0, keep: str = "", **_: Any) -> dict[str, Any]:
+@contextlib.contextmanager
+def cpu_hogs(n: int):
+    """``n`` busy-looping child processes while the block runs (ended by their pids afterwards)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def run(device: str = "cpu", motion: str = "fixed", threads: int = 0, keep: str = "", hog: int = 0,
+        **_: Any) -> dict[str, Any]:
     import os
 
     import torch
 
-    from bench.common import PeakRSS, environment
+    from bench.common import PeakRSS, environment, loadavg
 
     from respmotion.synthesis.pipeline import SynthesisOptions, synthesize
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     t0 = time.perf_counter()
     ct, template, what = native_ct()
     if motion == "fixed":
@@ -110,10 +135,12 @@ def run(device: str = "cpu", motion: str = "fixed", threads: int = 0, keep: str 
     opts = SynthesisOptions(samples=1, seed=0, formats=FORMATS, template=template)
     with tempfile.TemporaryDirectory(prefix="respmotion-bench-native-", dir=keep or None) as tmp:
         out = Path(tmp) / "synthesis"
-        with PeakRSS() as mem:
+        with cpu_hogs(hog), PeakRSS() as mem:
+            load_before = loadavg()
             t1 = time.perf_counter()
             res = synthesize(ct, model, out, opts, structures=structures)
             seconds = time.perf_counter() - t1
+            load_after = loadavg()
         files = [p for p in out.rglob("*") if p.is_file()]
         written = sum(p.stat().st_size for p in files)
         rec = res.summary["samples"][0]
@@ -126,6 +153,8 @@ def run(device: str = "cpu", motion: str = "fixed", threads: int = 0, keep: str 
         "seconds_warp_and_write": round(res.summary["seconds_warp_and_write"], 2),
         "files_written": len(files), "bytes_written": written, "written_mb": round(written / 2**20, 1),
         "cpus_available": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "hog_processes": hog,
+        "loadavg_during": [load_before, load_after],
         **mem.to_dict(), "targets": {"seconds": 180, "rss_peak_mb": 4096},
         "env": environment(device),
     }
@@ -135,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--motion", default="fixed", choices=("fixed", "demo"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the CPUs available)")
+    p.add_argument("--hog", type=int, default=0, help="busy-looping processes to run beside it")
     p.add_argument("--keep", default="", help="folder for the temporary outputs (default: the system's)")
     a = p.parse_args(argv)
-    print(json.dumps(run(a.device, a.motion, a.threads, a.keep), indent=1))
+    print(json.dumps(run(a.device, a.motion, a.threads, a.keep, a.hog), indent=1))
     return 0
 
 

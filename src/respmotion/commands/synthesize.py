@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--formats", help=f"comma-separated outputs from {','.join(FORMATS)} (default "
                    f"{','.join(DEFAULT_FORMATS)}: one compressed copy of every phase (int16 HU) and field)")
     p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may run on)")
     p.add_argument("--amplitude", type=float, help="breathing amplitude factor (1 = model's motion)")
     p.add_argument("--excursion-mm", type=float, help="target diaphragm SI excursion in mm")
     p.add_argument("--trace", help="CSV breathing trace (time, amplitude): writes a sequence following it")
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(SynthesizeConfig, args, {
         "ct": args.ct, "out": args.out, "model": args.model, "samples": args.samples, "seed": args.seed,
         "sampler": args.sampler, "steps": args.steps, "delta_t": args.delta_t,
-        "formats": args.formats.split(",") if args.formats else None, "device": args.device, "amplitude": args.amplitude,
+        "formats": args.formats.split(",") if args.formats else None, "device": args.device, "threads": args.threads,
+        "amplitude": args.amplitude,
         "excursion_mm": args.excursion_mm, "trace": args.trace, "dicom": args.dicom, "structures": args.structures,
         "structure_names": args.structure_names, "render": args.render, "heatmap": args.heatmap, "fps": args.fps,
         "num_slices": args.num_slices})
@@ -67,8 +69,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no input CT given")
     if not cfg.model:
         raise UserError("no motion model given (--model BUNDLE_DIR, or --model gt on a phantom study)")
+    import os
+
+    import torch
+
     from ..synthesis.run import run_synthesis
 
+    # threads from the CPUs actually available (a container or taskset may grant fewer than the machine has)
+    torch.set_num_threads(cfg.threads if cfg.threads > 0 else len(os.sched_getaffinity(0)))
     summary = run_synthesis(cfg)
     save_resolved(cfg, cfg.out)
     print(json.dumps({"out": cfg.out, "summary": str(Path(cfg.out) / "summary.json"),

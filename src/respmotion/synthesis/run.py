@@ -24,6 +24,7 @@ class SynthesizeConfig:
     steps: int = 0  # number of sampling steps (0 = the sampler's default)
     delta_t: int = 0  # research-code timestep stride: num_train_timesteps / delta_t steps (0 = not given)
     device: str = "cpu"
+    threads: int = 0  # torch CPU threads; 0 = the CPUs this process may run on (os.sched_getaffinity)
     amplitude: float = 1.0
     excursion_mm: float | None = None
     trace: str = ""
