@@ -602,7 +602,7 @@ def test_register_with_other_settings_refused_then_overwrite(cli, registered_coh
     data, out, cfg = registered_cohort
     before = tree(out)
     check(cli, Case(["register", "--data", data, "--out", out, "--config", cfg, "reference=50"], str(out),
-                    r"another `respmotion register` run.*--overwrite"))
+                    r"another `respmotion register` run \(settings.reference=0 \(this run: 50\)\).*--overwrite"))
     assert tree(out) == before
 
 

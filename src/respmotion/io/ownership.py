@@ -55,10 +55,15 @@ def holds_data(folder: Path) -> bool:
     return any(p.name not in _OURS and not p.name.startswith(TMP_PREFIX) for p in folder.iterdir())
 
 
-def _first_difference(old: dict, new: dict) -> str:
+def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
+    """``"settings.reference=0 (this run: 50)"``: the first differing (dotted) key."""
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            return f"{key}={json.dumps(old.get(key), default=str)} (this run: {json.dumps(new.get(key), default=str)})"
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            return _first_difference(a, b, f"{prefix}{key}.")
+        return f"{prefix}{key}={json.dumps(a, default=str)} (this run: {json.dumps(b, default=str)})"
     return "identity"
 
 
