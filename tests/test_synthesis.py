@@ -226,3 +226,23 @@ def test_dicom_phases_join_the_input_study(tmp_path):
         ref_series = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
         assert ref_series.SeriesInstanceUID == hs[0].SeriesInstanceUID
     assert read_dicom_series(d / "phase_00").geometry.same_as(ct.geometry)
+
+
+def test_output_folder_is_owned_and_an_interrupted_dicom_run_recovers(tmp_path, phantom_study, capsys):
+    out = tmp_path / "syn"
+    base = ["synthesize", str(phantom_study), "--model", "gt", "--out", str(out), "--no-render", "--formats", "dicom"]
+    assert main(base) == 0
+    # what a killed run leaves: a half-written series in a hidden temporary folder, a phase folder missing
+    stale = out / "sample_00" / "dicom" / ".tmp-dicom-40-x"
+    stale.mkdir()
+    (stale / "CT0001.dcm").write_bytes(b"half")
+    import shutil
+
+    shutil.rmtree(out / "sample_00" / "dicom" / "phase_90")
+    assert main(base) == 0  # the same settings: redone
+    assert not stale.exists() and len(list((out / "sample_00" / "dicom" / "phase_90").iterdir())) == 16
+    capsys.readouterr()
+    assert main([*base, "--seed", "4"]) == 2  # other settings: refused in one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and "seed" in err[0]
+    assert main([*base, "--seed", "4", "--overwrite"]) == 0

@@ -10,6 +10,10 @@ dvf_XX.nii.gz float32 ITK fields, one compressed copy of each, read by 3D Slicer
 NN%", and with --structures one RTSTRUCT per phase holding every structure and its ITV),
 ``nifti4d`` (ct_4d.nii.gz).  Phases are warped and written one at a time.
 
+--out is owned (owner.json): a rerun with the same settings redoes the folder (e.g. after an
+interrupted run, whose half-written DICOM series are removed); other settings are refused unless
+--overwrite.
+
 Sampling (diffusion bundles): ``--sampler ddpm|ddim|dpm`` (dpm = DPM-Solver++(2M)); a sampler
 other than the bundle's starts from its own defaults (ddpm: all T steps, ddim: T/5, dpm: 20);
 ``--steps N`` or ``--delta-t D`` (the research code's stride, T/D steps).  An impossible
@@ -52,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmap", action="store_true", default=None, help="GIFs with a magnitude heatmap, not arrows")
     p.add_argument("--fps", type=float, help="GIF frames per second")
     p.add_argument("--num-slices", type=int, help="slices per view in the GIFs")
+    p.add_argument("--overwrite", action="store_true", help="take over an --out made with other settings")
     add_config_args(p)
     command(p, run)
 
@@ -73,12 +78,14 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..synthesis.run import run_synthesis
+    from ..io.ownership import claim
+    from ..synthesis.run import output_identity, run_synthesis
 
     # threads from the CPUs actually available (a container or taskset may grant fewer than the machine has)
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else len(os.sched_getaffinity(0)))
-    summary = run_synthesis(cfg)
-    save_resolved(cfg, cfg.out)
+    with claim(cfg.out, "synthesize", output_identity(cfg), overwrite=args.overwrite):
+        summary = run_synthesis(cfg)
+        save_resolved(cfg, cfg.out)
     print(json.dumps({"out": cfg.out, "summary": str(Path(cfg.out) / "summary.json"),
                       "gifs": summary.get("gifs", [])}, indent=1))
     return 0

@@ -38,6 +38,26 @@ class SynthesizeConfig:
     num_slices: int = 1
 
 
+#: settings that do not change what synthesis writes besides the GIFs (left out of the folder's identity)
+_NOT_IDENTITY = ("out", "device", "threads", "render", "heatmap", "fps", "num_slices")
+
+
+def output_identity(cfg: SynthesizeConfig) -> dict:
+    """What decides an output folder's content (io.ownership): every setting but :data:`_NOT_IDENTITY`,
+    input and model as absolute paths, the formats as written."""
+    from dataclasses import asdict
+
+    from .pipeline import check_formats
+
+    ident = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    ident["formats"] = list(check_formats([*cfg.formats, *(["dicom"] if cfg.dicom else [])]))
+    del ident["dicom"]
+    ident["ct"] = str(Path(cfg.ct).resolve())
+    ident["model"] = cfg.model if cfg.model in ("gt", "") else str(Path(cfg.model).resolve())
+    ident["structures"] = [str(Path(s).resolve()) for s in cfg.structures]
+    return ident
+
+
 def load_input(path: str | Path) -> tuple[Volume, StudyDir | None, np.ndarray | None]:
     """CT (native grid), its study folder if it is one of our layout, and a lung mask if known."""
     p = Path(path)
