@@ -290,6 +290,13 @@ def load_reference() -> dict[str, Any]:
     return json.loads(resources.files("respmotion.data").joinpath(PACKAGED).read_text())
 
 
+def reference_sha256() -> str:
+    """sha256 of the shipped reference JSON (what ``make motion-reference`` writes)."""
+    import hashlib
+
+    return hashlib.sha256(resources.files("respmotion.data").joinpath(PACKAGED).read_bytes()).hexdigest()
+
+
 def plot_reference(ref: dict[str, Any], path: str | Path) -> None:
     """One figure: motion vs normalised position (3 panels) and the phase curve (1 panel)."""
     import matplotlib

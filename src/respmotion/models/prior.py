@@ -228,16 +228,22 @@ class AnatomicalPrior:
 
 class PriorMotion:
     """The anatomical prior as a synthesis motion model (``shape``, ``generate``): no network, no training.
+    The default motion model when no ``--model`` is given (docs/motion.md).
 
-    Every sample is the same population cycle (the prior has no randomness); ``meta`` records what it is."""
+    Every sample is the same population cycle (the prior has no randomness); ``meta`` records what it is
+    (copied into every field's ``meta``)."""
 
     SHAPE = (48, 128, 128)
 
     def __init__(self, amplitude_mm: float | None = None, shape: Sequence[int] = SHAPE) -> None:
+        from ..data.motion_reference import reference_sha256
+
         self.prior = AnatomicalPrior(amplitude_mm)
         self.shape = tuple(int(s) for s in shape)
         self.meta = {"model": "anatomical population prior (no network)",
-                     "trained_on": "DIR-Lab 4D-CT landmarks, cases 1-9 (measured reference); no patient data of yours",
+                     "calibrated_on": "DIR-Lab 4D-CT landmarks, cases 1-9 (population motion model; make "
+                                      "motion-reference); not trained on images, not validated clinically",
+                     "reference_sha256": reference_sha256(),
                      "amplitude_mm": self.prior.amplitude_mm, "peak_phase": self.prior.peak}
 
     def generate(self, ct, samples: int, seed: int) -> list[dict]:
