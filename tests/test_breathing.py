@@ -10,7 +10,8 @@ from respmotion.core.types import DisplacementField, Volume
 from respmotion.data.phantom import breathing_amplitude, make_patient
 from respmotion.evaluation.metrics import diaphragm_excursion
 from respmotion.synthesis.breathing import (
-    TraceError, amplitude_for_excursion, find_extrema, read_trace, scale_motion, trace_sequence, velocity_fields,
+    TraceError, amplitude_for_excursion, amplitude_for_superior_mean, find_extrema, read_trace, scale_motion,
+    superior_mean, trace_sequence, velocity_fields,
 )
 
 SHAPE = (16, 64, 64)
@@ -61,6 +62,12 @@ def test_amplitude_factors(model):
     assert got == pytest.approx(target, abs=0.1) and 0 < a < 1
     with pytest.raises(ValueError, match=">= 0"):
         scale_motion(fields, -1.0, velocities=vel)
+    # the amplitude as a user gives it: the lung's mean superior motion at 50 % (e.g. from landmarks)
+    up = superior_mean(fields[50], lung)
+    a = amplitude_for_superior_mean(fields, lung, round(0.6 * up, 1), velocities=vel)
+    assert superior_mean(scale_motion({50: fields[50]}, a, velocities=vel)[50], lung) == pytest.approx(
+        round(0.6 * up, 1), abs=0.05)
+    assert 0.5 < a < 0.7 and up > 3.0
 
 
 def _write_trace(path, t, amp, header="time_s,amplitude"):
