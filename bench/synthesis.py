@@ -11,7 +11,7 @@ and the fast sampler (DPM-Solver++(2M), 20 steps): encode the CT, sample 9 phase
 decode 9 fields, then the same warping and export.  On 2 CPU cores this takes many minutes, so
 ``python -m bench`` runs it only on CUDA unless asked by name (``--only synthesis_ldm``).
 
-    python -m bench.synthesis [--device cpu|cuda] [--variant fixed|ldm] [--quick]
+    python -m bench.synthesis [--device cpu|cuda] [--variant fixed|ldm] [--steps N] [--quick]
 """
 
 from __future__ import annotations
@@ -22,23 +22,38 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 SHAPE = (50, 256, 256)
 
 
 class GeneratorMotion:
-    """:class:`~respmotion.synthesis.pipeline.MotionModel` over a diffusion ``MotionGenerator``."""
+    """:class:`~respmotion.synthesis.pipeline.MotionModel` over a ``ref``-mode diffusion ``MotionGenerator``
+    without a motion prior (the untrained bundle), timing its stages (``seconds``: encode, sample, decode):
+    the steps of :meth:`MotionGenerator.cycle` called one by one."""
 
     def __init__(self, generator, shape, sampler) -> None:
         self.gen, self.shape, self.sampler = generator, tuple(shape), sampler
+        self.seconds: dict[str, float] = {}
 
     def generate(self, ct, samples: int, seed: int):
         import torch
 
         from respmotion.core.types import DisplacementField
+        from respmotion.io.layout import PHASES
 
-        res = self.gen.cycle(torch.from_numpy(ct.array), ct.geometry.spacing, self.sampler, seed, samples)
-        f = res.fields.cpu().numpy()
-        return [{k: DisplacementField(f[s, i], ct.geometry, {"source": "untrained ldm"}) for i, k in enumerate(res.phases)}
+        t0 = time.perf_counter()
+        img = self.gen.encode_image(torch.from_numpy(ct.array))
+        t1 = time.perf_counter()
+        lat = self.gen.sample_latents(img, PHASES[1:], self.sampler, seed, samples)
+        t2 = time.perf_counter()
+        moving = self.gen.decode(lat).cpu().numpy()  # (S, 9, 3, Z, Y, X) mm
+        t3 = time.perf_counter()
+        self.seconds = {"encode": round(t1 - t0, 2), "sample": round(t2 - t1, 2), "decode": round(t3 - t2, 2),
+                        "decode_per_phase": round((t3 - t2) / (samples * (len(PHASES) - 1)), 2)}
+        zero = np.zeros_like(moving[:, :1])
+        f = np.concatenate([zero, moving], 1)
+        return [{k: DisplacementField(f[s, i], ct.geometry, {"source": "untrained ldm"}) for i, k in enumerate(PHASES)}
                 for s in range(f.shape[0])]
 
 
@@ -59,12 +74,14 @@ def untrained_generator(device: str):
 
 
 def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = False, variant: str = "fixed",
-        cache_dir: str | None = None, formats: tuple[str, ...] = ("nifti", "mha")) -> dict[str, Any]:
-    """One synthesis of one sample (10 phases); ``quick`` writes only .mha files."""
+        cache_dir: str | None = None, formats: tuple[str, ...] = ("nifti", "mha"), steps: int = 20) -> dict[str, Any]:
+    """One synthesis of one sample (10 phases); ``quick`` writes only .mha files.  ``ldm``: DPM-Solver++(2M)
+    with ``steps`` steps; the record splits the time into encode / sample / decode / warp and write and
+    gives the seconds per network evaluation (sample / steps) and the cycle composed for 20 and 200 steps."""
     from bench.common import PeakRSS, cuda_peak_mb, environment, phantom_cycle, reset_cuda_peak
 
     from respmotion.core.types import DisplacementField, Volume
-    from respmotion.diffusion.config import FAST_SAMPLER
+    from respmotion.diffusion.config import SamplerConfig
     from respmotion.synthesis.pipeline import FixedMotion, SynthesisOptions, synthesize
 
     t0 = time.perf_counter()
@@ -74,8 +91,9 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
         model = FixedMotion({k: DisplacementField(v, geom) for k, v in dvfs.items()}, tuple(shape))
         what = "FixedMotion (phantom exact fields)"
     elif variant == "ldm":
-        model = GeneratorMotion(untrained_generator(device), shape, FAST_SAMPLER)
-        what = f"untrained default-size LDM, sampler {FAST_SAMPLER.name} {FAST_SAMPLER.steps} steps"
+        sampler = SamplerConfig(name="dpmpp2m", steps=steps)
+        model = GeneratorMotion(untrained_generator(device), shape, sampler)
+        what = f"untrained default-size LDM, sampler {sampler.name} {sampler.steps} steps"
     else:
         raise ValueError(f"variant must be fixed or ldm, got {variant!r}")
     del cts, dvfs
@@ -96,6 +114,11 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
         "variant": variant, "motion": what, "shape_zyx": list(shape), "formats": list(fmts), "render": False,
         "setup_s": round(setup_s, 2), "seconds": round(seconds, 2),
         "seconds_generate": round(res.summary.get("seconds_generate", float("nan")), 2),
+        "seconds_warp_and_write": round(res.summary.get("seconds_warp_and_write", float("nan")), 2),
+        **({"stages_s": model.seconds, "seconds_per_network_evaluation_batch9": round(model.seconds["sample"] / steps, 2),
+            "cycle_composed_s": {n: round(model.seconds["encode"] + model.seconds["decode"] + n * model.seconds["sample"]
+                                          / steps + res.summary["seconds_warp_and_write"], 1) for n in (20, 200)}}
+           if variant == "ldm" else {}),
         "files_written": len(files), "written_mb": round(written_mb, 1),
         **mem.to_dict(), "cuda_peak_mb": cuda_peak_mb(device), "env": environment(device),
     }
@@ -106,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--variant", default="fixed", choices=("fixed", "ldm"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=20, help="ldm: DPM-Solver++ steps actually run")
     a = p.parse_args(argv)
-    print(json.dumps(run(a.device, quick=a.quick, variant=a.variant), indent=1))
+    print(json.dumps(run(a.device, quick=a.quick, variant=a.variant, steps=a.steps), indent=1))
     return 0
 
 
