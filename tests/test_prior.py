@@ -69,7 +69,7 @@ def test_pull_field_moves_points_by_the_model_push(ct):
     g = ct.geometry
     reg = motion_regions(ct.array, g)
     fields = prior.fields(ct.array, g, phases=[50], regions=reg)
-    push = prior.amplitude_mm * prior.unit_push(ct.array, g, reg)  # superior, posterior, lateral at s = h = 1
+    push = prior.amplitude_mm * prior.unit_push(ct.array, g, reg)  # LPS x, y, z at s = h = 1
     s, h = prior.states(50)
     # points well inside the lungs (2 voxels from any border)
     lung = reg["lung"].copy()
@@ -79,9 +79,12 @@ def test_pull_field_moves_points_by_the_model_push(ct):
     moved = W.move_points(torch.from_numpy(fields[50]), torch.from_numpy(idx), g.spacing).numpy()
     got_mm = (moved - idx) * np.asarray(g.spacing)
     p = tuple(idx.astype(int).T)
-    want_xyz = np.stack([h * push[2][p], h * push[1][p], s * push[0][p]], 1)
+    want_xyz = np.stack([h * push[0][p], h * push[1][p], s * push[2][p]], 1)
     want = g.world_to_axes(want_xyz)
     assert np.abs(got_mm - want).mean() < 0.1
+    # lateral motion is mirrored: at exhale both lungs move medially on average (DIR-Lab: lateral < 0)
+    left, right = p[2] > g.shape[2] / 2, p[2] < g.shape[2] / 2
+    assert want_xyz[left, 0].mean() < 0 < want_xyz[right, 0].mean()
 
 
 def test_amplitude_is_the_mean_superior_lung_motion_at_50(ct):

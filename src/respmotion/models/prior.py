@@ -188,9 +188,10 @@ class AnatomicalPrior:
         return float(s) / s50, float(h) / s50
 
     def unit_push(self, hu: np.ndarray, geometry, regions: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """End-exhale point motion per mm of amplitude ``(3, z, y, x)``, LPS components
-        (superior, posterior, lateral) -- i.e. before the phase states -- times the weight map."""
-        from ..anatomy.lung_frame import lung_box, motion_regions, normalised, voxel_points
+        """End-exhale point motion per mm of amplitude times the weight map, before the phase states:
+        ``(3, z, y, x)`` with LPS world components ``(x, y, z)`` (x = lateral on the patient's left, medial on
+        the right; y = posterior; z = superior)."""
+        from ..anatomy.lung_frame import lateral_sign, lung_box, motion_regions, normalised, voxel_points
         from ..data.motion_reference import spatial_unit
 
         reg = regions if regions is not None else motion_regions(hu, geometry)
@@ -200,24 +201,25 @@ class AnatomicalPrior:
         model = self.reference["spatial_model"]
         for i in range(0, len(moving), 1 << 18):
             idx = moving[i:i + (1 << 18)]
-            f = spatial_unit(model, normalised(geometry.index_to_world(idx.astype(np.float64)), box))
-            w = reg["weight"][tuple(idx.T)]
-            out[:, idx[:, 0], idx[:, 1], idx[:, 2]] = (f * w[:, None]).T
+            pts = geometry.index_to_world(idx.astype(np.float64))
+            f = spatial_unit(model, normalised(pts, box))  # superior, posterior, lateral
+            xyz = np.stack([f[:, 2] * lateral_sign(pts, box), f[:, 1], f[:, 0]], 1)
+            out[:, idx[:, 0], idx[:, 1], idx[:, 2]] = (xyz * reg["weight"][tuple(idx.T)][:, None]).T
         return out
 
-    def fields(self, hu: np.ndarray, geometry, phases: Sequence[int] = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90),
+    def fields(self, hu: np.ndarray, geometry, phases: Sequence[int] = tuple(range(0, 100, 10)),
                regions: dict[str, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Pull fields ``{phase: (3, z, y, x) mm}`` (array-axis components) of a CT ``(z, y, x)`` HU."""
         from ..core import warp as W
 
-        unit = self.unit_push(hu, geometry, regions)  # superior, posterior, lateral (weighted)
+        unit = self.unit_push(hu, geometry, regions)  # LPS x, y, z (weighted)
         out = {}
         for k in phases:
             s, h = self.states(k)
             if s == 0 and h == 0:
                 out[int(k)] = np.zeros_like(unit)
                 continue
-            push_xyz = self.amplitude_mm * np.stack([h * unit[2], h * unit[1], s * unit[0]])  # LPS x, y, z
+            push_xyz = self.amplitude_mm * np.stack([h * unit[0], h * unit[1], s * unit[2]])
             push = torch.from_numpy(geometry.world_to_axes(push_xyz, axis=0).astype(np.float32))[None]
             u = -push
             for _ in range(self.INVERSE_ITERATIONS):
