@@ -1,18 +1,27 @@
-"""Registration benchmark: ours vs hf-deepali FFD (SPEC section 7 settings) vs elastix, same pairs, same run.
+"""Registration benchmark: ours vs hf-deepali FFD vs elastix vs ConvexAdam, same pairs, same run, printing JSON.
 
-    python -m bench.registration [--shape 50,256,256] [--device cpu|cuda] [--pairs ref_50,step_20,step_70]
-                                 [--methods ours,deepali,elastix] [--seed 0] [--threads 2] [--batch study|pairs]
+Tuning protocol (issue 19): settings are chosen on the *tuning* set only and reported on the *held-out* set, whose
+phantom patients have breathing amplitudes outside the tuning patients' range and whose pairs the tuning set lacks::
 
-Prints one JSON document: per method and pair the wall time, peak resident memory, lung DVF error (mean / p95 mm,
-lung voxels of the fixed phase, against the phantom's exact pull field), landmark error (reference landmarks moved
-with the inverse of the pull, split by the phantom's ``in_lung`` flag), % voxels with Jacobian determinant <= 0;
-plus the environment (threads, load average before/after: the CPU may be shared).
+    python -m bench.registration --set tune --tune          # ours only: candidate settings on the tuning set
+    python -m bench.registration --set heldout              # every method on the held-out set (the acceptance)
+    python -m bench.registration --set real                 # real-texture lung CT pair, 51 landmarks
+    python -m bench.registration --set phantom --seed 0     # one phantom (``--pairs``; what `python -m bench` runs)
 
-Ours registers all 19 pairs of the phantom study (``ref_10``..``ref_90``, ``step_00``..``step_90``) as one batch, as
-``respmotion register`` does (time per pair = batch time / 19, body and lung masks and the dense fields included);
-the table compares the selected pairs, and ``all_study_pairs`` averages ours over all 19.  ``--batch pairs``
-batches only the selected pairs.  Baselines need the ``bench``
-extra (``pip install hf-deepali==0.6.5 itk-elastix``); the core package never imports them.
+Common flags: ``--shape 50,256,256`` (phantom grid; develop at 32,128,128), ``--methods ours,deepali,elastix,
+convexadam``, ``--threads 2``, ``--repeats 3`` (ours and deepali are timed this many times: median and spread;
+elastix and ConvexAdam once), ``--device cpu|cuda``.
+
+Sets (:data:`SETS`): *tune* = phantom seeds 5, 6, 9 (mean superior lung motion at end-exhale 6.8-7.6 mm), pairs
+``ref_50``, ``step_20``; *heldout* = seeds 0 (12.2 mm) and 4 (3.5 mm), pairs ``ref_50``, ``step_70``; *real* =
+the small real lung CT of ``shared/data/elastix-lung-ct-small`` (:func:`real_case`).  POPI is never used.
+
+Per method and pair: seconds (each repeat, median, spread), lung DVF error (mean / p95 mm on the fixed phase's true
+lung voxels, against the exact pull field), landmark TRE (reference landmarks moved with the inverse of the pull),
+split by the in-lung flag and binned by the target landmark's signed distance to the true lung boundary
+(< 5, 5-15, > 15 mm; inside and outside), % voxels with Jacobian determinant <= 0.  ``acceptance`` compares ours
+with deepali pair by pair.  Ours registers the pairs of one patient as one batch (time per pair = batch / pairs,
+masks and dense fields included).  Baselines need the ``bench`` extra (hf-deepali, itk-elastix, convexadam).
 """
 
 from __future__ import annotations
@@ -20,26 +29,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
 
+from respmotion.anatomy import body_mask
 from respmotion.core import DisplacementField, Geometry
 from respmotion.core import warp as W
+from respmotion.core.ops import resample_array
 from respmotion.evaluation.landmarks import landmark_error
 from respmotion.io.atomic import read_json
 from respmotion.io.layout import StudyDir
 from respmotion.registration.bspline import ControlGrid, dense_tensor
-from respmotion.registration.ffd import FFDSettings, register
-from respmotion.anatomy import body_mask, lung_mask
+from respmotion.registration.ffd import FFDSettings, register, sliding_region
 from respmotion.registration.quality import masked_ncc
 
 DEFAULT_PAIRS = ("ref_50", "step_20", "step_70")
 STUDY_PAIRS = tuple(f"ref_{k}" for k in range(10, 100, 10)) + tuple(f"step_{k:02d}" for k in range(0, 100, 10))
+SETS = {
+    "tune": {"seeds": (5, 6, 9), "pairs": ("ref_50", "step_20")},
+    "heldout": {"seeds": (0, 4), "pairs": ("ref_50", "step_70")},
+}
+BANDS_MM = (5.0, 15.0)  # landmark bins by distance to the lung boundary: < 5, 5-15, > 15 mm
+REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "elastix-lung-ct-small"
 
 
 def _pair_phases(name: str) -> tuple[int, int]:
@@ -57,27 +76,120 @@ def _phantom_study(shape: Sequence[int], seed: int) -> StudyDir:
     return write_patient(root / f"{tag}_seed{seed}", f"phantom_{seed:03d}", seed, tuple(shape))
 
 
-def _metrics(u: np.ndarray, sd: StudyDir, name: str, geom: Geometry) -> dict[str, Any]:
-    fixed_k, moving_k = _pair_phases(name)
-    kind, k = name.split("_")
-    gt = sd.load_gt(kind, int(k)).array
-    lung = np.load(sd.mask_path("lung", fixed_k)) > 0
-    err = np.linalg.norm(u - gt, axis=0)[lung]
+@dataclass
+class Case:
+    """One registration pair with its truth: pull field ``gt`` ``(3, z, y, x)`` mm (fixed -> moving), the fixed
+    phase's true lung mask, landmarks (LPS mm) in the moving (``ref``) and fixed (``tgt``) image."""
+
+    name: str
+    group: str  # ours registers the cases of one group as one batch
+    fixed: np.ndarray
+    moving: np.ndarray
+    geom: Geometry
+    gt: np.ndarray
+    lung: np.ndarray
+    ref: np.ndarray
+    tgt: np.ndarray
+    in_lung: np.ndarray
+    info: dict
+
+
+def phantom_cases(shape: Sequence[int], seed: int, pairs: Sequence[str]) -> list[Case]:
+    sd = _phantom_study(shape, seed)
+    geom = sd.load_phase(0).geometry
     lm = read_json(sd.landmarks_path)
-    ref = np.asarray(lm["phases"][f"{moving_k:02d}"])
-    tgt = np.asarray(lm["phases"][f"{fixed_k:02d}"])
-    inside = np.asarray(lm["in_lung"], bool)
-    le = landmark_error(DisplacementField(u.astype(np.float32), geom), ref, tgt).errors_mm
-    le0 = np.linalg.norm(tgt - ref, axis=1)
-    fold = W.folding_fraction(torch.as_tensor(u)[None], geom.spacing)
+    cases = []
+    for n in pairs:
+        fk, mk = _pair_phases(n)
+        kind, k = n.split("_")
+        cases.append(Case(f"seed{seed}_{n}", f"seed{seed}", sd.load_phase(fk).array, sd.load_phase(mk).array, geom,
+                          sd.load_gt(kind, int(k)).array, np.load(sd.mask_path("lung", fk)) > 0,
+                          np.asarray(lm["phases"][f"{mk:02d}"]), np.asarray(lm["phases"][f"{fk:02d}"]),
+                          np.asarray(lm["in_lung"], bool), {"motion": sd.info().get("motion"), "seed": seed}))
+    return cases
+
+
+def _rbf(points: np.ndarray, centres: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+    d2 = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
+    return np.exp(-0.5 * d2 / sigma**2) @ weights
+
+
+def real_case(root: Path = REAL_DIR, sigma_mm: float = 30.0, ridge: float = 1.0, noise_hu: float = 10.0) -> Case:
+    """The small real lung CT (elastix test data) as a pair with a known field.
+
+    Only the baseline CT of the pair is in ``shared/data`` (the follow-up image is not), so the pair is made from
+    it: the 51 landmark pairs' displacements (global translation removed: 4.2 mm mean) are interpolated by a
+    smooth Gaussian RBF (``sigma_mm``, ridge-regularised) to a pull field ``v``; fixed = baseline pulled by ``v``
+    (+ ``noise_hu`` Gaussian noise), moving = baseline; fixed landmarks solve ``q + v(q) = b``.  Real texture,
+    real landmark positions and landmark-driven (not breathing-calibrated, no sliding) motion."""
+    import SimpleITK as sitk
+
+    ct = sitk.ReadImage(str(root / "3DCT_lung_baseline_small.mha"))
+    mask = sitk.Resample(sitk.ReadImage(str(root / "3DCT_lung_baseline_mask.mha")), ct, sitk.Transform(),
+                         sitk.sitkNearestNeighbor, 0)
+    geom = Geometry.from_itk(ct.GetSize(), ct.GetSpacing(), ct.GetOrigin(), ct.GetDirection())
+    moving = sitk.GetArrayFromImage(ct).astype(np.float32)
+    lung_moving = sitk.GetArrayFromImage(mask).astype(np.float32)
+
+    def points(name):
+        return np.loadtxt(root / name, skiprows=2)
+
+    b, f = points("baseline_landmarks_51.txt"), points("followup_landmarks_51.txt")
+    d = (f - b) - (f - b).mean(0)
+    centres = b + d
+    k = np.exp(-0.5 * ((centres[:, None] - centres[None]) ** 2).sum(-1) / sigma_mm**2)
+    weights = np.linalg.solve(k + ridge * np.eye(len(k)), -d)  # v(b + d) ~ -d
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in geom.shape], indexing="ij"), -1).reshape(-1, 3)
+    v_world = _rbf(geom.index_to_world(idx), centres, weights, sigma_mm).reshape(*geom.shape, 3)
+    gt = np.moveaxis(geom.world_to_axes(v_world, axis=-1), -1, 0).astype(np.float32)  # (3, z, y, x) mm
+    both = torch.as_tensor(np.stack([moving, lung_moving]))[None]
+    warped = W.warp(both, torch.as_tensor(gt)[None], geom.spacing)[0].numpy()
+    fixed = warped[0] + np.random.default_rng(0).normal(0.0, noise_hu, geom.shape).astype(np.float32)
+    q = b.copy()
+    for _ in range(100):  # fixed point of q = b - v(q) (|grad v| << 1)
+        q = b - _rbf(q, centres, weights, sigma_mm)
+    det = W.jacobian_determinant(torch.as_tensor(gt, dtype=torch.float64)[None], geom.spacing)[0]
+    info = {"source": str(root), "rbf_sigma_mm": sigma_mm, "ridge": ridge, "noise_hu": noise_hu,
+            "field_max_mm": float(np.linalg.norm(gt, axis=0).max()), "jacobian_min": float(det.min()),
+            "landmark_residual_fit_mm": float(np.linalg.norm(q - b, axis=1).mean())}
+    return Case("real_lung_small", "real", fixed, moving, geom, gt, warped[1] >= 0.5, b, q,
+                np.ones(len(b), bool), info)
+
+
+def _signed_distance(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Signed distance (mm) to the mask's boundary: > 0 outside, < 0 inside."""
+    return (ndimage.distance_transform_edt(~mask, sampling=spacing)
+            - ndimage.distance_transform_edt(mask, sampling=spacing))
+
+
+def _bands(err: np.ndarray, dist: np.ndarray) -> dict[str, Any]:
+    lo, hi = BANDS_MM
+    out = {}
+    for side, sel in (("inside", dist < 0), ("outside", dist >= 0)):
+        a = np.abs(dist)
+        for label, band in ((f"<{lo:g}", a < lo), (f"{lo:g}-{hi:g}", (a >= lo) & (a <= hi)), (f">{hi:g}", a > hi)):
+            m = sel & band
+            out[f"{side}_{label}mm"] = {"n": int(m.sum()), "tre_mm": float(err[m].mean()) if m.any() else None}
+    return out
+
+
+def metrics(u: np.ndarray, case: Case) -> dict[str, Any]:
+    """Accuracy of the pull field ``u`` ``(3, z, y, x)`` mm on ``case``."""
+    err = np.linalg.norm(u - case.gt, axis=0)[case.lung]
+    le = landmark_error(DisplacementField(u.astype(np.float32), case.geom), case.ref, case.tgt).errors_mm
+    sd = _signed_distance(case.lung, case.geom.spacing)
+    ix = np.clip(np.rint(case.geom.world_to_index(case.tgt)).astype(int), 0, np.array(case.geom.shape) - 1)
+    dist = sd[ix[:, 0], ix[:, 1], ix[:, 2]]
+    inside = case.in_lung
     return {
         "lung_error_mean_mm": float(err.mean()), "lung_error_p95_mm": float(np.percentile(err, 95)),
-        "landmark_error_mm": float(le.mean()), "landmark_error_inside_mm": float(le[inside].mean()),
+        "landmark_error_mm": float(le.mean()), "landmark_error_p95_mm": float(np.percentile(le, 95)),
+        "landmark_error_sd_mm": float(le.std()),
+        "landmark_error_inside_mm": float(le[inside].mean()),
         "landmark_error_outside_mm": float(le[~inside].mean()) if (~inside).any() else None,
         "landmarks_n": int(len(le)), "landmarks_inside_n": int(inside.sum()),
-        "landmark_error_none_mm": float(le0.mean()),
-        "lung_error_none_mean_mm": float(np.linalg.norm(gt, axis=0)[lung].mean()),
-        "folding_percent": 100.0 * fold,
+        "tre_by_boundary_distance": _bands(le, dist),
+        "folding_percent": 100.0 * W.folding_fraction(torch.as_tensor(u)[None], case.geom.spacing),
     }
 
 
@@ -88,7 +200,7 @@ def run_ours(fixed, moving, geom, device, settings: FFDSettings | None = None) -
     s = settings or FFDSettings()
     t0 = time.perf_counter()
     body = np.stack([body_mask(f) for f in fixed])
-    lung = np.stack([lung_mask(f, b) for f, b in zip(fixed, body)]) if s.sliding else None
+    lung = np.stack([sliding_region(f, b, geom, s) for f, b in zip(fixed, body)]) if s.sliding else None
     to = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
     coef, log = register(to(np.stack(fixed)), to(np.stack(moving)), to(body), geom.spacing, s,
                          lung=None if lung is None else to(lung))
@@ -155,6 +267,7 @@ def run_elastix(fixed, moving, geom, threads: int) -> tuple[np.ndarray, float]:
         img = itk.image_from_array(np.ascontiguousarray(a.astype(np.float32)))
         img.SetSpacing(tuple(float(s) for s in geom.spacing[::-1]))
         img.SetOrigin(tuple(float(o) for o in geom.origin))
+        img.SetDirection(itk.matrix_from_array(geom.direction_matrix))
         return img
 
     f_img, m_img = to_itk(fixed), to_itk(moving)
@@ -172,75 +285,156 @@ def run_elastix(fixed, moving, geom, threads: int) -> tuple[np.ndarray, float]:
     return np.moveaxis(u, -1, 0).astype(np.float32), time.perf_counter() - t0
 
 
+def run_convexadam(fixed, moving, geom, device) -> tuple[np.ndarray, float]:
+    """ConvexAdam (``convexadam`` package, ``convex_adam_pt``: MIND-SSC features, its default settings) on a
+    ~1.5 mm isotropic resampling of both images (same field of view; each axis rounded to a multiple of its
+    6-voxel coarse grid); the field (iso voxels along the array axes, pull) is scaled to mm and resampled back."""
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    t0 = time.perf_counter()
+    iso = tuple(max(6, 6 * int(round(n * s / 1.5 / 6))) for n, s in zip(geom.shape, geom.spacing))
+    g_iso = geom.resized(iso)
+    f, m = resample_array(fixed, iso), resample_array(moving, iso)
+    disp = convex_adam_pt(f, m, dtype=torch.float32, device=torch.device(device))  # (z, y, x, 3) iso voxels
+    u_iso = np.moveaxis(disp, -1, 0) * np.asarray(g_iso.spacing).reshape(3, 1, 1, 1)
+    u = resample_array(u_iso.astype(np.float32), geom.shape, antialias=False)
+    return u.astype(np.float32), time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- driver
+def _timing(seconds: list[float]) -> dict[str, Any]:
+    return {"seconds": statistics.median(seconds), "seconds_repeats": [round(t, 3) for t in seconds],
+            "seconds_spread": (max(seconds) - min(seconds)) / statistics.median(seconds) if seconds else None}
+
+
+def evaluate(cases: Sequence[Case], methods: Sequence[str], device: str = "cpu", threads: int = 2,
+             repeats: int = 1, settings: FFDSettings | None = None) -> dict[str, Any]:
+    """Run ``methods`` on ``cases``; ours and deepali are timed ``repeats`` times (metrics of the last run)."""
+    out: dict[str, Any] = {"cases": {c.name: {"info": c.info, "shape": list(c.geom.shape),
+                                              "spacing_mm": list(c.geom.spacing),
+                                              "no_registration": metrics(np.zeros_like(c.gt), c)} for c in cases},
+                           "methods": {}}
+    for method in methods:
+        rec: dict[str, Any] = {"pairs": {}}
+        if method == "ours":
+            for group in dict.fromkeys(c.group for c in cases):
+                sub = [c for c in cases if c.group == group]
+                times = []
+                for _ in range(max(1, repeats)):
+                    fields, per_pair, log = run_ours([c.fixed for c in sub], [c.moving for c in sub], sub[0].geom,
+                                                     device, settings)
+                    times.append(per_pair)
+                rec.setdefault("log", {})[group] = {"level_seconds": [round(lv["seconds"], 2) for lv in log["levels"]],
+                                                    "level_iterations": [lv.get("iterations") for lv in log["levels"]],
+                                                    "repair": log.get("repair")}
+                for c, u in zip(sub, fields):
+                    rec["pairs"][c.name] = {**_timing(times), **metrics(u, c)}
+        else:
+            for c in cases:
+                times = []
+                for _ in range(max(1, repeats) if method == "deepali" else 1):
+                    if method == "deepali":
+                        u, dt = run_deepali(c.fixed, c.moving, c.geom, device)
+                    elif method == "elastix":
+                        u, dt = run_elastix(c.fixed, c.moving, c.geom, threads)
+                    elif method == "convexadam":
+                        u, dt = run_convexadam(c.fixed, c.moving, c.geom, device)
+                    else:
+                        raise ValueError(f"unknown method {method!r} (ours, deepali, elastix, convexadam)")
+                    times.append(dt)
+                rec["pairs"][c.name] = {**_timing(times), **metrics(u, c)}
+        keys = ("seconds", "lung_error_mean_mm", "lung_error_p95_mm", "landmark_error_mm", "folding_percent")
+        rec["mean"] = {k: float(np.mean([p[k] for p in rec["pairs"].values()])) for k in keys}
+        out["methods"][method] = rec
+    if "ours" in out["methods"] and "deepali" in out["methods"]:
+        out["acceptance"] = acceptance(out["methods"]["ours"]["pairs"], out["methods"]["deepali"]["pairs"])
+    return out
+
+
+def acceptance(ours: dict, deepali: dict) -> dict[str, Any]:
+    """Per pair: ours <= deepali in lung error mean and p95, landmark TRE and every distance band; 0 % folding;
+    ours' median time <= 0.25 x deepali's."""
+    per = {}
+    for name, o in ours.items():
+        d = deepali[name]
+        bands = {b: (v["tre_mm"] is None or v["tre_mm"] <= d["tre_by_boundary_distance"][b]["tre_mm"])
+                 for b, v in o["tre_by_boundary_distance"].items()}
+        per[name] = {"lung_mean": o["lung_error_mean_mm"] <= d["lung_error_mean_mm"],
+                     "lung_p95": o["lung_error_p95_mm"] <= d["lung_error_p95_mm"],
+                     "tre": o["landmark_error_mm"] <= d["landmark_error_mm"], "bands": all(bands.values()),
+                     "bands_failed": [b for b, ok in bands.items() if not ok],
+                     "folding_zero": o["folding_percent"] == 0.0,
+                     "time_ratio": o["seconds"] / d["seconds"], "time": o["seconds"] <= 0.25 * d["seconds"]}
+    flags = ("lung_mean", "lung_p95", "tre", "bands", "folding_zero", "time")
+    return {"pairs": per, "all": {f: all(p[f] for p in per.values()) for f in flags}}
+
+
+TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
+    "default": lambda s: s,
+    "cavity_region": lambda s: replace(s, sliding_region="cavity"),
+}
+
+
+def tune(cases: Sequence[Case], device: str = "cpu") -> dict[str, Any]:
+    """Ours with each of :data:`TUNING_CANDIDATES` on the tuning cases; score = mean over pairs of lung error
+    mean + p95 + landmark TRE (mm), lower is better."""
+    out: dict[str, Any] = {"candidates": {}}
+    for name, make in TUNING_CANDIDATES.items():
+        s = make(FFDSettings())
+        rec = evaluate(cases, ["ours"], device, settings=s)["methods"]["ours"]
+        score = float(np.mean([p["lung_error_mean_mm"] + p["lung_error_p95_mm"] + p["landmark_error_mm"]
+                               for p in rec["pairs"].values()]))
+        out["candidates"][name] = {"score": score, "settings": repr(s), **rec["mean"]}
+    out["best"] = min(out["candidates"], key=lambda k: out["candidates"][k]["score"])
+    return out
+
+
+def cases_for(set_name: str, shape: Sequence[int], seed: int = 0, pairs: Sequence[str] = DEFAULT_PAIRS) -> list[Case]:
+    if set_name == "real":
+        return [real_case()]
+    if set_name == "phantom":
+        return phantom_cases(shape, seed, pairs)
+    spec = SETS[set_name]
+    return [c for s in spec["seeds"] for c in phantom_cases(shape, s, spec["pairs"])]
+
+
 def run(device: str = "cpu", shape: Sequence[int] = (50, 256, 256), pairs: Sequence[str] = DEFAULT_PAIRS,
         methods: Sequence[str] = ("ours", "deepali", "elastix"), seed: int = 0, threads: int = 2,
-        batch: str = "study") -> dict:
-    """Benchmark the methods on phantom pairs; returns the JSON-ready record."""
-    from bench.common import PeakRSS, environment
+        batch: str = "pairs", set_name: str = "phantom", repeats: int = 1, do_tune: bool = False) -> dict:
+    """Benchmark the methods on one set (``phantom``: ``seed`` and ``pairs``; ``tune``, ``heldout``, ``real``);
+    returns the JSON-ready record.  ``batch`` is kept for ``python -m bench`` (ours batches a patient's pairs)."""
+    from bench.common import environment
 
     torch.set_num_threads(threads)
     env_before = environment(device)
-    sd = _phantom_study(shape, seed)
-    geom = sd.load_phase(0).geometry
-    fixed = [sd.load_phase(_pair_phases(n)[0]).array for n in pairs]
-    moving = [sd.load_phase(_pair_phases(n)[1]).array for n in pairs]
-    out: dict[str, Any] = {"shape": list(shape), "spacing_mm": list(geom.spacing), "pairs": list(pairs),
-                           "phantom_seed": seed, "ours_batch": batch, "motion": sd.info().get("motion"), "methods": {}}
-    out["no_registration"] = {n: _metrics(np.zeros((3, *geom.shape), np.float32), sd, n, geom) for n in pairs}
-    for method in methods:
-        rec: dict[str, Any] = {"pairs": {}}
-        with PeakRSS() as mem:
-            if method == "ours":
-                # one batch with every pair of the study (ref_XX and step_XX, as `respmotion register` does);
-                # the time is per pair, amortised; the table compares the selected pairs
-                names = list(STUDY_PAIRS) if batch == "study" else list(pairs)
-                f_all = [sd.load_phase(_pair_phases(n)[0]).array for n in names]
-                m_all = [sd.load_phase(_pair_phases(n)[1]).array for n in names]
-                all_fields, per_pair, log = run_ours(f_all, m_all, geom, device)
-                fields = [all_fields[names.index(n)] for n in pairs]
-                times = [per_pair] * len(pairs)
-                rec["batch_pairs"] = len(names)
-                rec["optimiser_seconds"] = [round(lv["seconds"], 2) for lv in log["levels"]]
-                rec["repair"] = log.get("repair")
-                if batch == "study":
-                    every = [_metrics(u, sd, n, geom) for n, u in zip(names, all_fields)]
-                    rec["all_study_pairs"] = {k: float(np.mean([m[k] for m in every if m[k] is not None]))
-                                              for k in ("lung_error_mean_mm", "lung_error_p95_mm",
-                                                        "landmark_error_inside_mm", "landmark_error_outside_mm",
-                                                        "folding_percent")}
-                    rec["all_study_pairs"]["folding_percent_max"] = float(max(m["folding_percent"] for m in every))
-                del all_fields, f_all, m_all
-            else:
-                fields, times = [], []
-                for f, m in zip(fixed, moving):
-                    u, dt = run_deepali(f, m, geom, device) if method == "deepali" else run_elastix(f, m, geom, threads)
-                    fields.append(u)
-                    times.append(dt)
-        for n, u, dt in zip(pairs, fields, times):
-            rec["pairs"][n] = {"seconds": dt, **_metrics(u, sd, n, geom)}
-        keys = ("seconds", "lung_error_mean_mm", "lung_error_p95_mm", "landmark_error_mm",
-                "landmark_error_inside_mm", "landmark_error_outside_mm", "folding_percent")
-        rec["mean"] = {k: float(np.mean([p[k] for p in rec["pairs"].values() if p[k] is not None])) for k in keys}
-        rec["memory"] = mem.to_dict()
-        out["methods"][method] = rec
-    out["environment"] = {"before": env_before, "after": environment(device), "loadavg_after": list(os.getloadavg())}
+    cases = cases_for(set_name, shape, seed, pairs)
+    out: dict[str, Any] = {"set": set_name, "shape": list(shape), "threads": threads, "repeats": repeats,
+                           "ours_batch": batch}
+    if do_tune:
+        out["tuning"] = tune(cases, device)
+    else:
+        out.update(evaluate(cases, methods, device, threads, repeats))
+    out["environment"] = {"before": env_before, "after": environment(device)}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.registration", description=__doc__.splitlines()[0])
+    ap.add_argument("--set", default="phantom", choices=("phantom", "tune", "heldout", "real"))
+    ap.add_argument("--tune", action="store_true", help="ours only: score the tuning candidates on the set")
     ap.add_argument("--shape", default="50,256,256")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--pairs", default=",".join(DEFAULT_PAIRS))
-    ap.add_argument("--methods", default="ours,deepali,elastix")
+    ap.add_argument("--methods", default="ours,deepali,elastix,convexadam")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", default="study", choices=("study", "pairs"),
-                    help="ours: one batch with all 19 pairs of the study (default) or only the selected pairs")
+    ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args(argv)
+    if a.tune and a.set == "heldout":
+        ap.error("--tune runs on the tuning set only (--set tune)")
     shape = tuple(int(v) for v in a.shape.replace("x", ",").split(","))
-    rec = run(a.device, shape, a.pairs.split(","), a.methods.split(","), a.seed, a.threads, a.batch)
+    rec = run(a.device, shape, a.pairs.split(","), a.methods.split(","), a.seed, a.threads, "pairs", a.set,
+              a.repeats, a.tune)
     print(json.dumps(rec, indent=1))
     return 0
 

@@ -292,3 +292,23 @@ def test_patients_filter_registers_only_those(tmp_path):
     cfg.patients = ("p1", "p7")
     with pytest.raises(ValueError, match="p7"):
         run_registration(cfg)
+
+
+def test_sliding_mask_is_the_cavity_below_and_between_the_lungs_without_the_spine():
+    """Two box lungs in the upper slices: the mask holds them, the gap between them (mediastinum) and every slice
+    below them (the abdomen inside their footprint), not the slices above, and not a bone block between them."""
+    from respmotion.registration.ffd import sliding_mask
+
+    lung = np.zeros((8, 20, 30), np.uint8)
+    lung[4:7, 4:16, 3:12] = 1
+    lung[4:7, 4:16, 18:27] = 1
+    hu = np.full(lung.shape, 40.0, np.float32)
+    hu[:, 13:16, 14:16] = 700.0  # vertebral body between the lungs, posterior
+    m = sliding_mask(lung, superior=1.0, hu=hu, spacing=(3.0, 1.0, 1.0), bone_margin_mm=1.0)
+    assert m.dtype == np.uint8 and (m[lung > 0] == 1).all()
+    assert m[5, 6, 15] == 1 and m[0, 6, 15] == 1 and m[0, 6, 4] == 1  # mediastinum; below the lungs
+    assert m[7].sum() == 0 and m[5, 2, 15] == 0  # above the lungs; outside the hull
+    assert m[5, 14, 15] == 0 and m[5, 12, 14] == 0  # bone and its 1 mm margin
+    # inferior-first arrays (superior = -1) get the mirror image
+    flipped = sliding_mask(lung[::-1], superior=-1.0, hu=hu[::-1], spacing=(3.0, 1.0, 1.0), bone_margin_mm=1.0)
+    np.testing.assert_array_equal(flipped[::-1], m)

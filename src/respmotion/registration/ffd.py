@@ -59,13 +59,83 @@ class FFDSettings:
     clip_hu: tuple[float, float] = (-1000.0, 1000.0)
     smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (full-res voxels) on both images
     sliding: bool = True
+    sliding_region: str = "lung"  # cavity | lung: the inside field's region (see sliding_region)
     repair_folding: bool = True  # after the last level: remove every det <= 0 voxel (see repair_folding)
+    # early stop of a level: every `stop_window` iterations, stop when no pair's mean loss over the window fell by
+    # more than `stop_tol` x its (1 - NCC) since the previous window (0: run every iteration)
+    stop_tol: float = 0.0
+    stop_window: int = 10
     seed: int = 0
 
     def check(self) -> None:
         n = len(self.levels)
         if not (len(self.iterations) == len(self.lr_mm) == len(self.subsample) == n):
             raise ValueError(f"levels ({n}), iterations, lr_mm and subsample need one entry per level")
+        if self.sliding_region not in ("cavity", "lung"):
+            raise ValueError(f"sliding_region must be cavity or lung, got {self.sliding_region!r}")
+
+
+def _fill_hull(mask2d: np.ndarray) -> np.ndarray:
+    """Filled convex hull of a 2-D boolean mask (the mask itself when its points span no area)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    pts = np.argwhere(mask2d)
+    if len(pts) < 3:
+        return mask2d.copy()
+    try:
+        eq = ConvexHull(pts).equations  # (facets, 3): normal . p + offset <= 0 inside
+    except QhullError:  # collinear points: no area to fill
+        return mask2d.copy()
+    lo, hi = pts.min(0), pts.max(0) + 1
+    grid = np.stack(np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]), indexing="ij"), -1).reshape(-1, 2)
+    inside = (grid @ eq[:, :2].T + eq[:, 2] <= 1e-9).all(1)
+    out = mask2d.copy()
+    out[lo[0]:hi[0], lo[1]:hi[1]] |= inside.reshape(hi[0] - lo[0], hi[1] - lo[1])
+    return out
+
+
+def sliding_mask(lung: np.ndarray, superior: float = 1.0, hu: np.ndarray | None = None,
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), bone_hu: float = 150.0,
+                 bone_margin_mm: float = 5.0) -> np.ndarray:
+    """Region that slides against the chest wall, from a lung mask ``(z, y, x)``: per axial slice the filled
+    convex hull of the lung cross-sections at and above that slice (the thoracic cavity: lungs and mediastinum,
+    and below the lungs the upper abdomen that follows the diaphragm, inside the rib cage's footprint).  With
+    the CT ``hu``, bone inside that hull (the vertebral bodies, which do not move) and ``bone_margin_mm`` around it
+    (in-plane, ``spacing`` mm (z, y, x)) are left out.  ``superior`` is +1 when array z increases towards superior
+    (:meth:`respmotion.core.Geometry.superior_sign`).  Returns uint8 ``(z, y, x)``; use it as the ``lung``
+    argument of :func:`register` and :func:`~respmotion.registration.bspline.dense_tensor` (inside field in it,
+    outside field elsewhere)."""
+    lung = np.asarray(lung) > 0
+    out = np.zeros(lung.shape, bool)
+    acc = np.zeros(lung.shape[1:], bool)
+    order = range(lung.shape[0] - 1, -1, -1) if superior > 0 else range(lung.shape[0])
+    for k in order:
+        acc |= lung[k]
+        if acc.any():
+            out[k] = _fill_hull(acc)
+    if hu is not None:
+        from scipy import ndimage
+
+        bone = out & (np.asarray(hu) > bone_hu)
+        r = [max(1, int(round(bone_margin_mm / s))) for s in spacing[1:]]
+        yy, xx = np.mgrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1]
+        disk = ((yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2 <= bone_margin_mm**2)[None]
+        out &= ~ndimage.binary_dilation(bone, structure=disk)
+        out |= lung  # the lungs themselves always slide
+    return out.astype(np.uint8)
+
+
+def sliding_region(hu: np.ndarray, body: np.ndarray, geometry, settings: "FFDSettings",
+                   lung_threshold_hu: float = -400.0) -> np.ndarray:
+    """The fixed image's mask for the sliding blend, uint8 ``(z, y, x)``: the HU-threshold lung mask
+    (``settings.sliding_region == "lung"``) or the thoracic cavity around it (``"cavity"``, :func:`sliding_mask`).
+    ``hu``, ``body`` ``(z, y, x)``; ``geometry`` a :class:`respmotion.core.Geometry` (spacing, superior axis)."""
+    from ..anatomy import lung_mask
+
+    lung = lung_mask(hu, body, lung_threshold_hu)
+    if settings.sliding_region == "lung":
+        return lung
+    return sliding_mask(lung, geometry.superior_sign(), hu, geometry.spacing)
 
 
 def _downsample(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -398,6 +468,9 @@ def register(
         ncc_val = None
         trace = []
         n_points = 0
+        window: list[torch.Tensor] = []
+        prev = None
+        done = int(s.iterations[li])
         for it in range(int(s.iterations[li])):
             off = [int(torch.randint(0, int(st), (1,), generator=gen)) if st > 1 else 0 for st in step]
             pts = lev.points(off, step)
@@ -412,8 +485,18 @@ def register(
             ncc_val = ncc.detach()
             if it % 10 == 0 or it == int(s.iterations[li]) - 1:
                 trace.append([it, float(ncc_val.mean()), float(reg.detach().mean())])
+            if s.stop_tol > 0:
+                window.append((1.0 - ncc_val) + reg.detach())
+                if len(window) == s.stop_window:
+                    cur = torch.stack(window).mean(0)
+                    window = []
+                    if prev is not None and bool(((prev - cur) < s.stop_tol * (1.0 - ncc_val)).all()):
+                        done = it + 1
+                        break
+                    prev = cur
         log["levels"].append({"shape": list(lev.shape), "seconds": time.perf_counter() - t0, "trace": trace,
-                              "points": n_points, "ncc": [float(v) for v in ncc_val] if ncc_val is not None else None})
+                              "iterations": done, "points": n_points,
+                              "ncc": [float(v) for v in ncc_val] if ncc_val is not None else None})
         if callback is not None:
             callback(li, coef.detach())
     if s.repair_folding:
