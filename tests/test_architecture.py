@@ -39,24 +39,11 @@ def forbidden_imports(path: Path, packages: tuple[str, ...]) -> list[str]:
     return sorted(m for m in imported_modules(path) if m in bad or m.startswith(tuple(b + "." for b in bad)))
 
 
-PENDING = {  # known edges other parts of issue 21 remove; the lead drops a mark when its edge is gone
-    "synthesis/ldm.py": "synthesis/ldm.py imports training.checkpoint.latest_checkpoint (issue 21: checkpoint loading "
-                        "below training/)",
-    "diffusion/pipeline.py": "diffusion/pipeline.py imports training.checkpoint.load_checkpoint (issue 21: inference "
-                             "loads checkpoints without training/)",
-}
-
 RULES = [(p, ("evaluation", "training")) for p in sorted(PKG.glob("synthesis/*.py"))]
 RULES.append((PKG / "diffusion" / "pipeline.py", ("training",)))
 
 
-@pytest.mark.parametrize(
-    "path, packages",
-    [pytest.param(p, pk, id=str(p.relative_to(PKG)),
-                  marks=[pytest.mark.xfail(strict=True, reason=PENDING[str(p.relative_to(PKG))])]
-                  if str(p.relative_to(PKG)) in PENDING else [])
-     for p, pk in RULES],
-)
+@pytest.mark.parametrize("path, packages", [pytest.param(p, pk, id=str(p.relative_to(PKG))) for p, pk in RULES])
 def test_stage_imports_point_one_way(path, packages):
     assert forbidden_imports(path, packages) == []
 

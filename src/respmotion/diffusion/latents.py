@@ -65,7 +65,7 @@ def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
 # ---------------------------------------------------------------------------- provenance
 def autoencoder_record(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]:
     """What identifies an autoencoder checkpoint in the provenance."""
-    from ..training.checkpoint import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     extra = ckpt.get("extra", {}) or {}

@@ -64,7 +64,7 @@ from .schedulers import NoiseSchedule, make_sampler
 
 def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> tuple[LatentDiffusion, dict[str, Any]]:
     """Rebuild :class:`LatentDiffusion` from a checkpoint (``model.pt`` or ``<step>.pt``); eval mode."""
-    from ..training.checkpoint import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location=device)
     if ckpt.get("task") != "diffusion":
@@ -110,8 +110,8 @@ class MotionGenerator:
                          dvf_ae_path: str | Path | None = None, device: str | torch.device = "cpu") -> "MotionGenerator":
         """Autoencoder paths default to those recorded in the latent set's provenance; so does the
         motion prior (path and sha256, checked), which must match the DVF autoencoder's record."""
+        from ..io.checkpoint import load_checkpoint
         from ..models.autoencoder import load_autoencoder
-        from ..training.checkpoint import load_checkpoint
 
         model, extra = load_diffusion(diffusion_path, device)
         prov = extra.get("latent_provenance", {})

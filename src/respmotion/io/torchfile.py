@@ -1,7 +1,7 @@
 """Reading torch files without arbitrary pickle: the package's one ``torch.load``.
 
 ``torch.load(weights_only=True)`` accepts tensors, plain containers and numbers, and refuses any
-other pickled object without running its code.  Checkpoints (:mod:`respmotion.training.checkpoint`)
+other pickled object without running its code.  Checkpoints (:mod:`respmotion.io.checkpoint`)
 and trained models (:func:`respmotion.models.autoencoder.load_autoencoder`) are read here.
 """
 

@@ -49,7 +49,7 @@ def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = Non
     sampler (:func:`respmotion.diffusion.config.choose_sampler`: one-line ``ValueError`` when impossible)."""
     from ..diffusion.config import choose_sampler
     from ..diffusion.pipeline import MotionGenerator
-    from ..training.checkpoint import latest_checkpoint
+    from ..io.checkpoint import latest_checkpoint
 
     p = Path(path)
     if not p.exists():

@@ -30,16 +30,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import save_config
+from ..io.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from ..io.torchfile import load_state
 from . import distributed as D
-from .checkpoint import (
-    checkpoint_name,
-    load_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import prune_checkpoints, rng_state, set_rng_state
 
 log = logging.getLogger("respmotion")
 
