@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.respmotion-installed
 
-.PHONY: setup demo test bench bench-setup clean motion-reference
+.PHONY: setup demo test bench bench-setup clean motion-reference model
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ DIRLAB ?= ../shared/data/dirlab-4dct-landmarks
 motion-reference: setup
 	$(BIN)/python -m respmotion.data.motion_reference --data $(DIRLAB) \
 		--out src/respmotion/data/motion_reference.json --plot docs/motion_reference.png --phantom 8
+
+# the default motion model (synthesize without --model): for now the population prior alone, i.e. that JSON
+model: motion-reference
 
 clean:
 	rm -rf out runs
