@@ -54,3 +54,10 @@ def test_phase_curve_is_zero_at_inhale_one_at_the_peak_and_loops():
     # the fitted exhale half follows DIR-Lab's measured mean state within 0.1
     model = MR.phase_state(np.asarray(pc["phases"], float), pc["n"], pc["peak"])[0]
     np.testing.assert_allclose(model / model[-1], pc["superior_state_mean"], atol=0.1)
+
+
+def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "ref.json"
+    assert MR.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere" in err and not out.exists()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -394,8 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--phantom", type=int, default=0, help="also print the phantom-vs-DIR-Lab table of N patients")
     args = ap.parse_args(argv)
     from ..io.atomic import write_json
+    from ..io.landmarks import LandmarkFileError
 
-    ref = build_reference(args.data)
+    try:
+        ref = build_reference(args.data)
+    except (FileNotFoundError, LandmarkFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     write_json(args.out, ref)
     if args.plot:
         plot_reference(ref, args.plot)
