@@ -210,6 +210,7 @@ class CycleWriter:
         self.contours: dict[int, dict[str, list]] = {}
         self.stack: np.ndarray | None = None
         self.dicom = None
+        self.dicom_result: dict | None = None  # DicomCycleWriter.finish()'s result
         if "dicom" in formats:
             from ..io.dicom_export import DicomCycleWriter
 
@@ -281,9 +282,9 @@ class CycleWriter:
 def _write_4d_nifti(path: Path, stack_xyzp: np.ndarray, geometry: Geometry) -> None:
     import nibabel as nib
 
-    from ..io.volumes import _nifti_affine
+    from ..io.volumes import nifti_affine
 
-    img = nib.Nifti1Image(stack_xyzp, _nifti_affine(geometry))
+    img = nib.Nifti1Image(stack_xyzp, nifti_affine(geometry))
     img.header.set_xyzt_units("mm", "sec")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
@@ -343,7 +344,7 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
         except BaseException:
             writer.abort()
             raise
-        if writer.dicom is not None:
+        if writer.dicom_result is not None:
             result.dicom.append(writer.dicom_result)
     summary["seconds_warp_and_write"] = time.perf_counter() - t_write
     summary["seconds_total"] = time.perf_counter() - t0
