@@ -205,7 +205,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------ motion prior
 def test_motion_prior_mean_files_hash_and_residual_items(cohort, tmp_path):
     from respmotion.models.prior import MotionPrior
-    from respmotion.training.data import FieldDataset, GroundTruthFields, studies_of
+    from respmotion.training.data import FieldDataset, GroundTruthFields
+    from respmotion.training.splits import studies_of
 
     studies = studies_of(cohort, ["phantom_000", "phantom_001"])
     src = GroundTruthFields("ref")

@@ -43,7 +43,7 @@ def run_flags(args: argparse.Namespace) -> dict:
 def resume_base_config(args: argparse.Namespace) -> None:
     """On ``--resume`` without ``--config``, the run's own config.yaml is the base."""
     if args.resume and not args.config:
-        from ..training.checkpoint import latest_checkpoint
+        from ..io.checkpoint import latest_checkpoint
 
         cfg_file = latest_checkpoint(args.resume).parent / "config.yaml"
         if not cfg_file.exists():

@@ -179,17 +179,6 @@ def encode_study(
     return written
 
 
-def _load_ae(load_autoencoder, path: str | os.PathLike, dev: torch.device) -> torch.nn.Module:
-    """``load_autoencoder``; weights that do not fit the checkpoint's own ``model_config`` (torch's
-    ``load_state_dict`` RuntimeError) become a one-line error naming the file."""
-    from ..io.torchfile import weights_mismatch
-
-    try:
-        return load_autoencoder(str(path), map_location=dev)
-    except RuntimeError as exc:  # until load_autoencoder itself uses io.torchfile.load_state
-        raise weights_mismatch(path, exc) from exc
-
-
 def build_latent_set(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -216,7 +205,7 @@ def build_latent_set(
     r, world = resolve_rank(rank, world_size)
     dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(out)
-    image_ae, dvf_ae = (_load_ae(load_autoencoder, p, dev) for p in (image_ae_path, dvf_ae_path))
+    image_ae, dvf_ae = (load_autoencoder(str(p), map_location=dev) for p in (image_ae_path, dvf_ae_path))
     if image_ae.cfg.kind != "image" or dvf_ae.cfg.kind != "dvf":
         raise ValueError(f"expected an image and a DVF autoencoder, got kinds {image_ae.cfg.kind!r} ({image_ae_path}) "
                          f"and {dvf_ae.cfg.kind!r} ({dvf_ae_path})")

@@ -11,31 +11,24 @@ prior record (path, sha256; :mod:`respmotion.models.prior`) is copied into the c
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import save_config, to_dict
-from ..io.atomic import read_json, write_json
-from ..training import distributed as D
-from ..training.checkpoint import own_run_dir
-from ..training.engine import FitResult, TrainConfig, Trainer
-from ..training.splits import Split, split_patients
+from ..training.engine import FitResult, TrainConfig
+from ..training.run import Run, run_training
+from ..training.splits import SPLIT_RATIOS, SPLIT_SEED, Split, split_patients
 from .config import DiffusionModelConfig, SamplerConfig
 from .latents import LatentDataset, channel_stats, image_deviation_stats, read_provenance
 from .sampling import LatentNorm
 from .task import DiffusionTask
-
-log = logging.getLogger("respmotion")
 
 
 @dataclass
 class DiffusionDataConfig:
     latents: str = ""  # latent set folder (respmotion latents --out)
     split_from_autoencoder: bool = True  # reuse the DVF autoencoder's patient split when recorded
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 42
+    split_ratios: tuple[float, float, float] = SPLIT_RATIOS
+    split_seed: int = SPLIT_SEED
     stats_items: int = 256  # training items used for the latent statistics
 
 
@@ -58,43 +51,19 @@ def make_split(cfg: DiffusionRunConfig, prov: dict) -> Split:
     return split_patients(patients, cfg.data.split_ratios, cfg.data.split_seed)
 
 
-def _new_run_dir(cfg: DiffusionRunConfig) -> Path:
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    base = Path(cfg.out) / "diffusion" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    path, i = base, 1
-    while path.exists():
-        path, i = base.with_name(f"{base.name}_{i}"), i + 1
-    return path
-
-
 def train_diffusion(cfg: DiffusionRunConfig, resume: str | Path | None = None,
                     init: str | Path | None = None) -> FitResult:
     """Train the latent diffusion model; every torchrun rank calls this (see the engine)."""
     if not cfg.data.latents:
         raise ValueError("no latent set given (data.latents / --latents)")
     prov = read_provenance(cfg.data.latents)
-    info = D.setup(cfg.train.device)
-    try:
-        if resume is not None:
-            from ..training.checkpoint import latest_checkpoint
-
-            resume = latest_checkpoint(resume)
-            run_dir = resume.parent
-        else:
-            run_dir = D.broadcast_object(_new_run_dir(cfg) if info.is_main else None, info)
-        with own_run_dir(run_dir, "diffusion", resume is not None, info.is_main):
-            return _train_in(cfg, prov, run_dir, info, resume, init)
-    finally:
-        D.cleanup()
+    return run_training("diffusion", cfg.out, cfg.run_dir, cfg.train.device, resume,
+                        lambda run: _train_in(cfg, prov, run, init))
 
 
-def _train_in(cfg: DiffusionRunConfig, prov: dict, run_dir: Path, info, resume: Path | None,
-              init: str | Path | None) -> FitResult:
-    """The body of :func:`train_diffusion` once ``run_dir`` is owned."""
-    split = make_split(cfg, prov)
-    if resume is not None and (run_dir / "split.json").exists():
-        split = Split.from_dict(read_json(run_dir / "split.json"))
+def _train_in(cfg: DiffusionRunConfig, prov: dict, run: Run, init: str | Path | None) -> FitResult:
+    """The body of :func:`train_diffusion` once the run folder is owned."""
+    split = run.split(make_split(cfg, prov))
     train_set = LatentDataset(cfg.data.latents, split.train, cfg.model.target)
     val_set = LatentDataset(cfg.data.latents, split.val, cfg.model.target) if split.val else None
     if len(train_set) == 0:
@@ -114,15 +83,8 @@ def _train_in(cfg: DiffusionRunConfig, prov: dict, run_dir: Path, info, resume: 
              "motion_prior": prior}
     if prior.get("shape"):
         extra["input_shape"] = list(prior["shape"])
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "split.json", split.to_dict())
-        log.info("run folder %s: %d train / %d val latents (%s mode), patients %d | %d | %d", run_dir,
-                 len(train_set), len(val_set) if val_set else 0, cfg.model.target, len(split.train),
-                 len(split.val), len(split.test))
-    D.barrier(info)
+    run.start(cfg, split, f"{len(train_set)} train / {len(val_set) if val_set else 0} val latents "
+                          f"({cfg.model.target} mode)")
     task = DiffusionTask(cfg.model, img_norm, dvf_norm, cfg.ema_decay, cfg.train.steps, extra, cfg.sampler,
                          image_dev)
-    trainer = Trainer(task, train_set, val_set, cfg.train, run_dir, to_dict(cfg), info)
-    return trainer.fit(resume=resume, init=init)
+    return run.fit(task, train_set, val_set, cfg.train, cfg, init)

@@ -48,12 +48,7 @@ def load_state(module: torch.nn.Module, state: Any, path: str | os.PathLike) -> 
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:  # torch reports missing/unexpected keys and shape mismatches as RuntimeError
-        raise weights_mismatch(path, exc) from exc
-
-
-def weights_mismatch(path: str | os.PathLike, exc: RuntimeError) -> ValueError:
-    """The one-line error for torch's ``load_state_dict`` RuntimeError on the weights of ``path``."""
-    return ValueError(f"{path}: weights do not fit the model they claim ({_first_detail(exc)})")
+        raise ValueError(f"{path}: weights do not fit the model they claim ({_first_detail(exc)})") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -34,7 +34,7 @@ Latents for diffusion: :meth:`Autoencoder.encode_latent` returns the (mean) late
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -43,34 +43,51 @@ from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.layers.factories import Act
 
 from ..data.intensity import HU_WINDOW, denormalize_hu, normalize_hu
-from ..io.torchfile import load_weights_only
+from ..io.torchfile import load_state, load_weights_only
 
 KINDS = ("image", "dvf")
 
 
+#: what ``None`` means for the kind-dependent settings: image 1 -> 3 latent channels (AE), DVF 3 -> 9 (VAE)
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "image": dict(in_channels=1, out_channels=1, latent_channels=3, variational=False),
+    "dvf": dict(in_channels=3, out_channels=3, latent_channels=9, variational=True),
+}
+
+
 @dataclass
 class AutoencoderNetConfig:
-    """Architecture and units of one autoencoder (stored in every checkpoint as a plain dict).
+    """Architecture and units of one autoencoder (stored in every checkpoint as a plain dict; the
+    ``model`` section of :class:`respmotion.training.autoencoder.AutoencoderRunConfig`).
 
-    ``channel_mults`` give the channels of each level as ``base_channels * mult``; every level
-    halves ``Y`` and ``X`` (and ``Z`` too only when ``downsample_depth``).
+    ``None`` channel/variational settings take the kind's default (:data:`KIND_DEFAULTS`;
+    :meth:`resolved`).  ``channel_mults`` give the channels of each level as ``base_channels * mult``;
+    every level halves ``Y`` and ``X`` (and ``Z`` too only when ``downsample_depth``).
     """
 
     kind: str = "image"
-    in_channels: int = 1
-    out_channels: int = 1
-    latent_channels: int = 3
+    in_channels: int | None = None
+    out_channels: int | None = None
+    latent_channels: int | None = None
     base_channels: int = 96
     channel_mults: tuple[int, ...] = (1, 2, 4)
     res_units_per_level: int = 1
     downsample_depth: bool = False
-    variational: bool = False
+    variational: bool | None = None
     dropout: float = 0.05
     norm_groups: int = 32
     act: str = "swish"
     hu_min: float = HU_WINDOW[0]
     hu_max: float = HU_WINDOW[1]
     dvf_scale_mm: float = 10.0
+
+    def resolved(self, kind: str | None = None) -> "AutoencoderNetConfig":
+        """A copy for ``kind`` (default: its own) with every ``None`` setting the kind's default."""
+        kind = self.kind if kind is None else kind
+        if kind not in KINDS:
+            raise ValueError(f"autoencoder kind must be one of {KINDS}, got {kind!r}")
+        filled = {k: v for k, v in KIND_DEFAULTS[kind].items() if getattr(self, k) is None}
+        return replace(self, kind=kind, channel_mults=tuple(self.channel_mults), **filled)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -91,14 +108,7 @@ class AutoencoderNetConfig:
 
 def default_net_config(kind: str, **overrides: Any) -> AutoencoderNetConfig:
     """Defaults of the spec: image 1->3 latent channels (AE), DVF 3->9 latent channels (VAE)."""
-    if kind == "image":
-        base = dict(kind="image", in_channels=1, out_channels=1, latent_channels=3, variational=False)
-    elif kind == "dvf":
-        base = dict(kind="dvf", in_channels=3, out_channels=3, latent_channels=9, variational=True)
-    else:
-        raise ValueError(f"autoencoder kind must be one of {KINDS}, got {kind!r}")
-    base.update(overrides)
-    return AutoencoderNetConfig(**base)
+    return AutoencoderNetConfig(kind=kind, **overrides).resolved()
 
 
 class AutoencoderOutput(NamedTuple):
@@ -179,8 +189,7 @@ class Autoencoder(nn.Module):
 
     def __init__(self, cfg: AutoencoderNetConfig) -> None:
         super().__init__()
-        if cfg.kind not in KINDS:
-            raise ValueError(f"autoencoder kind must be one of {KINDS}, got {cfg.kind!r}")
+        cfg = cfg.resolved()  # the kind's defaults for unset channels (raises on an unknown kind)
         if not cfg.channel_mults:
             raise ValueError("channel_mults must name at least one level")
         self.cfg = cfg
@@ -270,7 +279,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Autoencoder:
     """Load a trained autoencoder from a training checkpoint (``<run>/<step>.pt`` or ``model.pt``).
 
-    Reads the ``model_config`` and ``model`` entries (see :mod:`respmotion.training.checkpoint`);
+    Reads the ``model_config`` and ``model`` entries (see :mod:`respmotion.io.checkpoint`);
     the returned model is in eval mode and carries its units and ``latent_scale``.
     """
     ckpt = load_weights_only(path, map_location)
@@ -280,5 +289,5 @@ def load_autoencoder(path: str, map_location: str | torch.device = "cpu") -> Aut
     if not task.startswith("autoencoder"):
         raise ValueError(f"{path}: a checkpoint of task {task!r}, not an autoencoder")
     model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], path)  # weights that do not fit: one line naming the file
     return model.eval().to(map_location)

@@ -1,4 +1,5 @@
-"""Autoencoder stage: config, the engine task, ``train_autoencoder`` and ``evaluate_autoencoder``.
+"""Autoencoder runs: config, data, motion prior and ``train_autoencoder`` (the engine task is
+:mod:`respmotion.models.autoencoder_task`, beside the model; evaluation :mod:`.autoencoder_eval`).
 
 ``kind="image"``: CT volumes of every phase (HU -> [-1, 1]), loss :class:`~respmotion.models.losses.LPELoss`.
 ``kind="dvf"``: displacement fields of a field source (mm -> mm / 10), VAE with
@@ -12,31 +13,23 @@ evaluation uses the stored test patients.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..config import save_config, to_dict
-from ..io.atomic import write_json
-from ..io.layout import PHASES, list_patients
-from ..models.autoencoder import Autoencoder, AutoencoderNetConfig, default_net_config, kl_divergence
-from ..models.losses import VIEWS, DVFLoss, LPELoss
+from ..io.layout import PHASES
+from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
+from ..models.autoencoder_task import AutoencoderTask, DVFLossConfig, ImageLossConfig
 from ..models.prior import JSON as PRIOR_JSON
 from ..models.prior import NPY as PRIOR_NPY
 from ..models.prior import PRIOR_MODES, MotionPrior
 from . import distributed as D
-from .data import FieldDataset, VolumeDataset, field_source, studies_of
-from .checkpoint import own_run_dir
-from .engine import FitResult, Task, TrainConfig, Trainer, unwrap
-from .splits import Split, split_patients
+from .data import FieldDataset, VolumeDataset, field_source
+from .engine import FitResult, TrainConfig
+from .run import Run, run_training
+from .splits import SPLIT_RATIOS, SPLIT_SEED, Split, split_cohort, studies_of
 
 log = logging.getLogger("respmotion")
 
@@ -45,8 +38,8 @@ log = logging.getLogger("respmotion")
 @dataclass
 class AEDataConfig:
     root: str = ""  # cohort folder (respmotion.io.layout)
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test (patient level)
-    split_seed: int = 42
+    split_ratios: tuple[float, float, float] = SPLIT_RATIOS  # train, val, test (patient level)
+    split_seed: int = SPLIT_SEED
     phases: list[int] = field(default_factory=lambda: list(PHASES))  # image AE: phases used
     field_source: str = "gt_step"  # DVF AE: gt_step | gt_ref (phantom) | reg_ref@DIR | reg_step@DIR
     # DVF AE: "mean" = learn the residual to the per-target mean field of the training patients
@@ -55,49 +48,12 @@ class AEDataConfig:
 
 
 @dataclass
-class AEModelConfig:
-    """Architecture; ``None`` entries take the kind's default (image 1->3 AE, dvf 3->9 VAE)."""
-
-    in_channels: int | None = None
-    out_channels: int | None = None
-    latent_channels: int | None = None
-    variational: bool | None = None
-    base_channels: int = 96
-    channel_mults: tuple[int, ...] = (1, 2, 4)
-    res_units_per_level: int = 1
-    downsample_depth: bool = False
-    dropout: float = 0.05
-    norm_groups: int = 32
-    act: str = "swish"
-    hu_min: float = -1000.0
-    hu_max: float = 1000.0
-    dvf_scale_mm: float = 10.0
-
-
-@dataclass
-class ImageLossConfig:
-    l1_weight: float = 0.8
-    ssim_weight: float = 0.2
-    edge_weight: float = 0.0
-    views: list[str] = field(default_factory=lambda: list(VIEWS))
-    ssim_win: int = 11
-
-
-@dataclass
-class DVFLossConfig:
-    l1_weight: float = 1.0  # mean |error| in mm
-    mse_weight: float = 0.0  # mean error^2 in mm^2
-    smooth_weight: float = 0.0  # MONAI DiffusionLoss of the prediction (mm^2 / voxel^2)
-    bending_weight: float = 0.0  # MONAI BendingEnergyLoss of the prediction
-    kl_weight: float = 1e-7  # times KL summed over latent elements (research code's weight)
-    kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 over these steps
-
-
-@dataclass
 class AutoencoderRunConfig:
     kind: str = "image"  # image | dvf
     data: AEDataConfig = field(default_factory=AEDataConfig)
-    model: AEModelConfig = field(default_factory=AEModelConfig)
+    # architecture; None channel settings take the kind's default (image 1->3 AE, dvf 3->9 VAE); model.kind
+    # is set from kind
+    model: AutoencoderNetConfig = field(default_factory=AutoencoderNetConfig)
     image_loss: ImageLossConfig = field(default_factory=ImageLossConfig)
     dvf_loss: DVFLossConfig = field(default_factory=DVFLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -106,100 +62,13 @@ class AutoencoderRunConfig:
     latent_scale_items: int = 16  # training items encoded to estimate the latent scale
 
 
-def net_config(cfg: AutoencoderRunConfig) -> AutoencoderNetConfig:
-    """The architecture of ``cfg``: the kind's defaults with the explicit settings on top."""
-    m = dataclasses.asdict(cfg.model)
-    overrides = {k: v for k, v in m.items() if v is not None}
-    overrides["channel_mults"] = tuple(overrides["channel_mults"])
-    return default_net_config(cfg.kind, **overrides)
-
-
 def resolve(cfg: AutoencoderRunConfig) -> AutoencoderRunConfig:
-    """Fill kind-dependent ``None`` model settings so the saved config states them."""
-    net = net_config(cfg)
-    for k in ("in_channels", "out_channels", "latent_channels", "variational"):
-        setattr(cfg.model, k, getattr(net, k))
+    """Fill the kind-dependent ``None`` model settings (and ``model.kind``) so the saved config states them."""
+    cfg.model = cfg.model.resolved(cfg.kind)
     return cfg
 
 
-# ---------------------------------------------------------------------------- task
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-
-
-class AutoencoderTask(Task):
-    """Engine task of the image AE / DVF VAE (loss in network units; DVF error in mm)."""
-
-    def __init__(self, cfg: AutoencoderRunConfig, split: Split, prior: MotionPrior | None = None) -> None:
-        self.cfg, self.split, self.prior = cfg, split, prior
-        self.net = net_config(cfg)
-        self.name = f"autoencoder_{cfg.kind}"
-        il, dl = cfg.image_loss, cfg.dvf_loss
-        if cfg.kind == "image":
-            self.loss_fn: nn.Module = LPELoss(il.l1_weight, il.ssim_weight, il.edge_weight, il.views, il.ssim_win)
-        else:
-            self.loss_fn = DVFLoss(self.net.dvf_scale_mm, dl.l1_weight, dl.mse_weight, dl.smooth_weight,
-                                   dl.bending_weight, dl.kl_weight)
-
-    def build_model(self) -> nn.Module:
-        return Autoencoder(self.net)
-
-    def model_config(self) -> dict[str, Any]:
-        return self.net.to_dict()
-
-    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        x = unwrap(model).normalize(batch["x"])
-        out = model(x)
-        recon = out.recon.float()
-        if self.cfg.kind == "image":
-            terms = self.loss_fn(recon, x)
-            if "ssim" in terms:  # the loss term is 1 - SSIM: logged under that name, not as an SSIM
-                terms["one_minus_ssim"] = terms.pop("ssim")
-            return terms
-        kl = kl_divergence(out.mu.float(), out.logvar.float()) if out.logvar is not None else None
-        warm = self.cfg.dvf_loss.kl_warmup_steps
-        return self.loss_fn(recon, x, kl, min(1.0, step / warm) if warm > 0 else 1.0)
-
-    @torch.no_grad()
-    def images(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        x = model.normalize(batch["x"][:1])
-        y = model(x).recon.float()
-        if self.cfg.kind == "dvf":  # displacement magnitude
-            x, y = x.norm(dim=1, keepdim=True), y.norm(dim=1, keepdim=True)
-        z, h = x.shape[2] // 2, x.shape[3] // 2
-        out = {}
-        for view, sl in (("axial", (slice(None), slice(None), z)), ("coronal", (slice(None), slice(None), slice(None), h))):
-            pair = torch.cat([x[0][sl[1:]], y[0][sl[1:]]], dim=-1)  # input | reconstruction
-            out[f"recon/{view}"] = _unit(pair)
-        return out
-
-    def extra(self, model: nn.Module) -> dict[str, Any]:
-        out = {"kind": self.cfg.kind, "split": self.split.to_dict(), "latent_scale": float(model.latent_scale)}
-        if self.cfg.kind == "dvf":
-            out["motion_prior"] = self.prior.record() if self.prior is not None else {"mode": "none"}
-        return out
-
-    @torch.no_grad()
-    def on_train_end(self, model: nn.Module, train_set: Dataset, device: torch.device) -> None:
-        """Set ``latent_scale = 1 / std`` of the latent means of up to ``latent_scale_items`` items."""
-        n = min(len(train_set), self.cfg.latent_scale_items)
-        idx = np.linspace(0, len(train_set) - 1, n).round().astype(int) if n else []
-        zs = [model.encode(model.normalize(train_set[int(i)]["x"][None].to(device))).float().flatten() for i in idx]
-        if zs:
-            std = float(torch.cat(zs).std())
-            model.latent_scale.fill_(1.0 / std if std > 0 else 1.0)
-            log.info("latent std %.4f -> latent_scale %.4f", std, float(model.latent_scale))
-
-
 # ---------------------------------------------------------------------------- data
-def make_split(cfg: AutoencoderRunConfig) -> Split:
-    patients = list_patients(cfg.data.root)
-    if not patients:
-        raise ValueError(f"{cfg.data.root}: no studies to train on (no complete study with a study.json)")
-    return split_patients(patients, cfg.data.split_ratios, cfg.data.split_seed)
-
-
 def make_dataset(cfg: AutoencoderRunConfig, patients: tuple[str, ...] | list[str], root: str | None = None,
                  prior: MotionPrior | None = None) -> Dataset:
     """Items of ``patients``; DVF items are residuals to ``prior`` when one is given (else full fields)."""
@@ -236,24 +105,14 @@ def _prior_for_run(cfg: AutoencoderRunConfig, split: Split, run_dir: Path, info)
 def _check_resumable(path: Path, cfg: AutoencoderRunConfig) -> None:
     """A one-line error naming ``path`` when it is unreadable, of another model kind, or holds weights
     that do not fit the run's model (checked before anything in the run folder is written)."""
+    from ..io.checkpoint import load_checkpoint
     from ..io.torchfile import load_state
-    from .checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     task = str(ckpt.get("task", ""))
     if task != f"autoencoder_{cfg.kind}":
         raise ValueError(f"{path}: a checkpoint of task {task!r}, cannot resume a {cfg.kind!r} autoencoder run")
-    load_state(Autoencoder(net_config(cfg)), ckpt.get("model"), path)
-
-
-def _new_run_dir(cfg: AutoencoderRunConfig) -> Path:
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    base = Path(cfg.out) / f"autoencoder_{cfg.kind}" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    path, i = base, 1
-    while path.exists():
-        path, i = base.with_name(f"{base.name}_{i}"), i + 1
-    return path
+    load_state(Autoencoder(cfg.model), ckpt.get("model"), path)
 
 
 # ---------------------------------------------------------------------------- train
@@ -270,46 +129,21 @@ def train_autoencoder(
     if not cfg.data.root:
         raise ValueError("no dataset folder given (data.root / --data)")
     cfg = resolve(cfg)
-    info = D.setup(cfg.train.device)
-    try:
-        if resume is not None:
-            from .checkpoint import latest_checkpoint
-
-            resume = latest_checkpoint(resume)
-            _check_resumable(resume, cfg)  # before anything is logged or written
-            run_dir = resume.parent
-        else:
-            run_dir = D.broadcast_object(_new_run_dir(cfg) if info.is_main else None, info)
-        with own_run_dir(run_dir, f"autoencoder_{cfg.kind}", resume is not None, info.is_main):
-            return _train_in(cfg, run_dir, info, resume, init)
-    finally:
-        D.cleanup()
+    return run_training(f"autoencoder_{cfg.kind}", cfg.out, cfg.run_dir, cfg.train.device, resume,
+                        lambda run: _train_in(cfg, run, init), lambda ckpt: _check_resumable(ckpt, cfg))
 
 
-def _train_in(cfg: AutoencoderRunConfig, run_dir: Path, info, resume: Path | None, init: str | Path | None
-              ) -> FitResult:
-    """The body of :func:`train_autoencoder` once ``run_dir`` is owned."""
-    split = make_split(cfg)
-    if resume is not None and (run_dir / "split.json").exists():
-        from ..io.atomic import read_json
-
-        split = Split.from_dict(read_json(run_dir / "split.json"))
+def _train_in(cfg: AutoencoderRunConfig, run: Run, init: str | Path | None) -> FitResult:
+    """The body of :func:`train_autoencoder` once the run folder is owned."""
+    split = run.split(split_cohort(cfg.data.root, cfg.data.split_ratios, cfg.data.split_seed))
     if not split.train:
         raise ValueError(f"{cfg.data.root}: no training patients")
-    prior = _prior_for_run(cfg, split, run_dir, info)
+    prior = _prior_for_run(cfg, split, run.run_dir, run.info)
     train_set = make_dataset(cfg, split.train, prior=prior)
     val_set = make_dataset(cfg, split.val, prior=prior) if split.val else None
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data.root}: no training items for kind {cfg.kind!r} "
                          f"(field source {cfg.data.field_source!r})" if cfg.kind == "dvf" else
                          f"{cfg.data.root}: no CT volumes of phases {cfg.data.phases} for the training patients")
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "split.json", split.to_dict())
-        log.info("run folder %s: %d train / %d val items, patients %s | %s | %s", run_dir, len(train_set),
-                 len(val_set) if val_set else 0, len(split.train), len(split.val), len(split.test))
-    D.barrier(info)
-    trainer = Trainer(AutoencoderTask(cfg, split, prior), train_set, val_set, cfg.train, run_dir, to_dict(cfg), info)
-    return trainer.fit(resume=resume, init=init)
-
+    run.start(cfg, split, f"{len(train_set)} train / {len(val_set) if val_set else 0} val items")
+    return run.fit(AutoencoderTask(cfg, split, prior), train_set, val_set, cfg.train, cfg, init)

@@ -21,11 +21,13 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from ..config import from_dict, save_config
 from ..io.atomic import write_json
+from ..io.checkpoint import latest_checkpoint, load_checkpoint
+from ..io.torchfile import load_state
 from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
 from ..models.prior import MotionPrior, prior_from_record
 from .autoencoder import AutoencoderRunConfig, make_dataset
-from .checkpoint import latest_checkpoint, load_checkpoint
 from .distributed import pick_device
+from .splits import Split
 
 
 @dataclass
@@ -112,10 +114,7 @@ def evaluate_autoencoder(cfg: AEEvalConfig) -> tuple[dict[str, Any], Path]:
     if "model_config" not in ckpt or not str(ckpt.get("task", "")).startswith("autoencoder"):
         raise ValueError(f"{path}: not an autoencoder checkpoint (task {ckpt.get('task')!r})")
     run_cfg = from_dict(AutoencoderRunConfig, ckpt["config"], source=str(path))
-    split = ckpt["extra"].get("split", {})
-    if cfg.split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test, got {cfg.split!r}")
-    patients = split.get(cfg.split, [])
+    patients = list(Split.from_dict(ckpt["extra"].get("split", {})).get(cfg.split))
     if not patients:
         raise ValueError(f"{path}: the stored {cfg.split} split has no patients")
     root = cfg.data_root or run_cfg.data.root
@@ -123,7 +122,7 @@ def evaluate_autoencoder(cfg: AEEvalConfig) -> tuple[dict[str, Any], Path]:
     if len(dataset) == 0:
         raise ValueError(f"{root}: no items for the {cfg.split} patients {patients}")
     model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], path)  # weights that do not fit: one line naming the file
     device = pick_device(cfg.device)
     prior = prior_from_record(ckpt["extra"].get("motion_prior"))
     metrics = evaluate_model(model, dataset, device, cfg.max_items, prior)

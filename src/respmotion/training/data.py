@@ -12,7 +12,6 @@ registration stage's "control points -> dense field" loader).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..core.types import DisplacementField
-from ..io.layout import PHASES, StudyDir, iter_studies, phase_name
+from ..io.layout import PHASES, StudyDir, phase_name
 
 
 class FieldSource(Protocol):
@@ -127,12 +126,6 @@ def field_source(name: str) -> FieldSource:
             raise ValueError(f"{root}: registration output folder not found (field source {name!r})")
         return RegistrationFields(root, kind)
     raise ValueError(f"unknown field source {name!r} (known: gt_step, gt_ref, reg_ref@DIR, reg_step@DIR)")
-
-
-def studies_of(root: str | os.PathLike, patients: Sequence[str]) -> list[StudyDir]:
-    """Complete studies of ``patients`` under ``root``, sorted."""
-    wanted = set(patients)
-    return [s for s in iter_studies(root) if s.patient in wanted]
 
 
 class _ShapeChecked(Dataset):

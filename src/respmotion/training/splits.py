@@ -1,11 +1,28 @@
-"""Patient-level train/val/test split with a fixed seed: no patient is in two splits."""
+"""Patient-level train/val/test split with a fixed seed: no patient is in two splits.
+
+The one place of the split's defaults (:data:`SPLIT_RATIOS`, :data:`SPLIT_SEED`), of cutting a
+cohort (:func:`split_patients`, :func:`split_cohort`) and of "the studies of split X"
+(:meth:`Split.studies`).  Use::
+
+    split = split_cohort("data/cohort")             # 0.8 / 0.1 / 0.1 of the patients, seed 42
+    test = split.studies("data/cohort", "test")     # their complete studies, sorted
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from ..io.layout import StudyDir, iter_studies, list_patients
+
+#: train, val, test fractions of the patients (the research code's 80/10/10)
+SPLIT_RATIOS: tuple[float, float, float] = (0.8, 0.1, 0.1)
+#: seed of the shuffle that cuts the patients
+SPLIT_SEED = 42
+SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -17,21 +34,37 @@ class Split:
     test: tuple[str, ...]
 
     def get(self, name: str) -> tuple[str, ...]:
-        if name not in ("train", "val", "test"):
+        if name not in SPLIT_NAMES:
             raise ValueError(f"split must be train, val or test, got {name!r}")
         return getattr(self, name)
+
+    def studies(self, root: str | os.PathLike, name: str) -> list[StudyDir]:
+        """The complete studies under ``root`` of the patients of split ``name`` (train, val, test), sorted."""
+        return studies_of(root, self.get(name))
 
     def to_dict(self) -> dict[str, list[str]]:
         return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Sequence[str]]) -> "Split":
-        return cls(*(tuple(sorted(d.get(k, ()))) for k in ("train", "val", "test")))
+        return cls(*(tuple(sorted(d.get(k, ()))) for k in SPLIT_NAMES))
 
 
-def split_patients(
-    patients: Sequence[str], ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 42
-) -> Split:
+def studies_of(root: str | os.PathLike, patients: Sequence[str]) -> list[StudyDir]:
+    """Complete studies of ``patients`` under ``root``, sorted."""
+    wanted = set(patients)
+    return [s for s in iter_studies(root) if s.patient in wanted]
+
+
+def split_cohort(root: str | os.PathLike, ratios: Sequence[float] = SPLIT_RATIOS, seed: int = SPLIT_SEED) -> Split:
+    """:func:`split_patients` of the patients with a complete study under ``root``; an error when there are none."""
+    patients = list_patients(root)
+    if not patients:
+        raise ValueError(f"{root}: no studies to train on (no complete study with a study.json)")
+    return split_patients(patients, ratios, seed)
+
+
+def split_patients(patients: Sequence[str], ratios: Sequence[float] = SPLIT_RATIOS, seed: int = SPLIT_SEED) -> Split:
     """Shuffle the sorted patient ids with ``seed`` and cut them by ``ratios`` (train, val, test).
 
     Counts are rounded; a split with a positive ratio gets at least one patient when there are
