@@ -752,8 +752,6 @@ def test_second_training_of_one_run_dir_refused(cli, cohort, finished_run):
 
 
 # ---------------------------------------------------------------------------- weak messages
-@pytest.mark.xfail(strict=True, reason="viz/study.py loads masks with np.load (no file name); it must use "
-                                       "io.atomic.read_npy (file of another owner; the lead wires it)")
 def test_object_array_mask_names_the_file(cli, cohort, tmp_path):
     data = copy_cohort(cohort, tmp_path / "cohort")
     victim = study_of(data) / "masks" / "lung_00.npy"

@@ -69,15 +69,39 @@ class DemoConfig:
     extra: dict = field(default_factory=dict)  # free-form notes kept with the resolved config
 
 
-def _overrides(prefix_free: dict) -> list[str]:
-    return [f"{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}" for k, v in prefix_free.items()]
+def _train_config(steps: int, lr: float, batch: int, device: str):
+    """The engine settings of the demo's short runs (fp32, one validation and checkpoint at the end)."""
+    from .training.engine import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=batch, grad_accum=1, lr_max=lr, lr_min=lr / 20,
+                       warmup_steps=min(20, steps // 10), num_workers=0, val_every=steps, ckpt_every=steps,
+                       image_every=0, log_every=50, device=device, precision="fp32")
 
 
-def _train_common(steps: int, lr: float, batch: int, device: str) -> dict:
-    return {"train.steps": steps, "train.batch_size": batch, "train.grad_accum": 1, "train.lr_max": lr,
-            "train.lr_min": lr / 20, "train.warmup_steps": min(20, steps // 10), "train.num_workers": 0,
-            "train.val_every": steps, "train.ckpt_every": steps, "train.image_every": 0, "train.log_every": 50,
-            "train.device": device, "train.precision": "fp32"}
+def _autoencoder_config(cfg: DemoConfig, kind: str, steps: int, data: Path, fields: str, run_dir: Path):
+    """The run config of the demo's image autoencoder or DVF VAE (small network, split seed = demo seed)."""
+    from .models.autoencoder import AutoencoderNetConfig
+    from .training.autoencoder import AEDataConfig, AutoencoderRunConfig
+
+    return AutoencoderRunConfig(
+        kind=kind, data=AEDataConfig(root=str(data), field_source=fields, split_seed=cfg.seed,
+                                     motion_prior=cfg.motion_prior),
+        model=AutoencoderNetConfig(base_channels=cfg.ae_channels, norm_groups=8, dropout=0.0),
+        run_dir=str(run_dir), train=_train_config(steps, 3e-3, 2, cfg.device))
+
+
+def _diffusion_config(cfg: DemoConfig, latents: Path, run_dir: Path):
+    """The run config of the demo's diffusion model (small UNet, no attention, the demo's sampler)."""
+    from .diffusion.config import DiffusionModelConfig, SamplerConfig, UNetConfig
+    from .diffusion.train import DiffusionDataConfig, DiffusionRunConfig
+
+    unet = UNetConfig(channels=tuple(cfg.unet_channels), attention_levels=(False,) * len(cfg.unet_channels),
+                      norm_num_groups=8, num_head_channels=8, num_res_blocks=1)
+    return DiffusionRunConfig(
+        model=DiffusionModelConfig(unet=unet, image_condition=cfg.image_condition),
+        data=DiffusionDataConfig(latents=str(latents)), ema_decay=0.99,
+        sampler=SamplerConfig(name=cfg.sampler, steps=cfg.sampling_steps), run_dir=str(run_dir),
+        train=_train_config(cfg.diffusion_steps, 2e-3, 8, cfg.device))
 
 
 def _registration_error(studies, reg: Path) -> dict:
@@ -85,6 +109,7 @@ def _registration_error(studies, reg: Path) -> dict:
     per phase and averaged over phases 10..90, on ``studies``."""
     import numpy as np
 
+    from .io.atomic import read_npy
     from .training.data import RegistrationFields
 
     src = RegistrationFields(str(reg), "ref")
@@ -92,7 +117,7 @@ def _registration_error(studies, reg: Path) -> dict:
     for s in studies:
         for fid in src.field_ids(s):
             k = int(fid.split("_")[1])
-            lung = np.load(s.mask_path("lung", k)) > 0
+            lung = read_npy(s.mask_path("lung", k)) > 0
             err = np.linalg.norm(src.load(s, fid).array - s.load_gt("ref", k).array, axis=0)[lung].mean()
             per.setdefault(f"{k:02d}", []).append(float(err))
     means = {k: float(np.mean(v)) for k, v in sorted(per.items())}
@@ -125,7 +150,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns a summary with the output paths and headline numbers."""
     from .data.phantom import write_cohort
     from .diffusion.latents import build_latent_set
-    from .diffusion.train import DiffusionRunConfig, train_diffusion
+    from .diffusion.train import train_diffusion
     from .evaluation.synthesis_eval import run_evaluation
     from .io.layout import iter_studies, list_patients
     from .registration.config import RegisterConfig
@@ -176,12 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ae_paths = {}
     for kind, steps in (("image", cfg.ae_steps), ("dvf", cfg.dvf_steps)):
         stage(f"autoencoder_{kind}")
-        ov = {"kind": kind, "data.root": str(data), "data.field_source": fields, "data.split_seed": cfg.seed,
-              "data.motion_prior": cfg.motion_prior,
-              "model.base_channels": cfg.ae_channels, "model.norm_groups": 8, "model.dropout": 0.0,
-              "run_dir": str(runs / f"autoencoder_{kind}"), **_train_common(steps, 3e-3, 2, cfg.device)}
-        acfg = load_config(AutoencoderRunConfig, None, None, _overrides(ov))
-        res = train_autoencoder(acfg)
+        res = train_autoencoder(_autoencoder_config(cfg, kind, steps, data, fields, runs / f"autoencoder_{kind}"))
         ae_paths[kind] = str(res.model_path or res.last_checkpoint)
         done(f"autoencoder_{kind}")
 
@@ -191,14 +211,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     done("latents")
 
     stage("diffusion")
-    ov = {"data.latents": str(lat), "model.unet.channels": list(cfg.unet_channels),
-          "model.unet.attention_levels": [False] * len(cfg.unet_channels), "model.unet.norm_num_groups": 8,
-          "model.unet.num_head_channels": 8, "model.unet.num_res_blocks": 1, "ema_decay": 0.99,
-          "model.image_condition": cfg.image_condition,
-          "sampler.name": cfg.sampler, "sampler.steps": cfg.sampling_steps,
-          "run_dir": str(runs / "diffusion"), **_train_common(cfg.diffusion_steps, 2e-3, 8, cfg.device)}
-    dcfg = load_config(DiffusionRunConfig, None, None, _overrides(ov))
-    dres = train_diffusion(dcfg)
+    dres = train_diffusion(_diffusion_config(cfg, lat, runs / "diffusion"))
     bundle = str(dres.model_path or dres.last_checkpoint)
     done("diffusion")
 

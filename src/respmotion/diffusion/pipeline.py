@@ -55,6 +55,7 @@ import torch
 from ..config import from_dict
 from ..core import warp as W
 from ..io.layout import PHASES
+from ..io.torchfile import load_state
 from ..models.prior import MotionPrior, prior_from_record
 from .config import DiffusionModelConfig, SamplerConfig
 from .model import LatentDiffusion
@@ -77,7 +78,7 @@ def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> tupl
     model = LatentDiffusion(from_dict(DiffusionModelConfig, mc), ema_decay=ema_decay,
                             image_mean=None if mean is None else torch.zeros_like(mean),
                             image_std=None if std is None else torch.ones_like(std))
-    model.load_state_dict(ckpt["model"])
+    load_state(model, ckpt["model"], path)  # weights that do not fit: one line naming the file
     return model.to(device).eval(), dict(ckpt.get("extra", {}))
 
 

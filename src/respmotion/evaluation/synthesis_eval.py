@@ -22,6 +22,7 @@ import numpy as np
 
 from ..core.ops import warp_volume
 from ..core.types import DisplacementField, Volume
+from ..io.atomic import read_npy
 from ..io.layout import PHASES, StudyDir
 from . import metrics as M
 from .landmarks import landmark_error
@@ -55,7 +56,7 @@ def _on(geom_src: DisplacementField, geometry) -> DisplacementField:
 def _lung(study: StudyDir, k: int, ct: Volume) -> Volume:
     p = study.mask_path("lung", k)
     if p.exists():
-        return Volume(np.load(p).astype(np.uint8), ct.geometry)
+        return Volume(read_npy(p).astype(np.uint8), ct.geometry)
     from ..anatomy import lung_mask
 
     return Volume(lung_mask(study.load_phase(k).array), ct.geometry)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core.geometry import Geometry
-from ..io.atomic import TMP_PREFIX, file_sha256, read_json, write_json, write_npy
+from ..io.atomic import TMP_PREFIX, file_sha256, write_json, write_npy
 from ..io.layout import StudyDir, iter_studies
 from .bspline import BSplineField, ControlGrid, dense_tensor, load_bspline, save_bspline
 from .config import RegisterConfig
@@ -249,8 +249,3 @@ def load_pair_field(out: str | os.PathLike, patient: str, study: str, name: str)
     from .bspline import dense_field
 
     return dense_field(Path(out) / patient / study / f"{name}.npz")
-
-
-def read_quality(out: str | os.PathLike) -> list[dict]:
-    """All quality records under ``out`` (one per stored name), sorted by path."""
-    return [read_json(p) for p in sorted(Path(out).glob("*/*/*.json"))]

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from ..core.types import DisplacementField, Volume
-from ..io.layout import PHASES
 
 DEFAULT_SHAPE = (50, 256, 256)
 
@@ -61,7 +60,3 @@ def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = Non
     except ValueError as exc:
         raise ValueError(f"{p}: {exc}") from None
     return DiffusionMotion(gen, cfg, shape)
-
-
-def phases() -> tuple[int, ...]:
-    return PHASES

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.types import Volume
-from ..io.atomic import read_json, write_json
+from ..io.atomic import read_npy, write_json
 from ..io.layout import PHASES, StudyDir
 from .pipeline import DEFAULT_FORMATS, FixedMotion, MotionModel, SynthesisOptions, render_result, synthesize
 
@@ -66,7 +66,7 @@ def load_input(path: str | Path) -> tuple[Volume, StudyDir | None, np.ndarray | 
         ct = sd.load_phase(0)
         ct.meta["source"] = str(sd.phase_path(0))
         lung = sd.mask_path("lung", 0)
-        return ct, sd, (np.load(lung) if lung.exists() else None)
+        return ct, sd, (read_npy(lung) if lung.exists() else None)
     from ..data.importer import import_ct
 
     return import_ct(p), None, None
@@ -161,7 +161,3 @@ def _write_trace(ct: Volume, cycle: dict, trace_csv: str, tdir: Path, formats: t
             save_field(f, tdir / f"dvf_{i:04d}.{suffix}")
         frames.append({"index": i, "time_s": float(t), "mean_mm": float(f.magnitude().mean())})
     return {"csv": trace_csv, "frames": frames}
-
-
-def read_summary(out: str | Path) -> dict:
-    return read_json(Path(out) / "summary.json")

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..core.ops import resample_field
 from ..core.types import DisplacementField, Volume
+from ..io.atomic import read_npy
 from ..io.layout import PHASES, StudyDir, iter_studies
 from ..io.volumes import load_field
 from .config import RenderConfig
@@ -145,7 +146,7 @@ def load_masks(study: StudyDir, name: str) -> list[np.ndarray]:
     if missing:
         raise FileNotFoundError(f"{study.path / 'masks'}: no {name} masks {', '.join(missing[:3])}"
                                 f"{' ...' if len(missing) > 3 else ''}")
-    return [np.load(p, allow_pickle=False).astype(bool) for p in paths]
+    return [read_npy(p).astype(bool) for p in paths]
 
 
 def render_study(study: StudyDir, out_dir: str | os.PathLike, fields: str | None, contours: Sequence[str],
