@@ -115,13 +115,18 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
         "setup_s": round(setup_s, 2), "seconds": round(seconds, 2),
         "seconds_generate": round(res.summary.get("seconds_generate", float("nan")), 2),
         "seconds_warp_and_write": round(res.summary.get("seconds_warp_and_write", float("nan")), 2),
-        **({"stages_s": model.seconds, "seconds_per_network_evaluation_batch9": round(model.seconds["sample"] / steps, 2),
-            "cycle_composed_s": {n: round(model.seconds["encode"] + model.seconds["decode"] + n * model.seconds["sample"]
-                                          / steps + res.summary["seconds_warp_and_write"], 1) for n in (20, 200)}}
-           if variant == "ldm" else {}),
+        **(_stages(model.seconds, steps, res.summary["seconds_warp_and_write"]) if variant == "ldm" else {}),
         "files_written": len(files), "written_mb": round(written_mb, 1),
         **mem.to_dict(), "cuda_peak_mb": cuda_peak_mb(device), "env": environment(device),
     }
+
+
+def _stages(seconds: dict[str, float], steps: int, write_s: float) -> dict[str, Any]:
+    """Stage times, seconds per network evaluation (9 phases in one batch), the cycle composed for 20 / 200 steps."""
+    per_eval = seconds["sample"] / steps
+    fixed = seconds["encode"] + seconds["decode"] + write_s
+    return {"stages_s": seconds, "seconds_per_network_evaluation_batch9": round(per_eval, 2),
+            "cycle_composed_s": {n: round(fixed + n * per_eval, 1) for n in (20, 200)}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -375,7 +375,8 @@ def render_result(result: SynthesisResult, style: str = "arrows", fps: float = 2
 
         contours = []
         for m in structures.values():
-            small = m if m.shape == ref.geometry.shape else resample_array(np.asarray(m, np.float32), ref.geometry.shape)
+            small = m if m.shape == ref.geometry.shape else \
+                resample_array(np.asarray(m, np.float32), ref.geometry.shape)
             by_phase = propagate_structure(np.clip(small, 0.0, 1.0), {k: cyc[k] for k in ks})
             contours.append([by_phase[k] for k in ks])
     return render_cycle(result.out / "gifs", [warp_volume(ref, cyc[k]) for k in ks], [cyc[k] for k in ks],
