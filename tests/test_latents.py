@@ -185,3 +185,54 @@ def test_train_diffusion_cli_resume_is_exact(cohort, monkeypatch):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert a["extra"]["split"]["test"] == ["phantom_002"]  # the autoencoders' split is reused
+
+
+def test_moved_run_tree_still_synthesizes(cohort, tmp_path, capsys):
+    """A run tree (both autoencoders, the DVF VAE's motion prior, the diffusion bundle) copied elsewhere and
+    the original removed: the bundle finds every recorded file beside itself (relpath, sha256 checked)."""
+    import shutil
+
+    from respmotion.cli import main
+    from respmotion.io.checkpoint import load_checkpoint
+    from respmotion.models.prior import MotionPrior
+    from respmotion.training.data import FieldDataset, GroundTruthFields
+    from respmotion.training.splits import studies_of
+
+    tree = tmp_path / "tree"
+    runs = tree / "runs"
+    ds = FieldDataset(studies_of(cohort["root"], ["phantom_000"]), GroundTruthFields("ref"))
+    prior = MotionPrior.from_fields((ds.raw(i) for i in range(len(ds))), {"patients": ["phantom_000"]})
+    prior.save(runs / "autoencoder_dvf")
+    for kind, seed in (("image", 0), ("dvf", 1)):
+        torch.manual_seed(seed)
+        m = Autoencoder(default_net_config(kind, base_channels=8, norm_groups=8, dropout=0.0))
+        extra = {"split": {"train": ["phantom_000", "phantom_001"], "val": [], "test": ["phantom_002"]}}
+        if kind == "dvf":
+            extra["motion_prior"] = prior.record()
+        save_checkpoint({"task": f"autoencoder_{kind}", "step": 1, "model": m.state_dict(),
+                         "model_config": m.cfg.to_dict(), "extra": extra}, runs / f"autoencoder_{kind}" / "model.pt")
+    build_latent_set(cohort["root"], tree / "latents", runs / "autoencoder_image" / "model.pt",
+                     runs / "autoencoder_dvf" / "model.pt", fields=("gt_ref",), device="cpu")
+    assert main(["train", "diffusion", "--latents", str(tree / "latents"), "--device", "cpu", "--steps", "1",
+                 "--run-dir", str(runs / "diffusion"), *TINY_UNET]) == 0
+    recorded = load_checkpoint(runs / "diffusion" / "model.pt")["extra"]["latent_provenance"]
+    assert recorded["dvf_autoencoder"]["relpath"] == "../autoencoder_dvf/model.pt"
+
+    moved = tmp_path / "elsewhere" / "tree"
+    shutil.copytree(tree, moved)
+    shutil.rmtree(tree)
+    ct = studies_of(cohort["root"], ["phantom_002"])[0].path
+    out = tmp_path / "synth"
+    capsys.readouterr()
+    rc = main(["synthesize", str(ct), "--model", str(moved / "runs" / "diffusion"), "--out", str(out), "--no-render",
+               "--device", "cpu", "--steps", "2"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["motion"]["steps"] == 2
+
+    # a file beside the bundle that is not the recorded one (other sha256) is refused, naming it
+    np.save(moved / "runs" / "autoencoder_dvf" / "motion_prior.npy", prior.fields + 1.0)
+    capsys.readouterr()
+    assert main(["synthesize", str(ct), "--model", str(moved / "runs" / "diffusion"), "--out", str(tmp_path / "o2"),
+                 "--no-render", "--device", "cpu", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "motion_prior.npy" in err[0] and "sha256" in err[0], err

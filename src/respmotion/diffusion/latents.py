@@ -220,7 +220,7 @@ def build_latent_set(
         "units": {"image_input": "HU", "dvf_input": "mm (z, y, x), pull",
                   "latents": "autoencoder mean latent times its latent_scale"},
     }
-    prior = prior_from_record(prov["dvf_autoencoder"]["motion_prior"])
+    prior = prior_from_record(prov["dvf_autoencoder"]["motion_prior"], Path(dvf_ae_path).parent)
     if prior is not None:
         prov["units"]["dvf_input"] += "; minus the DVF autoencoder's motion prior u_bar[field id]"
     studies = list(iter_studies(data))

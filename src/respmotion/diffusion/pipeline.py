@@ -110,24 +110,27 @@ class MotionGenerator:
     def from_checkpoints(cls, diffusion_path: str | Path, image_ae_path: str | Path | None = None,
                          dvf_ae_path: str | Path | None = None, device: str | torch.device = "cpu") -> "MotionGenerator":
         """Autoencoder paths default to those recorded in the latent set's provenance; so does the
-        motion prior (path and sha256, checked), which must match the DVF autoencoder's record."""
-        from ..io.checkpoint import load_checkpoint
+        motion prior (path and sha256, checked), which must match the DVF autoencoder's record.  When a
+        recorded file is gone (the run tree was moved or copied), it is looked for by its relative path
+        beside the bundle (autoencoders) or the DVF autoencoder (prior) and accepted if its sha256 matches."""
+        from ..io.checkpoint import load_checkpoint, recorded_file
         from ..models.autoencoder import load_autoencoder
 
         model, extra = load_diffusion(diffusion_path, device)
         prov = extra.get("latent_provenance", {})
         paths = []
         for given, key in ((image_ae_path, "image_autoencoder"), (dvf_ae_path, "dvf_autoencoder")):
-            p = given or prov.get(key, {}).get("path")
-            if not p:
+            record = prov.get(key) or {}
+            if not given and not record.get("path"):
                 raise ValueError(f"{diffusion_path}: no {key.replace('_', ' ')} recorded; pass its checkpoint")
-            paths.append(p)
+            # a moved run tree: the recorded file beside the bundle (relpath), if its sha256 matches
+            paths.append(given or recorded_file(record, Path(diffusion_path).parent))
         recorded = (prov.get("dvf_autoencoder") or {}).get("motion_prior")
         own = (load_checkpoint(paths[1]).get("extra") or {}).get("motion_prior")
         if (recorded or {}).get("sha256") != (own or {}).get("sha256"):
             raise ValueError(f"{diffusion_path}: its latents were made with motion prior {recorded}, but the DVF "
                              f"autoencoder {paths[1]} records {own}")
-        prior = prior_from_record(recorded)
+        prior = prior_from_record(recorded, Path(paths[1]).parent)
         return cls(model, load_autoencoder(str(paths[0]), device), load_autoencoder(str(paths[1]), device), extra,
                    prior)
 

@@ -7,10 +7,13 @@ statistics (per-channel mean/std of DVF and image latents) come from the trainin
 are stored inside the model (see :mod:`respmotion.diffusion.model`).  The DVF autoencoder's motion
 prior record (path, sha256; :mod:`respmotion.models.prior`) is copied into the checkpoint's
 ``extra["motion_prior"]`` (the latents are residuals to it) and its grid into ``extra["input_shape"]``.
+The autoencoders' records also give their path relative to the run folder (``relpath``): a run tree
+moved or copied elsewhere still loads (:meth:`respmotion.diffusion.pipeline.MotionGenerator.from_checkpoints`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +54,12 @@ def make_split(cfg: DiffusionRunConfig, prov: dict) -> Split:
     return split_patients(patients, cfg.data.split_ratios, cfg.data.split_seed)
 
 
+def _beside(record: dict, run_dir: Path) -> dict:
+    """An autoencoder record with its path also relative to the bundle's folder (``relpath``), so a moved
+    or copied run tree still finds it (:func:`respmotion.io.checkpoint.recorded_file`)."""
+    return {**record, "relpath": os.path.relpath(record["path"], Path(run_dir).resolve())}
+
+
 def train_diffusion(cfg: DiffusionRunConfig, resume: str | Path | None = None,
                     init: str | Path | None = None) -> FitResult:
     """Train the latent diffusion model; every torchrun rank calls this (see the engine)."""
@@ -79,7 +88,8 @@ def _train_in(cfg: DiffusionRunConfig, prov: dict, run: Run, init: str | Path | 
     dvf_norm = LatentNorm(*channel_stats(train_set, "x", cfg.data.stats_items))
     prior = prov["dvf_autoencoder"].get("motion_prior") or {"mode": "none"}
     extra = {"split": split.to_dict(), "latents": str(Path(cfg.data.latents).resolve()),
-             "latent_provenance": {k: prov[k] for k in ("image_autoencoder", "dvf_autoencoder", "fields")},
+             "latent_provenance": {**{k: _beside(prov[k], run.run_dir) for k in ("image_autoencoder", "dvf_autoencoder")},
+                                   "fields": prov["fields"]},
              "motion_prior": prior}
     if prior.get("shape"):
         extra["input_shape"] = list(prior["shape"])

@@ -90,3 +90,28 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(f"{path}: run folder has no <step>.pt checkpoint to resume from")
     return found[-1][1]
+
+
+def recorded_file(record: dict[str, Any], base: str | os.PathLike) -> Path:
+    """The file a checkpoint records as ``{"path", "relpath", "sha256"}`` (an autoencoder, a motion prior).
+
+    ``path`` (absolute, where it was when recorded) when it exists; else ``base / relpath`` (``base``:
+    the folder of the file holding the record: the run tree was moved or copied), accepted only when
+    its sha256 equals the recorded one.  Raises ``FileNotFoundError`` / ``ValueError`` naming the files.
+    """
+    from .atomic import file_sha256
+
+    path = Path(record["path"])
+    if path.exists():
+        return path
+    rel, digest = record.get("relpath"), record.get("sha256")
+    if not rel or not digest:
+        raise FileNotFoundError(f"{path}: recorded file not found (no relative path and sha256 recorded to look "
+                                f"for it beside {base})")
+    near = Path(base) / rel
+    if not near.is_file():
+        raise FileNotFoundError(f"{path}: recorded file not found, nor beside {base} ({near})")
+    if file_sha256(near) != digest:
+        raise ValueError(f"{near}: sha256 differs from the record of {path} ({str(digest)[:12]}...); not the "
+                         f"recorded file")
+    return near

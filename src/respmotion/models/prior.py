@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..io.atomic import file_sha256, read_json, read_npy, write_json, write_npy
+from ..io.checkpoint import recorded_file
 
 FORMAT = "respmotion.motion_prior/1"
 NPY, JSON = "motion_prior.npy", "motion_prior.json"
@@ -132,16 +133,22 @@ class MotionPrior:
         """What checkpoints, latent sets and bundles store to find and verify this prior."""
         if self.path is None:
             raise ValueError("motion prior is not saved yet (call save first)")
-        return {"mode": "mean", "path": str(self.path), "sha256": self.meta["sha256"], "ids": self.ids,
-                "shape": list(self.shape), "patients": self.meta.get("patients"),
+        # relpath: from the folder it was saved in (the run folder whose checkpoints record it), for a moved run tree
+        return {"mode": "mean", "path": str(self.path), "relpath": self.path.name, "sha256": self.meta["sha256"],
+                "ids": self.ids, "shape": list(self.shape), "patients": self.meta.get("patients"),
                 "field_source": self.meta.get("field_source")}
 
 
-def prior_from_record(record: dict[str, Any] | None) -> MotionPrior | None:
-    """The prior a checkpoint/latent set recorded (``None`` when it recorded none)."""
+def prior_from_record(record: dict[str, Any] | None, base: str | os.PathLike | None = None) -> MotionPrior | None:
+    """The prior a checkpoint/latent set recorded (``None`` when it recorded none).
+
+    ``base``: the run folder of the checkpoint holding the record; when the recorded path is gone (the run
+    tree was moved), the prior is taken from ``base / relpath`` if its sha256 matches
+    (:func:`respmotion.io.checkpoint.recorded_file`)."""
     if not record or record.get("mode", "none") == "none":
         return None
-    return MotionPrior.load(record["path"], record.get("sha256"))
+    path = record["path"] if base is None else recorded_file(record, base)
+    return MotionPrior.load(path, record.get("sha256"))
 
 
 # ---------------------------------------------------------------------------- anatomical prior

@@ -124,7 +124,7 @@ def evaluate_autoencoder(cfg: AEEvalConfig) -> tuple[dict[str, Any], Path]:
     model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
     load_state(model, ckpt["model"], path)  # weights that do not fit: one line naming the file
     device = pick_device(cfg.device)
-    prior = prior_from_record(ckpt["extra"].get("motion_prior"))
+    prior = prior_from_record(ckpt["extra"].get("motion_prior"), path.parent)
     metrics = evaluate_model(model, dataset, device, cfg.max_items, prior)
     metrics.update(checkpoint=str(path), step=int(ckpt["step"]), split=cfg.split, patients=list(patients),
                    data_root=str(root))
