@@ -6,19 +6,9 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from ._common import UserError, add_config_args, command, resolve_config, save_resolved
-
-
-@dataclass
-class ImportConfig:
-    """``respmotion data import`` settings."""
-
-    shape: tuple[int, int, int] | None = None  # resample to (z, y, x) keeping the field of view; None = as is
-    series: str | None = None  # SeriesInstanceUID when a DICOM folder holds several series
-    phase: float | None = None  # or pick the series by respiratory phase (percent)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -124,6 +114,7 @@ def save_volume_files(vol, out: Path) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from ..data.config import ImportConfig
     from ..data.importer import import_ct
 
     cfg = resolve_config(ImportConfig, args, {"shape": args.shape, "series": args.series, "phase": args.phase})

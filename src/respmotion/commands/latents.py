@@ -15,8 +15,6 @@ from ._common import add_config_args, command, resolve_config, save_resolved
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..diffusion.config import LatentsConfig  # noqa: F401  (documented config class)
-
     p = sub.add_parser("latents", help="encode CT and displacement fields into a latent set for diffusion",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="cohort folder (patient/study/phase_XX.npy layout)")

@@ -4,30 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from ._common import add_config_args, command, resolve_config, save_resolved
-
-
-@dataclass
-class PhantomConfig:
-    out: str = "out/phantom"
-    patients: int = 4
-    seed: int = 0
-    shape: tuple[int, int, int] = (50, 256, 256)
-    noise_hu: float = 10.0
-    workers: int = 1  # patients written in parallel processes (each patient's phases already use threads)
-
-    def __post_init__(self) -> None:
-        if self.patients is not None and self.patients < 1:
-            raise ValueError(f"patients must be >= 1, got {self.patients}")
-        if self.noise_hu is not None and not self.noise_hu >= 0:
-            raise ValueError(f"noise_hu must be >= 0 HU (a standard deviation), got {self.noise_hu}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.config import PhantomConfig
     from ..data.phantom import write_cohort
 
     cfg = resolve_config(PhantomConfig, args, {"out": args.out, "patients": args.patients, "seed": args.seed,
