@@ -371,7 +371,8 @@ def acceptance(ours: dict, deepali: dict) -> dict[str, Any]:
 
 TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "default": lambda s: s,
-    "cavity_region": lambda s: replace(s, sliding_region="cavity"),
+    "lung_region": lambda s: replace(s, sliding_region="lung"),
+    "fewer_iterations": lambda s: replace(s, iterations=(100, 60, 30)),
 }
 
 

@@ -312,3 +312,16 @@ def test_sliding_mask_is_the_cavity_below_and_between_the_lungs_without_the_spin
     # inferior-first arrays (superior = -1) get the mirror image
     flipped = sliding_mask(lung[::-1], superior=-1.0, hu=hu[::-1], spacing=(3.0, 1.0, 1.0), bone_margin_mm=1.0)
     np.testing.assert_array_equal(flipped[::-1], m)
+
+
+def test_early_stop_ends_a_level_after_two_windows_and_logs_the_iterations():
+    from dataclasses import replace
+
+    shape = (8, 24, 24)
+    moving = torch.as_tensor(texture(shape))[None]
+    fixed = W.warp(moving[:, None], torch.full((1, 3, *shape), 1.0), SPACING)[:, 0]
+    body = torch.ones_like(fixed)
+    _, log = register(fixed, moving, body, SPACING, replace(FAST, stop_tol=1e6, stop_window=5))
+    assert [lv["iterations"] for lv in log["levels"]] == [10, 10]
+    _, log = register(fixed, moving, body, SPACING, replace(FAST, iterations=(12, 7)))
+    assert [lv["iterations"] for lv in log["levels"]] == [12, 7]

@@ -22,8 +22,13 @@ Method (one control lattice, refined image pyramid, as hf-deepali's FFD set-up o
   det <= 0 get a few gradient steps on a hinge at the offending voxels (outside field first) until none is
   left.
 
-Optional sliding (``sliding=True``): two fields, one used inside the fixed lung mask and one outside, each with
-its own regulariser, so the lung may slide along the chest wall.
+Sliding (``sliding=True``, default): two fields, one used inside a mask of the fixed image and one outside, each
+with its own regulariser, so the lungs may slide along the chest wall.  The mask (:func:`sliding_region`) is the
+thoracic cavity around the lung mask (``sliding_region="cavity"``, :func:`sliding_mask`: lungs, mediastinum and
+the abdomen under the diaphragm move with the inside field; chest wall and spine with the outside field) or the
+lung mask alone (``"lung"``).
+
+On a CPU the pairs of a batch are split over ``workers`` single-threaded workers (one per core).
 
 Measurements behind the method, the settings and the hot loop (profile, speed, accuracy) are in
 ``docs/registration.md``.
@@ -59,12 +64,15 @@ class FFDSettings:
     clip_hu: tuple[float, float] = (-1000.0, 1000.0)
     smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (full-res voxels) on both images
     sliding: bool = True
-    sliding_region: str = "lung"  # cavity | lung: the inside field's region (see sliding_region)
+    sliding_region: str = "cavity"  # cavity | lung: the inside field's region (see sliding_region)
     repair_folding: bool = True  # after the last level: remove every det <= 0 voxel (see repair_folding)
     # early stop of a level: every `stop_window` iterations, stop when no pair's mean loss over the window fell by
     # more than `stop_tol` x its (1 - NCC) since the previous window (0: run every iteration)
     stop_tol: float = 0.0
     stop_window: int = 10
+    # CPU: pairs of a batch split over this many single-threaded workers (0: torch.get_num_threads()): one
+    # worker per core, no OpenMP barriers between cores (docs/registration.md)
+    workers: int = 0
     seed: int = 0
 
     def check(self) -> None:
@@ -440,10 +448,47 @@ def register(
     """Register B pairs: ``fixed``, ``moving`` ``(B, Z, Y, X)`` HU, ``body`` fixed body mask ``(B, Z, Y, X)``.
 
     Returns control points ``(B, 3, Kz, Ky, Kx)`` mm (or ``(B, 2, 3, Kz, Ky, Kx)`` inside/outside with
-    ``settings.sliding``, blended by ``lung``, the fixed lung mask) and a log dict (seconds, final NCC per level).
+    ``settings.sliding``, blended by ``lung``, the fixed mask of :func:`sliding_region`) and a log dict (seconds,
+    final NCC per level).  On a CPU the pairs are split over ``settings.workers`` single-threaded workers (the
+    pairs do not interact); ``callback(level, coef)`` (or
+    ``callback(level, coef, pair_indices)`` with workers) runs after each level.
     """
     s = settings or FFDSettings()
     s.check()
+    nb = fixed.shape[0]
+    workers = min(nb, s.workers or torch.get_num_threads())
+    if fixed.device.type != "cpu" or workers <= 1:
+        return _register(fixed, moving, body, spacing, s, lung, callback)
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [c.tolist() for c in np.array_split(np.arange(nb), workers)]
+
+    def one(idx: list[int]):
+        torch.set_num_threads(1)  # this worker's own OpenMP setting
+        sel = lambda t: None if t is None else t[idx[0]:idx[-1] + 1]  # noqa: E731
+        return _register(sel(fixed), sel(moving), sel(body), spacing, s, sel(lung),
+                         None if callback is None else lambda li, c: callback(li, c, idx))
+
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, chunks))
+    finally:
+        torch.set_num_threads(threads)
+    coef = torch.cat([r[0] for r in results])
+    log = {"workers": [r[1] for r in results], "seconds": time.perf_counter() - t0,
+           "levels": [{"seconds": max(r[1]["levels"][li]["seconds"] for r in results),
+                       "iterations": [r[1]["levels"][li]["iterations"] for r in results]}
+                      for li in range(len(s.levels))]}
+    if s.repair_folding:
+        log["repair"] = {"seconds": max(r[1]["repair"]["seconds"] for r in results),
+                         "pairs": [p for r in results for p in r[1]["repair"]["pairs"]]}
+    return coef, log
+
+
+def _register(fixed, moving, body, spacing, s: FFDSettings, lung, callback):
+    """:func:`register` of one batch in the calling thread."""
     device, dtype = fixed.device, torch.float32
     grid = ControlGrid(tuple(fixed.shape[1:]), s.stride)
     lo, hi = s.clip_hu
