@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, file_sha256
 from .torchfile import load_weights_only
 
 FORMAT = "respmotion.checkpoint/1"
@@ -99,8 +99,6 @@ def recorded_file(record: dict[str, Any], base: str | os.PathLike) -> Path:
     the folder of the file holding the record: the run tree was moved or copied), accepted only when
     its sha256 equals the recorded one.  Raises ``FileNotFoundError`` / ``ValueError`` naming the files.
     """
-    from .atomic import file_sha256
-
     path = Path(record["path"])
     if path.exists():
         return path
