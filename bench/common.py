@@ -30,7 +30,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from respmotion.runtime import quiet_openmp_waits
+
 ROOT = Path(__file__).resolve().parents[1]
+quiet_openmp_waits()  # every benchmark imports this module before torch: OpenMP threads sleep, not spin
 
 
 # ---------------------------------------------------------------------------- environment

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -107,15 +108,14 @@ def cpu_hogs(n: int):
 
 def run(device: str = "cpu", motion: str = "fixed", threads: int = 0, keep: str = "", hog: int = 0,
         **_: Any) -> dict[str, Any]:
-    import os
-
     import torch
 
     from bench.common import PeakRSS, environment, loadavg
 
+    from respmotion.runtime import available_cpus, use_threads
     from respmotion.synthesis.pipeline import SynthesisOptions, synthesize
 
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    use_threads(threads)
     t0 = time.perf_counter()
     ct, template, what = native_ct()
     if motion == "fixed":
@@ -152,7 +152,7 @@ def run(device: str = "cpu", motion: str = "fixed", threads: int = 0, keep: str 
         "seconds_generate": round(res.summary["seconds_generate"], 2),
         "seconds_warp_and_write": round(res.summary["seconds_warp_and_write"], 2),
         "files_written": len(files), "bytes_written": written, "written_mb": round(written / 2**20, 1),
-        "cpus_available": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+        "cpus_available": available_cpus(), "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "hog_processes": hog,
         "loadavg_during": [load_before, load_after],
         **mem.to_dict(), "targets": {"seconds": 180, "rss_peak_mb": 4096},

@@ -38,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import quiet_openmp_waits, use_threads
+
+    quiet_openmp_waits()  # before the command modules import torch
     from .commands._common import run_command
 
     parser = build_parser()
+    use_threads(0)
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow flags (``data import CT --out F shape=8,32,32``); argparse stops
     # collecting positionals at the first flag, so those come back here

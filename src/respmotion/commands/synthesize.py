@@ -74,15 +74,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no input CT given")
     if not cfg.model:
         raise UserError("no motion model given (--model BUNDLE_DIR, or --model gt on a phantom study)")
-    import os
-
-    import torch
-
     from ..io.ownership import claim
+    from ..runtime import use_threads
     from ..synthesis.run import output_identity, run_synthesis
 
-    # threads from the CPUs actually available (a container or taskset may grant fewer than the machine has)
-    torch.set_num_threads(cfg.threads if cfg.threads > 0 else len(os.sched_getaffinity(0)))
+    use_threads(cfg.threads)
     with claim(cfg.out, "synthesize", output_identity(cfg), overwrite=args.overwrite):
         summary = run_synthesis(cfg)
         save_resolved(cfg, cfg.out)

@@ -115,7 +115,8 @@ def save_volume(volume: Volume, path: str | os.PathLike) -> Path:
     elif kind == "nifti":
         import nibabel as nib
 
-        img = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), nifti_affine(volume.geometry))
+        # (x, y, z) view of the C-ordered (z, y, x) array: nibabel writes Fortran order, so no copy is made
+        img = nib.Nifti1Image(volume.array.transpose(2, 1, 0), nifti_affine(volume.geometry))
         img.header.set_xyzt_units("mm")
         with atomic_path(path) as tmp:
             nib.save(img, str(tmp))
