@@ -152,13 +152,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .diffusion.latents import build_latent_set
     from .diffusion.train import train_diffusion
     from .evaluation.synthesis_eval import run_evaluation
-    from .io.layout import iter_studies, list_patients
     from .registration.config import RegisterConfig
     from .registration.pipeline import run_registration
     from .synthesis.ldm import load_bundle
     from .synthesis.run import SynthesizeConfig, run_synthesis
-    from .training.autoencoder import AutoencoderRunConfig, train_autoencoder
-    from .training.splits import Split, split_patients
+    from .training.autoencoder import train_autoencoder
+    from .training.splits import SPLIT_RATIOS, Split, split_cohort
 
     if cfg.patients < 3:
         raise ValueError(f"the demo needs at least 3 patients (train, validation, held-out), got {cfg.patients}")
@@ -186,7 +185,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # the autoencoder runs split the patients like this (same ids, ratios and seed); with train_fields=gt
     # only the held-out patients' registrations are used (their error is reported), so only they are registered
-    held_out = split_patients(list_patients(data), AutoencoderRunConfig().data.split_ratios, cfg.seed).test
+    held_out = split_cohort(data, SPLIT_RATIOS, cfg.seed).test
     stage("registration")
     rcfg = load_config(RegisterConfig, None, {"data": str(data), "out": str(reg), "pairs": "ref",
                                               "device": cfg.device, "threads": cfg.threads})
@@ -219,9 +218,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if tuple(split.test) != tuple(held_out):
         raise RuntimeError(f"{runs / 'autoencoder_dvf' / 'split.json'}: held-out patients {split.test} differ from "
                            f"the demo's {held_out}")
-    studies = list(iter_studies(data))
-    test = [s for s in studies if s.patient in split.test]
-    train = [s for s in studies if s.patient in split.train]
+    test, train = split.studies(data, "test"), split.studies(data, "train")
 
     stage("synthesis")
     syn = out / "synthesis"

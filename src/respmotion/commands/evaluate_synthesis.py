@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..diffusion.config import SAMPLER_CHOICES
+from ..training.splits import SPLIT_RATIOS, SPLIT_SEED
 from ._common import UserError, add_config_args, command, resolve_config, save_resolved
 
 
@@ -27,8 +28,8 @@ class EvaluateSynthesisConfig:
     out: str = "out/evaluation"
     patients: list[str] = field(default_factory=list)
     split: str = "test"
-    split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 42
+    split_ratios: tuple[float, float, float] = SPLIT_RATIOS
+    split_seed: int = SPLIT_SEED
     samples: int = 1
     seed: int = 0
     device: str = "cpu"
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise UserError(f"{cfg.data}: no patient {sorted(unknown)[0]!r}")
         test = [s for s in studies if s.patient in chosen]
-        train = [s for s in studies if s.patient in set(split.train) and s.patient not in chosen]
+        train = [s for s in split.studies(cfg.data, "train") if s.patient not in chosen]
         model = (lambda sd: _motion(cfg, sd)) if cfg.model == "gt" else _motion(cfg, None)
         report = run_evaluation(test, model, train, out, cfg.samples, cfg.seed)
         head = report["headline"]
