@@ -80,6 +80,7 @@ def _difference(a: np.ndarray, b: np.ndarray, body: np.ndarray) -> dict[str, flo
             "mean_magnitude_fast_mm": round(mag(b), 4)}
 
 
+@torch.no_grad()
 def run(device: str = "cpu", quick: bool = False, weights: str | None = None, diff: bool | None = None,
         cache_dir: str | None = None, shape: tuple[int, int, int] = SHAPE) -> dict[str, Any]:
     """The JSON record (module docstring); ``shape`` other than the default is for smoke tests,
@@ -90,7 +91,6 @@ def run(device: str = "cpu", quick: bool = False, weights: str | None = None, di
     from respmotion.diffusion.schedulers import run_sampler
     from respmotion.synthesis.seed import airlab_to_pull_mm, load_seed_motion, model_input, normalize_hu
 
-    torch.set_grad_enabled(False)
     cuda = device.startswith("cuda")
     diff = cuda if diff is None else bool(diff)
     geom, cts, _ = phantom_cycle(tuple(shape), cache_dir)

@@ -16,3 +16,12 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"real test data not found at {root} (set RESPMOTION_SHARED_DATA)")
     return root
+
+
+@pytest.fixture(autouse=True)
+def grad_mode_is_left_on():
+    """A test (or the code it runs) that switches autograd off globally would break every later training test."""
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "autograd was left disabled (use `with torch.no_grad():`, not torch.set_grad_enabled(False))"
