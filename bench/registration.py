@@ -373,6 +373,11 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "default": lambda s: s,
     "lung_region": lambda s: replace(s, sliding_region="lung"),
     "fewer_iterations": lambda s: replace(s, iterations=(100, 60, 30)),
+    "bending_1": lambda s: replace(s, bending_weight=1.0),
+    "bending_3": lambda s: replace(s, bending_weight=3.0),
+    "bending_10": lambda s: replace(s, bending_weight=10.0),
+    "bending_100": lambda s: replace(s, bending_weight=100.0),
+    "bending_300": lambda s: replace(s, bending_weight=300.0),
 }
 
 

@@ -58,7 +58,7 @@ class FFDSettings:
     iterations: tuple[int, ...] = (150, 100, 50)
     lr_mm: tuple[float, ...] = (1.0, 0.5, 0.25)  # Adam step, mm
     subsample: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (1, 2, 2))  # voxel stride per level
-    bending_weight: float = 1.0
+    bending_weight: float = 30.0
     jacobian_weight: float = 1.0e2
     jacobian_min: float = 0.2
     clip_hu: tuple[float, float] = (-1000.0, 1000.0)
