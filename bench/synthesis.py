@@ -32,6 +32,8 @@ class GeneratorMotion:
     without a motion prior (the untrained bundle), timing its stages (``seconds``: encode, sample, decode):
     the steps of :meth:`MotionGenerator.cycle` called one by one."""
 
+    resamples_input = False
+
     def __init__(self, generator, shape, sampler) -> None:
         self.gen, self.shape, self.sampler = generator, tuple(shape), sampler
         self.seconds: dict[str, float] = {}

@@ -312,3 +312,20 @@ def test_bench_seed_record(tiny):
     assert rec["samplers"]["ddim_200"]["steps"] == 200 and rec["samplers"]["dpmpp2m_20"]["steps"] == 20
     d = rec["field_difference_step_00_10"]
     assert d["mean_mm"] >= 0 and d["max_mm"] >= d["mean_mm"]
+
+
+
+def test_synthesis_hands_seed_models_the_native_ct(tmp_path, tiny, monkeypatch):
+    """The research preprocessing (trilinear, no anti-aliasing) must see the native CT, not our resampled one."""
+    from respmotion.synthesis import pipeline as P
+
+    root, _ = tiny
+    motion = load_seed_motion(root, sampler="dpm", steps=2)
+    seen = []
+    real = motion.generate
+    monkeypatch.setattr(motion, "generate",
+                        lambda ct, samples, seed: seen.append(ct.geometry.shape) or real(ct, samples, seed))
+    ct = Volume(np.random.default_rng(2).uniform(-1000, 500, (8, 20, 20)).astype(np.float32),
+                Geometry((8, 20, 20), (3.0, 1.0, 1.0)))
+    P.synthesize(ct, motion, tmp_path / "out", P.SynthesisOptions(samples=1, seed=0))
+    assert seen == [ct.geometry.shape] and ct.geometry.shape != tuple(motion.shape)

@@ -243,6 +243,7 @@ class PriorMotion:
     (copied into every field's ``meta``)."""
 
     SHAPE = (48, 128, 128)
+    resamples_input = False
 
     def __init__(self, amplitude_mm: float | None = None, shape: Sequence[int] = SHAPE) -> None:
         from ..data.motion_reference import reference_sha256

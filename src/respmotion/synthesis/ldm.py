@@ -22,6 +22,8 @@ DEFAULT_SHAPE = (50, 256, 256)
 class DiffusionMotion:
     """Wraps :class:`respmotion.diffusion.pipeline.MotionGenerator`; one coherent cycle per sample."""
 
+    resamples_input = False
+
     def __init__(self, generator, sampler=None, shape: tuple[int, int, int] | None = None) -> None:
         self.generator = generator
         self.sampler = sampler or generator.default_sampler

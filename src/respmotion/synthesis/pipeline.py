@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,10 @@ class MotionModel(Protocol):
     """Anything that turns a CT (at ``shape``) into pull fields of every phase vs the reference."""
 
     shape: tuple[int, int, int]
+    #: False: ``generate`` gets the CT already resampled to ``shape`` (anti-aliased, :func:`resample_volume`);
+    #: True: it gets the native CT and resamples it its own way (research-code models: trilinear, as trained)
+    #: and returns fields on ``ct.geometry.resized(shape)``.
+    resamples_input: bool
 
     def generate(self, ct: Volume, samples: int, seed: int) -> list[dict[int, DisplacementField]]:
         """``samples`` cycles; each maps phase percent -> field on ``ct.geometry`` (mm, pull)."""
@@ -73,6 +77,7 @@ class FixedMotion:
 
     fields: dict[int, DisplacementField]
     shape: tuple[int, int, int] = (50, 256, 256)
+    resamples_input: ClassVar[bool] = False
 
     def generate(self, ct: Volume, samples: int, seed: int) -> list[dict[int, DisplacementField]]:
         out = {}
@@ -307,7 +312,7 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
             raise ValueError(f"structure {name!r}: mask shape {np.shape(m)} differs from the CT's {ct.geometry.shape}")
     t0 = time.perf_counter()
     model_ct = ct if ct.geometry.shape == tuple(model.shape) else resample_volume(ct, model.shape)
-    cycles_model = model.generate(model_ct, opts.samples, opts.seed)
+    cycles_model = model.generate(ct if model.resamples_input else model_ct, opts.samples, opts.seed)
     t_gen = time.perf_counter() - t0
     describe = getattr(model, "describe", None)
     summary: dict = {"input": ct.meta.get("source", ""), "input_geometry": ct.geometry.to_dict(),

@@ -118,7 +118,11 @@ class SeedMotion:
 
     ``generate(ct, samples, seed)`` -> per sample ``{0: 0, 10: u_10, ..., 90: u_90}``, pull fields
     in mm on ``ct.geometry.resized(self.shape)`` (the model grid over the CT's field of view).
+    Takes the native CT: the research preprocessing (HU window, trilinear resampling without
+    anti-aliasing, :func:`model_input`) is applied here, as the networks were trained on it.
     """
+
+    resamples_input = True
 
     def __init__(self, models: SeedModels, sampler: SamplerConfig = DEFAULT_SAMPLER, device: str = "cpu",
                  shape: tuple[int, int, int] = (50, 256, 256)):
