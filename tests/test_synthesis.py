@@ -69,6 +69,20 @@ def test_synthesize_with_ground_truth_motion(tmp_path, phantom_study):
     assert np.abs(p50 - real).mean() < 0.7 * np.abs(p00 - real).mean()
 
 
+def test_synthesize_without_a_model_uses_the_population_prior(tmp_path, phantom_study, capsys):
+    """No --model: the DIR-Lab prior in the CT's own lungs; the motion's label and provenance in summary.json."""
+    from respmotion.io.volumes import load_field
+
+    out = tmp_path / "prior"
+    assert main(["synthesize", str(phantom_study), "--out", str(out), "--no-render"]) == 0
+    motion = json.loads((out / "summary.json").read_text())["motion"]
+    assert motion["kind"] == "anatomical prior" and "DIR-Lab" in motion["calibrated_on"]
+    u50 = load_field(out / "sample_00" / "dvf_50.nii.gz")
+    assert np.abs(u50.array).max() > 3.0  # the lungs move by millimetres
+    assert main(["synthesize", str(phantom_study), "--out", str(tmp_path / "p2"), "--steps", "5"]) == 2
+    assert "default motion prior has none" in capsys.readouterr().err
+
+
 def test_synthesize_bad_input_is_one_line(tmp_path, capsys):
     rc = main(["synthesize", str(tmp_path / "missing.nii.gz"), "--model", "gt", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,8 +1,11 @@
 """``respmotion synthesize CT --out DIR``: a breathing 4D-CT from a static CT.
 
 CT: a DICOM folder, a NIfTI/MHA/NRRD file, a ``phase_XX.npy`` of our layout, or a study folder
-of our layout (its phase 00 is used).  Motion: ``--model DIR`` (a trained model bundle, see
-``respmotion train``), or ``--model gt`` on a phantom study (its exact motion; for checks).
+of our layout (its phase 00 is used).  Motion: none given (or ``--model default``): the population
+motion prior calibrated on DIR-Lab 4D-CT landmarks, laid into the CT's own lungs (no network, no
+training; docs/motion.md); ``--model DIR``: a trained model bundle (see ``respmotion train``);
+``--model seed:DIR``: the research code's published checkpoints; ``--model gt`` on a phantom study
+(its exact motion; for checks).
 
 Outputs (``--formats``, comma-separated): ``nifti`` (default: phase_XX.nii.gz as int16 HU and
 dvf_XX.nii.gz float32 ITK fields, one compressed copy of each, read by 3D Slicer, ITK and nibabel),
@@ -36,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synthesize", help="synthesize a breathing 4D-CT from a static CT", description=__doc__)
     p.add_argument("ct", nargs="?", help="input CT (DICOM folder, .nii[.gz], .mha, .npy, or a study folder)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--model", help="trained model bundle folder, or 'gt' (phantom study's exact motion)")
+    p.add_argument("--model", help="trained model bundle folder, 'seed:DIR' (research-code checkpoints), 'gt' "
+                   "(phantom study's exact motion); default: the DIR-Lab population motion prior (no network)")
     p.add_argument("--samples", type=int, help="number of breathing cycles to draw")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="diffusion sampler (default: the bundle's)")
@@ -72,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
         "num_slices": args.num_slices})
     if not cfg.ct:
         raise UserError("no input CT given")
-    if not cfg.model:
-        raise UserError("no motion model given (--model BUNDLE_DIR, or --model gt on a phantom study)")
     from ..io.ownership import claim
     from ..runtime import use_threads
     from ..synthesis.run import output_identity, run_synthesis

@@ -256,6 +256,10 @@ class PriorMotion:
                      "reference_sha256": reference_sha256(),
                      "amplitude_mm": self.prior.amplitude_mm, "peak_phase": self.prior.peak}
 
+    def describe(self) -> dict:
+        """What summary.json records about the motion (the model's label and provenance)."""
+        return {"kind": "anatomical prior", "model_shape": list(self.shape), **self.meta}
+
     def generate(self, ct, samples: int, seed: int) -> list[dict]:
         from ..core.types import DisplacementField
 

@@ -17,7 +17,7 @@ from .pipeline import DEFAULT_FORMATS, FixedMotion, MotionModel, SynthesisOption
 class SynthesizeConfig:
     ct: str = ""
     out: str = "out/synthesis"
-    model: str = ""  # model bundle folder, or "gt" for a phantom study's ground-truth motion
+    model: str = ""  # "" or "default": the DIR-Lab population prior; a bundle folder; "seed:DIR"; "gt" (phantom study)
     samples: int = 1
     seed: int = 0
     sampler: str = ""  # override the bundle's sampler (diffusion.config.SAMPLER_CHOICES; "" = bundle default)
@@ -73,6 +73,13 @@ def load_input(path: str | Path) -> tuple[Volume, StudyDir | None, np.ndarray | 
 
 
 def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
+    if cfg.model in ("", "default"):  # the default model: the anatomical population prior (docs/motion.md)
+        if cfg.sampler or cfg.steps or cfg.delta_t:
+            raise ValueError("--sampler/--steps/--delta-t choose how a diffusion bundle samples; the default "
+                             "motion prior has none (give --model BUNDLE_DIR)")
+        from ..models.prior import PriorMotion
+
+        return PriorMotion()
     if cfg.model == "gt":
         if cfg.sampler or cfg.steps or cfg.delta_t:
             raise ValueError("--sampler/--steps/--delta-t choose how a diffusion bundle samples; --model gt has none")
