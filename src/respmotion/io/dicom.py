@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..core.geometry import Geometry
+from ..core.geometry import Geometry, direction_from_orientation, slice_normal
 from ..core.types import Volume
 
 # "P4^P100^S102^I0, Gated, 40.0%" -> 40.0
@@ -281,7 +281,7 @@ def geometry_of_slices(slices: list[SliceInfo], where: Path) -> tuple[Geometry, 
             raise DicomError(f"{where}: slices have different PixelSpacing ({s.pixel_spacing} in {s.path.name})")
     check_one_series(slices, where)
     row, col = first.orientation[:3], first.orientation[3:]
-    normal = np.cross(row, col)
+    normal = slice_normal(first.orientation)
     if not (np.isclose(np.linalg.norm(row), 1.0, atol=1e-3) and np.isclose(np.linalg.norm(col), 1.0, atol=1e-3)
             and abs(float(np.dot(row, col))) < 1e-3):
         raise DicomError(f"{first.path}: ImageOrientationPatient {first.orientation.tolist()} is not two orthogonal "
@@ -311,12 +311,12 @@ def geometry_of_slices(slices: list[SliceInfo], where: Path) -> tuple[Geometry, 
                              f"before importing")
     else:
         dz = first.slice_thickness if first.slice_thickness and first.slice_thickness > 0 else 1.0
-    direction = np.stack([row, col, normal], axis=1)  # columns: index axes i (x), j (y), k (z)
+    direction = direction_from_orientation(first.orientation)  # columns: index axes i (x), j (y), k (z)
     geom = Geometry(
         (len(slices), first.rows, first.cols),
         (dz, first.pixel_spacing[0], first.pixel_spacing[1]),
         tuple(slices[0].position),
-        tuple(direction.ravel()),
+        direction,
     )
     return geom, slices
 

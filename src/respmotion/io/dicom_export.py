@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..core.geometry import Geometry
+from ..core.geometry import Geometry, slice_normal
 from ..core.types import Volume
 from .dicom import DicomError, geometry_of_slices, list_dicom_files, scan_series, slice_info
 
@@ -190,11 +190,10 @@ def _ds(value: float) -> str:
 
 def _slice_geometry_from_volume(geometry: Geometry) -> list[dict[str, Any]]:
     """Per-slice IPP/IOP/PixelSpacing/SliceThickness/SliceLocation strings from a Geometry."""
-    d = geometry.direction_matrix
-    row, col = d[:, 0], d[:, 1]
-    iop = [_ds(v) for v in (*row, *col)]
+    orientation = geometry.image_orientation()
+    iop = [_ds(v) for v in orientation]
     ps = [_ds(geometry.spacing[1]), _ds(geometry.spacing[2])]
-    dicom_normal = np.cross(row, col)
+    dicom_normal = slice_normal(orientation)
     out = []
     for k in range(geometry.shape[0]):
         ipp = geometry.index_to_world([k, 0, 0])
@@ -213,7 +212,7 @@ def _slice_geometry_from_template(headers: dict[Path, Any], ordered) -> list[dic
     out = []
     for s in ordered:
         ds = headers[s.path]
-        normal = np.cross(s.orientation[:3], s.orientation[3:])
+        normal = slice_normal(s.orientation)
         rec = {
             "ImagePositionPatient": list(ds["ImagePositionPatient"].value),
             "ImageOrientationPatient": list(ds["ImageOrientationPatient"].value),
