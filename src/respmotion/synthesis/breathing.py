@@ -12,7 +12,7 @@ number of squaring steps is chosen per field so that one step moves at most
 * :func:`scale_motion`: ``exp(factor * v_k)`` for every phase (0 = no motion, 1 = the model's motion
   up to the log/exp round trip, 2 = about twice the excursion).
 * :func:`amplitude_for_excursion`: the factor whose end-exhale diaphragm excursion
-  (:func:`respmotion.evaluation.metrics.diaphragm_excursion`) is a target in mm (secant search).
+  (:func:`respmotion.anatomy.measures.diaphragm_excursion`) is a target in mm (secant search).
 * :func:`trace_sequence`: one field per sample of a breathing trace CSV ``time, amplitude``
   (larger amplitude = deeper inhale unless ``inhale_positive=False``).  Inhale peaks and exhale
   troughs are found with hysteresis (a turn counts once the signal has come back by
@@ -57,8 +57,7 @@ class TraceError(ValueError):
 
 # ---------------------------------------------------------------------------- log / exp
 def _steps_for(v: torch.Tensor, spacing) -> int:
-    s = torch.as_tensor(spacing, dtype=v.dtype)[:, None, None, None]
-    vmax = float((v[0] / s).abs().max()) if v.numel() else 0.0
+    vmax = float(W.mm_to_voxels(v, spacing).abs().max()) if v.numel() else 0.0
     return max(MIN_STEPS, int(math.ceil(math.log2(max(vmax, 1e-6) / MAX_STEP_VOXELS))))
 
 
