@@ -135,3 +135,16 @@ def test_motion_is_calibrated_to_the_dirlab_reference():
     st = cmp["superior_state"]
     assert all(abs(st["phantom"][k] - v) < 0.1 for k, v in st["reference_exhale"].items())
     assert cmp["spine_max_mm"] < 1.0
+
+
+def test_redone_study_drops_an_interrupted_writers_temporary_files(tmp_path):
+    from respmotion.data.phantom import write_patient
+    from respmotion.io.atomic import TMP_PREFIX
+
+    study = tmp_path / "phantom_000" / "study_0"
+    study.mkdir(parents=True)
+    stale = study / f"{TMP_PREFIX}landmarks-123.json"  # what a kill -9 during a write leaves
+    stale.write_text("{")
+    sd = write_patient(tmp_path, "phantom_000", seed=0, shape=(8, 32, 32), threads=1)
+    assert sd.is_complete() and not stale.exists()
+    assert not list(study.rglob(f"{TMP_PREFIX}*"))

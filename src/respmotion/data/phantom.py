@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..core.geometry import Geometry
 from ..core.types import DisplacementField, Volume
-from ..io.atomic import write_json, write_npy
+from ..io.atomic import clean_stale_tmp, write_json, write_npy
 from ..io.layout import PHASES, StudyDir, next_phase
 
 FOV_MM = (150.0, 358.4, 358.4)  # z, y, x field of view
@@ -606,6 +606,8 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
     sd = StudyDir(Path(out) / patient_id / "study_0")
     if sd.is_complete():
         return sd
+    if sd.path.exists():  # an interrupted writer's temporary files (the folder's owner lock excludes a live one)
+        clean_stale_tmp(sd.path)
     ph = make_patient(seed, shape, noise_hu)
     g = ph.geometry
     Z, Y, X = ph.base_coords()

@@ -96,7 +96,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def clean_stale_tmp(folder: str | os.PathLike) -> int:
-    """Remove temporary files left by an interrupted writer under ``folder``; returns the count."""
+    """Remove temporary files left by an interrupted writer under ``folder``; returns the count.
+    Call it only where no other process writes (e.g. inside the folder owner's lock, :mod:`.ownership`)."""
     n = 0
     for p in Path(folder).rglob(TMP_PREFIX + "*"):
         if p.is_file():
