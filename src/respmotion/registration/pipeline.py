@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..anatomy import body_mask
 from ..core.geometry import Geometry
 from ..io.atomic import TMP_PREFIX, file_sha256, write_json, write_npy
 from ..io.layout import StudyDir, iter_studies
 from .bspline import BSplineField, ControlGrid, dense_tensor, load_bspline, save_bspline
 from .config import RegisterConfig
-from .ffd import register
-from ..anatomy import body_mask, lung_mask
+from .ffd import register, sliding_region
 from .pairs import Pair, resolve_rank, shard, study_pairs
 from .quality import quality_record
 
@@ -127,9 +127,11 @@ class _StudyCache:
             self.body[k] = body_mask(self.image(k), self.cfg.body_threshold_hu)
         return self.body[k]
 
-    def lung_mask(self, k: int) -> np.ndarray:
+    def sliding_mask(self, k: int) -> np.ndarray:
+        """Phase ``k``'s region for the sliding blend (``cfg.ffd.sliding_region``: lung mask or thoracic cavity)."""
         if k not in self.lung:
-            self.lung[k] = lung_mask(self.image(k), self.body_mask(k), self.cfg.lung_threshold_hu)
+            self.lung[k] = sliding_region(self.image(k), self.body_mask(k), self.geometry, self.cfg.ffd,
+                                          self.cfg.lung_threshold_hu)
         return self.lung[k]
 
 
@@ -143,7 +145,7 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
     fixed = np.stack([cache.image(p.fixed) for p in batch])
     moving = np.stack([cache.image(p.moving) for p in batch])
     body = np.stack([cache.body_mask(p.fixed) for p in batch])
-    lung = np.stack([cache.lung_mask(p.fixed) for p in batch]) if cfg.ffd.sliding else None
+    lung = np.stack([cache.sliding_mask(p.fixed) for p in batch]) if cfg.ffd.sliding else None
     geom = cache.geometry
     to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     coef, opt_log = register(to(fixed), to(moving), to(body), geom.spacing, cfg.ffd,
