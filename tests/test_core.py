@@ -3,10 +3,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from respmotion.core import DisplacementField, Geometry, Volume
 from respmotion.core import ops
-from respmotion.core.geometry import direction_from_orientation, level_positions, level_to_normalized, slice_normal
+from respmotion.core import grid
+from respmotion.core.geometry import (direction_from_orientation, level_positions, level_to_normalized,
+                                       normalized_to_index, slice_normal)
 from respmotion.core import warp as W
 from respmotion.io.volumes import load_field, load_volume, save_field, save_volume
 
@@ -191,3 +194,37 @@ def test_pyramid_level_coordinates_and_unit_factors():
     g = W.mm_to_voxel_gradient(sp, torch.tensor([[2.0], [1.0], [1.0]], dtype=torch.float64))
     assert g.shape == (3, 3, 1) and float(g[0, 0, 0]) == pytest.approx(1 / 6) and float(g[2, 1, 0]) == 2.0
     assert W.step_mm(sp, (0, 2)) == 1.5 and W.step_mm(sp, (1,)) == 1.5 and W.step_mm(sp, ()) == 1.0
+
+
+def test_grid_axis_helpers_and_centred_geometry():
+    g = Geometry.centred((4, 6, 5), (12.0, 18.0, 10.0))
+    assert g.spacing == (3.0, 3.0, 2.0)
+    # field of view (voxel edges) centred on the origin: first centre half a voxel inside -fov / 2
+    np.testing.assert_allclose(g.axis_mm(0), [-4.5, -1.5, 1.5, 4.5])
+    np.testing.assert_allclose(g.axis_mm(2), g.index_to_world(np.stack([np.zeros(5), np.zeros(5), np.arange(5)], 1))[:, 0])
+    with pytest.raises(ValueError, match="identity"):
+        Geometry((2, 2, 2), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1)).axis_mm(0)
+    np.testing.assert_allclose(grid.centres_from_edge(3, 2.0, -3.0), [-2.0, 0.0, 2.0])
+    np.testing.assert_allclose(grid.to_mm((2, 3), (1.5, 0.5)), [3.0, 1.5])
+    np.testing.assert_allclose(grid.to_voxels(3.0, (1.5, 0.5)), [2.0, 6.0])
+    assert grid.axis_index(4.5, -1.5, 3.0) == 2.0
+    # grid_sample (align_corners=True) at the normalised coordinate of a position reads that position
+    values = torch.arange(5, dtype=torch.float32)
+    pos = torch.tensor([-4.0, 1.0, 3.5], dtype=torch.float32)  # mm on centres -4 + 2.5 i
+    norm = grid.axis_to_normalized_(pos.clone(), -4.0, 2.5, 5)
+    pts = torch.stack([norm, torch.zeros(3), torch.zeros(3)], -1).reshape(1, -1, 1, 1, 3)
+    read = F.grid_sample(values.reshape(1, 1, 1, 1, 5), pts, align_corners=True).ravel()
+    torch.testing.assert_close(read, (pos + 4.0) / 2.5)
+
+
+def test_grid_ball_and_normalized_to_index():
+    b = grid.ball((2.0, 1.0, 1.0), 2.0)
+    assert b.shape == (3, 5, 5) and b[1, 2, 2] and b[0, 2, 2] and not b[0, 2, 3] and b[1, 0, 2] and not b[1, 0, 1]
+    assert grid.ball((3.0, 3.0), 1.0, min_half_width=1).shape == (3, 3)
+    n = 7
+    for align in (False, True):
+        idx = torch.arange(n, dtype=torch.float64)
+        g = (2 * idx + 1) / n - 1 if not align else 2 * idx / (n - 1) - 1
+        torch.testing.assert_close(normalized_to_index(g, n, align_corners=align), idx)
+    u = torch.randn(2, 3, 3, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(W.voxels_to_mm(W.mm_to_voxels(u, (2.5, 1.0, 0.7)), (2.5, 1.0, 0.7)), u)

@@ -137,8 +137,23 @@ class Geometry:
         superior-inferior axis (see :meth:`superior_sign`)."""
         return slices * self.spacing[0] * self.superior_sign()
 
+    def axis_mm(self, axis: int) -> np.ndarray:
+        """LPS coordinate (mm) of the voxel centres along array axis ``axis`` (0 = z, 1 = y, 2 = x), for a grid
+        with the identity direction (array z, y, x along LPS z, y, x): ``origin + spacing * i``."""
+        if not np.array_equal(self.direction_matrix, np.eye(3)):
+            raise ValueError("axis_mm needs the identity direction (array axes along LPS axes)")
+        return self.origin[2 - axis] + self.spacing[axis] * np.arange(self.shape[axis])
+
     # ----------------------------------------------------------------- derived grids
-    # ----------------------------------------------------------------- derived grids
+    @classmethod
+    def centred(cls, shape: Sequence[int], fov_mm: Sequence[float]) -> "Geometry":
+        """Grid of ``shape`` voxels ``(z, y, x)`` whose field of view (voxel edges) is the box ``fov_mm``
+        ``(z, y, x)`` centred on the LPS origin, identity direction: spacing ``fov / n``."""
+        shape = _triple(shape, "shape", int)
+        spacing = tuple(f / n for f, n in zip(_triple(fov_mm, "fov_mm"), shape))
+        fov_xyz, spacing_xyz = _triple(fov_mm, "fov_mm")[::-1], spacing[::-1]
+        return cls(shape, spacing, tuple(-f / 2 + s / 2 for f, s in zip(fov_xyz, spacing_xyz)))
+
     def resized(self, shape: Sequence[int]) -> "Geometry":
         """Same field of view (voxel edges kept) sampled with ``shape`` voxels."""
         shape = _triple(shape, "shape", int)
@@ -237,3 +252,12 @@ def level_to_normalized(full_n: int, level_n: int) -> tuple[float, float]:
     the level's voxel centres) on a level of ``level_n`` voxels of the full-resolution index ``p`` (one axis)."""
     r = level_n / full_n
     return 2.0 * r / max(level_n - 1, 1), 2.0 * (0.5 * level_n / full_n - 0.5) / max(level_n - 1, 1) - 1.0
+
+
+def normalized_to_index(g, n: int, align_corners: bool = False):
+    """``grid_sample`` coordinates ``g`` along an axis of ``n`` voxels -> continuous voxel index (numpy or torch):
+    ``((g + 1) n - 1) / 2`` with ``align_corners=False`` (-1 and +1 are the outer voxel edges), ``(g + 1)(n - 1) / 2``
+    with ``align_corners=True`` (-1 and +1 are the centres of voxels 0 and n-1)."""
+    if align_corners:
+        return (g + 1.0) * (n - 1) / 2.0
+    return ((g + 1.0) * n - 1.0) / 2.0

@@ -42,6 +42,11 @@ def mm_to_voxels(dvf_mm: torch.Tensor, spacing: Spacing) -> torch.Tensor:
     return dvf_mm / _spacing_tensor(spacing, dvf_mm)
 
 
+def voxels_to_mm(ddf_vox: torch.Tensor, spacing: Spacing) -> torch.Tensor:
+    """Field in voxels ``(B, 3, Z, Y, X)`` -> field in mm (same component order z, y, x)."""
+    return ddf_vox * _spacing_tensor(spacing, ddf_vox)
+
+
 def warp(
     image: torch.Tensor,
     dvf_mm: torch.Tensor,
