@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core import grid
 from ..core.geometry import Geometry
 from ..core.types import DisplacementField, Volume
 from ..io.atomic import clean_stale_tmp, write_json, write_npy
@@ -134,16 +135,14 @@ class Phantom:
         self.p = PhantomParams.draw(self.rng)
         self.noise_hu = float(noise_hu)
         shape = tuple(int(s) for s in shape)
-        spacing = tuple(f / n for f, n in zip(FOV_MM, shape))
-        origin_xyz = (-FOV_MM[2] / 2 + spacing[2] / 2, -FOV_MM[1] / 2 + spacing[1] / 2, -FOV_MM[0] / 2 + spacing[0] / 2)
-        self.geometry = Geometry(shape, spacing, origin_xyz)
+        self.geometry = Geometry.centred(shape, FOV_MM)
         # fine reference grid: z spacing halved, extended beyond the FOV; same y, x samples
-        self.fine_dz = spacing[0] / 2.0
+        self.fine_dz = float(grid.to_mm(0.5, self.geometry.spacing[0]))
         z0 = -FOV_MM[0] / 2 - _EXT_BELOW
-        nzf = int(math.ceil((FOV_MM[0] + _EXT_BELOW + _EXT_ABOVE) / self.fine_dz))
-        self.fine_z = z0 + self.fine_dz * (np.arange(nzf) + 0.5)
-        self.ys = origin_xyz[1] + spacing[1] * np.arange(shape[1])
-        self.xs = origin_xyz[0] + spacing[2] * np.arange(shape[2])
+        nzf = int(math.ceil(grid.to_voxels(FOV_MM[0] + _EXT_BELOW + _EXT_ABOVE, self.fine_dz)))
+        self.fine_z = grid.centres_from_edge(nzf, self.fine_dz, z0)
+        self.ys = self.geometry.axis_mm(1)
+        self.xs = self.geometry.axis_mm(2)
         self._draw_anatomy()
         self._calibrate_amplitude()
 
@@ -373,9 +372,9 @@ class Phantom:
         offs = np.array([[0, 0, 0], [margin, 0, 0], [-margin, 0, 0], [0, margin, 0], [0, -margin, 0], [0, 0, margin], [0, 0, -margin]])
         for o in offs:
             q = c + o
-            iz = int(round((q[0] - self.fine_z[0]) / self.fine_dz))
-            iy = int(round((q[1] - self.ys[0]) / (self.ys[1] - self.ys[0])))
-            ix = int(round((q[2] - self.xs[0]) / (self.xs[1] - self.xs[0])))
+            iz = int(round(grid.axis_index(q[0], self.fine_z[0], self.fine_dz)))
+            iy = int(round(grid.axis_index(q[1], self.ys[0], self.ys[1] - self.ys[0])))
+            ix = int(round(grid.axis_index(q[2], self.xs[0], self.xs[1] - self.xs[0])))
             if not (0 <= iz < len(self.fine_z) and 0 <= iy < len(self.ys) and 0 <= ix < len(self.xs)):
                 return False
             if not self.lung_ref[iz, iy, ix]:
@@ -402,9 +401,10 @@ class Phantom:
         dy, dx = self.ys[1] - self.ys[0], self.xs[1] - self.xs[0]
         lo = np.minimum(a, b) - radius - 2
         hi = np.maximum(a, b) + radius + 2
-        iz0 = max(0, int((lo[0] - self.fine_z[0]) / self.fine_dz)); iz1 = min(len(self.fine_z), int((hi[0] - self.fine_z[0]) / self.fine_dz) + 2)
-        iy0 = max(0, int((lo[1] - self.ys[0]) / dy)); iy1 = min(len(self.ys), int((hi[1] - self.ys[0]) / dy) + 2)
-        ix0 = max(0, int((lo[2] - self.xs[0]) / dx)); ix1 = min(len(self.xs), int((hi[2] - self.xs[0]) / dx) + 2)
+        axes = ((self.fine_z, self.fine_dz), (self.ys, dy), (self.xs, dx))
+        (iz0, iz1), (iy0, iy1), (ix0, ix1) = (
+            (max(0, int(grid.axis_index(lo[a], c[0], d))), min(len(c), int(grid.axis_index(hi[a], c[0], d)) + 2))
+            for a, (c, d) in enumerate(axes))
         if iz0 >= iz1 or iy0 >= iy1 or ix0 >= ix1:
             return
         Z = self.fine_z[iz0:iz1, None, None]
@@ -427,16 +427,14 @@ class Phantom:
         # normalised grid_sample coordinates (x, y, z order), float32: 4e-5 mm at this field of view
         axes = [(pts_x, self.xs[0], self.xs[1] - self.xs[0], n[2]), (pts_y, self.ys[0], self.ys[1] - self.ys[0], n[1]),
                 (pts_z, self.fine_z[0], self.fine_dz, n[0])]
-        g = torch.stack([torch.as_tensor(np.asarray(p, np.float32)).sub_(float(o)).mul_(2.0 / (float(d) * (m - 1))).sub_(1.0)
+        g = torch.stack([grid.axis_to_normalized_(torch.as_tensor(np.asarray(p, np.float32)), o, d, m)
                          for p, o, d, m in axes], -1).reshape(1, -1, 1, 1, 3)
         src = torch.from_numpy(np.ascontiguousarray(fine, dtype=np.float32))[None]
         out = F.grid_sample(src, g, mode="bilinear", padding_mode="border", align_corners=True)
         return out.reshape((fine.shape[0],) + pts_z.shape).numpy()
 
     def base_coords(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        g = self.geometry
-        zs = g.origin[2] + g.spacing[0] * np.arange(g.shape[0])
-        return np.meshgrid(zs, self.ys, self.xs, indexing="ij")
+        return np.meshgrid(self.geometry.axis_mm(0), self.ys, self.xs, indexing="ij")
 
     def _unit_field(self) -> np.ndarray:
         """Field at s = 1 (end-exhale) on the base grid (cached); phase k's field is s_k times it."""
@@ -488,7 +486,7 @@ class Phantom:
         """Distance (mm) from the sliding interface below which the stored field does not resolve the
         motion: within it the shear across the interface (``slide_width`` wide) is steeper than trilinear
         interpolation on this grid follows (up to ~3 mm at 16x64x64).  Two in-plane voxels + 4 widths."""
-        return 2.0 * max(self.geometry.spacing[1:]) + 4.0 * self.p.slide_width
+        return float(max(grid.to_mm(2.0, self.geometry.spacing[1:]))) + 4.0 * self.p.slide_width
 
     def motion_statistics(self) -> dict[str, Any]:
         """This patient's motion in the terms of the measured reference (``motion_reference``), on its uniform
