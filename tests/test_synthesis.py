@@ -83,6 +83,27 @@ def test_synthesize_without_a_model_uses_the_population_prior(tmp_path, phantom_
     assert "default motion prior has none" in capsys.readouterr().err
 
 
+def test_si_amplitude_scales_every_sample_to_the_given_superior_motion(tmp_path, phantom_study, capsys):
+    """--si-amplitude-mm A: the lungs' mean superior motion at 50 % on the model grid is A mm in every sample."""
+    from respmotion.core.ops import resample_array
+    from respmotion.io.volumes import load_field
+    from respmotion.synthesis.breathing import superior_mean
+    from respmotion.synthesis.run import load_input
+
+    out = tmp_path / "amp"
+    assert main(["synthesize", str(phantom_study), "--out", str(out), "--no-render", "--samples", "2",
+                 "--si-amplitude-mm", "3.0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["si_amplitude_mm"] == 3.0 and len(summary["amplitude_factors"]) == 2
+    lung = load_input(phantom_study)[2]
+    for i in range(2):
+        u50 = load_field(out / f"sample_{i:02d}" / "dvf_50.nii.gz")
+        model_lung = resample_array(lung.astype(np.float32), u50.geometry.shape) >= 0.5
+        assert superior_mean(u50, model_lung) == pytest.approx(3.0, abs=0.1)
+    assert main(["synthesize", str(phantom_study), "--out", str(tmp_path / "bad"), "--si-amplitude-mm", "-1"]) == 2
+    assert "target amplitude must be >= 0 mm" in capsys.readouterr().err
+
+
 def test_synthesize_bad_input_is_one_line(tmp_path, capsys):
     rc = main(["synthesize", str(tmp_path / "missing.nii.gz"), "--model", "gt", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may run on)")
     p.add_argument("--amplitude", type=float, help="breathing amplitude factor (1 = model's motion)")
     p.add_argument("--excursion-mm", type=float, help="target diaphragm SI excursion in mm")
+    p.add_argument("--si-amplitude-mm", type=float, help="breathing amplitude: the lungs' mean superior motion "
+                   "at 50 %% in mm (e.g. the mean SI landmark displacement of a 4D-CT); each sample is scaled to it")
     p.add_argument("--trace", help="CSV breathing trace (time, amplitude): writes a sequence following it")
     p.add_argument("--dicom", action="store_true", default=None, help="add dicom to --formats")
     p.add_argument("--structures", nargs="+", help="RTSTRUCT file and/or mask files on the input CT")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "sampler": args.sampler, "steps": args.steps, "delta_t": args.delta_t,
         "formats": args.formats.split(",") if args.formats else None, "device": args.device, "threads": args.threads,
         "amplitude": args.amplitude,
-        "excursion_mm": args.excursion_mm, "trace": args.trace, "dicom": args.dicom, "structures": args.structures,
+        "excursion_mm": args.excursion_mm, "si_amplitude_mm": args.si_amplitude_mm, "trace": args.trace, "dicom": args.dicom, "structures": args.structures,
         "structure_names": args.structure_names, "render": args.render, "heatmap": args.heatmap, "fps": args.fps,
         "num_slices": args.num_slices})
     if not cfg.ct:

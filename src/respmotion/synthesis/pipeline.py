@@ -105,6 +105,9 @@ class SynthesisOptions:
     seed: int = 0
     amplitude: float = 1.0  # motion scale (invertible: velocity-field scaling), 1 = the model's motion
     excursion_mm: float | None = None  # target diaphragm SI excursion (needs a lung mask); overrides amplitude
+    # target mean superior lung displacement at 50 %, mm (needs a lung mask; each sample scaled to it): the
+    # breathing amplitude as a user knows it, e.g. the mean SI landmark motion of a 4D-CT; overrides the others
+    si_amplitude_mm: float | None = None
     formats: tuple[str, ...] = DEFAULT_FORMATS
     template: str | None = None  # DICOM folder of the input CT: the DICOM phases join its study
     slab: int = SLAB
@@ -320,18 +323,24 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
                      "seed": opts.seed, "formats": list(formats), "samples": [],
                      "convention": "dvf_XX: pull field, LPS mm, on the model grid; phase_XX(p) = input(p + u(p))",
                      "seconds_generate": t_gen}
-    if opts.amplitude != 1.0 or opts.excursion_mm is not None:
-        from .breathing import amplitude_for_excursion, scale_motion
+    if opts.amplitude != 1.0 or opts.excursion_mm is not None or opts.si_amplitude_mm is not None:
+        from .breathing import amplitude_for_excursion, amplitude_for_superior_mean, scale_motion
 
-        factor = opts.amplitude
-        if opts.excursion_mm is not None:
+        factors = [opts.amplitude] * len(cycles_model)
+        if opts.excursion_mm is not None or opts.si_amplitude_mm is not None:
             if lung_mask is None:
-                raise ValueError("--excursion-mm needs a lung mask of the input CT")
+                raise ValueError("--excursion-mm and --si-amplitude-mm need a lung mask of the input CT")
             model_lung = lung_mask if lung_mask.shape == tuple(model.shape) else \
                 resample_array(lung_mask.astype(np.float32), model.shape) >= 0.5
-            factor = amplitude_for_excursion(cycles_model[0], model_lung, opts.excursion_mm)
-        cycles_model = [scale_motion(c, factor) for c in cycles_model]
-        summary["amplitude_factor"] = factor
+            if opts.si_amplitude_mm is not None:
+                factors = [amplitude_for_superior_mean(c, model_lung, opts.si_amplitude_mm) for c in cycles_model]
+            else:
+                factors = [amplitude_for_excursion(cycles_model[0], model_lung, opts.excursion_mm)] * len(factors)
+        cycles_model = [scale_motion(c, f) for c, f in zip(cycles_model, factors)]
+        summary["amplitude_factor"] = factors[0]
+        summary["amplitude_factors"] = factors
+        if opts.si_amplitude_mm is not None:
+            summary["si_amplitude_mm"] = opts.si_amplitude_mm
     result = SynthesisResult(out, summary, cycles_model, model_ct)
     t_write = time.perf_counter()
     names = list(structures)

@@ -27,6 +27,7 @@ class SynthesizeConfig:
     threads: int = 0  # torch CPU threads; 0 = the CPUs this process may run on (os.sched_getaffinity)
     amplitude: float = 1.0
     excursion_mm: float | None = None
+    si_amplitude_mm: float | None = None  # mean superior lung motion at 50 %, mm (SynthesisOptions)
     trace: str = ""
     formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))  # pipeline.FORMATS
     dicom: bool = False  # adds "dicom" to formats
@@ -132,8 +133,9 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     structures = _load_structures(cfg, ct) if cfg.structures else {}
     source = Path(ct.meta.get("source", ""))
     opts = SynthesisOptions(samples=cfg.samples, seed=cfg.seed, amplitude=cfg.amplitude, excursion_mm=cfg.excursion_mm,
+                            si_amplitude_mm=cfg.si_amplitude_mm,
                             formats=formats, template=str(source) if source.is_dir() else None)
-    if cfg.excursion_mm is not None and lung is None:
+    if (cfg.excursion_mm is not None or cfg.si_amplitude_mm is not None) and lung is None:
         from ..anatomy import lung_mask
 
         lung = lung_mask(ct.array)
