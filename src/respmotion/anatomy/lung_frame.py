@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.geometry import Geometry
+from ..core.grid import ball
 from .masks import body_mask, lung_mask
 
 EXTENT_PERCENTILES = (1.0, 99.0)
@@ -67,19 +68,12 @@ def voxel_points(geometry: Geometry, mask: np.ndarray | None = None) -> np.ndarr
     return geometry.index_to_world(idx.astype(np.float64))
 
 
-def _dilate_mm(mask: np.ndarray, spacing, mm: float) -> np.ndarray:
-    r = [max(0, int(round(mm / s))) for s in spacing]
-    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
-    ball = (zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2 <= mm * mm
-    return ndimage.binary_dilation(mask, structure=ball)
-
-
 def bone_mask(hu: np.ndarray, body: np.ndarray, spacing) -> np.ndarray:
     """Bone (HU > :data:`BONE_HU` inside the body, holes such as the spinal canal filled slice by slice),
     dilated by :data:`BONE_MARGIN_MM`; bool ``(z, y, x)``."""
     bone = (hu > BONE_HU) & (body != 0)
     bone = np.stack([ndimage.binary_fill_holes(b) for b in bone])
-    return _dilate_mm(bone, spacing, BONE_MARGIN_MM)
+    return ndimage.binary_dilation(bone, structure=ball(spacing, BONE_MARGIN_MM))
 
 
 def motion_regions(hu: np.ndarray, geometry: Geometry, lung: np.ndarray | None = None,
@@ -102,7 +96,7 @@ def motion_regions(hu: np.ndarray, geometry: Geometry, lung: np.ndarray | None =
     k = np.arange(nz)[:, None, None]
     has = lung.any(0)
     lowest = np.where(sup > 0, np.argmax(lung, 0), nz - 1 - np.argmax(lung[::-1], 0))
-    below_mm = (lowest[None] - k) * sup * geometry.spacing[0]  # > 0 inferior of the base
+    below_mm = geometry.superior_mm(lowest[None] - k)  # > 0 inferior of the base
     abd = np.exp(-(np.maximum(below_mm, 0.0) / ABDOMEN_DECAY_MM) ** 2).astype(np.float32)
     weight = np.where(has[None] & (below_mm > 0) & body, abd, weight)
     # mediastinum: between the two lungs' left-right extent in each row, not lung

@@ -124,10 +124,10 @@ def sliding_mask(lung: np.ndarray, superior: float = 1.0, hu: np.ndarray | None 
     if hu is not None:
         from scipy import ndimage
 
+        from ..core.grid import ball
+
         bone = out & (np.asarray(hu) > bone_hu)
-        r = [max(1, int(round(bone_margin_mm / s))) for s in spacing[1:]]
-        yy, xx = np.mgrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1]
-        disk = ((yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2 <= bone_margin_mm**2)[None]
+        disk = ball(spacing[1:], bone_margin_mm, min_half_width=1)[None]  # in-plane
         out &= ~ndimage.binary_dilation(bone, structure=disk)
         out |= lung  # the lungs themselves always slide
     return out.astype(np.uint8)
