@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import warp as W
+from ..core.geometry import normalized_to_index
 from ..core.types import DisplacementField, Volume
 from ..diffusion.config import SamplerConfig, ScheduleConfig, choose_sampler
 from ..diffusion.schedulers import NoiseSchedule, make_sampler, run_sampler
@@ -82,16 +83,16 @@ def airlab_to_pull_mm(d: torch.Tensor, spacing: tuple[float, float, float]) -> t
     Per axis of ``n`` voxels: ``u = (((g_i + d + 1) n - 1) / 2 - i) * spacing`` with
     ``g_i = linspace(-1, 1, n)[i]`` (module doc: ``grid_sample`` with ``align_corners=False``).
     """
-    out = []
+    vox = []
     for axis in range(3):  # z, y, x
         n = d.shape[2 + axis]
         view = [1, 1, 1, 1]
         view[1 + axis] = n
         idx = torch.arange(n, dtype=torch.float64, device=d.device)
         grid = torch.linspace(-1.0, 1.0, n, dtype=torch.float64, device=d.device)
-        pulled = ((grid.reshape(view) + d[:, 2 - axis].double() + 1.0) * n - 1.0) / 2.0
-        out.append((pulled - idx.reshape(view)) * float(spacing[axis]))
-    return torch.stack(out, dim=1).to(d.dtype)
+        pulled = normalized_to_index(grid.reshape(view) + d[:, 2 - axis].double(), n, align_corners=False)
+        vox.append(pulled - idx.reshape(view))
+    return W.voxels_to_mm(torch.stack(vox, dim=1), spacing).to(d.dtype)
 
 
 def seed_schedule(models: SeedModels) -> NoiseSchedule:
