@@ -18,6 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..core import grid
+
 DPI = 100
 BACKGROUND = "#111111"
 TEXT = "#f0f0f0"
@@ -78,12 +80,14 @@ def nice_floor(x: float) -> float:
 
 def _extent(shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[float, float, float, float]:
     """imshow extent (left, right, bottom, top) in mm with y growing downwards."""
-    return (0.0, shape[1] * spacing[1], shape[0] * spacing[0], 0.0)
+    height, width = grid.to_mm(shape, spacing)
+    return (0.0, float(width), float(height), 0.0)
 
 
 def _centres(shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    ys = (np.arange(shape[0]) + 0.5) * spacing[0]
-    xs = (np.arange(shape[1]) + 0.5) * spacing[1]
+    """Pixel centres in mm from the panel's top-left corner: columns (x), rows (y)."""
+    ys = grid.centres_from_edge(shape[0], spacing[0])
+    xs = grid.centres_from_edge(shape[1], spacing[1])
     return xs, ys
 
 
