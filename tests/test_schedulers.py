@@ -110,8 +110,11 @@ def test_ddim_all_steps_matches_ddpm_posterior_mean(sched):
     for t in range(1, T):
         i = T - 1 - t
         xt = sched.add_noise(x0, eps, torch.tensor([t]))
-        mean = sched.monai._get_mean(t, x0, xt)
-        std = math.sqrt(float(sched.monai._get_variance(t)))
+        # DDPM posterior q(x_{t-1} | x_t, x0) in closed form from alpha-bar alone (Ho et al. 2020, eqs. 6-7)
+        ab, abp = sched.alpha_bar(t), sched.alpha_bar(t - 1)
+        beta = 1.0 - ab / abp
+        mean = (math.sqrt(abp) * beta * x0 + math.sqrt(1.0 - beta) * (1.0 - abp) * xt) / (1.0 - ab)
+        std = math.sqrt((1.0 - abp) / (1.0 - ab) * beta)
         assert torch.allclose(d1.step(i, eps, xt, zero), mean, atol=2e-5), t
         gap = float((d0.step(i, eps, xt, zero) - mean).abs().max()) / (std * float(eps.abs().max()))
         assert gap < (0.45 if t < 10 else 0.2 if t < 100 else 0.08), (t, gap)

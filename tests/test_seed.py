@@ -181,7 +181,7 @@ def test_seed_schedule_and_ddim_timesteps(tiny):
     root, _ = tiny
     motion = load_seed_motion(root)
     research_betas = torch.linspace(1e-4, 0.02, 1001, dtype=torch.float64)[:1000]
-    assert torch.allclose(motion.schedule.monai.betas, research_betas, rtol=1e-6, atol=1e-10)
+    assert torch.allclose(motion.schedule.betas, research_betas, rtol=1e-6, atol=1e-10)
     assert [t + 1 for t in motion.sampler.timesteps] == list(range(1000, 0, -5))  # research DDIM loop, 200 steps
     assert motion.shape == TINY_SHAPE
     d = motion.describe()

@@ -1,8 +1,8 @@
 """Noise schedule (forward process) and samplers (reverse process) on latents.
 
-The schedule tables (betas from MONAI's named schedules) and the DDPM posterior mean/variance
-come from MONAI's :class:`~monai.networks.schedulers.DDPMScheduler`.  The reverse
-*steps* are written here, for three reasons found reading MONAI 1.6.1:
+The betas come from MONAI's named schedules (:class:`~monai.networks.schedulers.DDPMScheduler`'s public
+``betas``).  The tables derived from them, the DDPM posterior and the reverse *steps* are written here,
+for four reasons found reading MONAI 1.6.1:
 
 * MONAI's ``DDIMScheduler.step`` takes the previous timestep as ``t - T // n`` while its
   ``set_timesteps`` spaces timesteps by ``round(linspace(T - 1, 0, n))``; for n = 200 (the
@@ -14,8 +14,9 @@ come from MONAI's :class:`~monai.networks.schedulers.DDPMScheduler`.  The revers
 * MONAI clips the predicted x0 to [-1, 1] by default, wrong for unit-variance latents.
 * MONAI builds its tables in float32; the cumulative product then loses ~4 significant digits
   of ``1 - alpha-bar`` near t = 0 (the DDPM posterior mean was off by ~3e-4 at t = 1).  We
-  rebuild alphas and alpha-bar in float64 from MONAI's betas, inside the MONAI scheduler, so its
-  posterior formulas use the consistent tables too.
+  build alphas and alpha-bar in float64 from MONAI's betas.
+* MONAI's posterior mean and variance are private methods reading its own (float32) tables, so
+  :meth:`NoiseSchedule.posterior` writes the closed form (Ho et al. 2020, eqs. 6-7) on ours.
 
 Timesteps are "trailing": ``t_i = round(T - i * T / n) - 1``, i = 0..n-1 (999, 994, ..., 4 for
 n = 200), and the last step lands on alpha-bar = 1 (clean).  All samplers share one loop,
@@ -49,7 +50,7 @@ class NoiseSchedule:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
         kwargs = {} if cfg.schedule == "cosine" else {"beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
         self.cfg = cfg
-        self.monai = DDPMScheduler(
+        monai = DDPMScheduler(
             num_train_timesteps=cfg.num_train_timesteps,
             schedule=cfg.schedule,
             clip_sample=False,
@@ -57,16 +58,21 @@ class NoiseSchedule:
             **kwargs,
         )
         self.T = int(cfg.num_train_timesteps)
-        betas = self.monai.betas.double()
-        self.monai.betas = betas
-        self.monai.alphas = 1.0 - betas
-        self.monai.alphas_cumprod = torch.cumprod(self.monai.alphas, dim=0)
-        self.monai.one = torch.tensor(1.0, dtype=torch.float64)
-        self.alphas_cumprod = self.monai.alphas_cumprod
+        self.betas = monai.betas.double()  # (T,) float64
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     def alpha_bar(self, t: int) -> float:
         """alpha-bar at integer timestep ``t``; ``t < 0`` means clean (1.0)."""
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def posterior(self, t: int) -> tuple[float, float, float]:
+        """DDPM posterior ``q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, var)`` at integer timestep ``t`` (Ho et al.
+        2020, eqs. 6-7, on the float64 tables): returns ``(c0, ct, var)``; at ``t = 0`` the variance is 0."""
+        ab, abp, beta = self.alpha_bar(t), self.alpha_bar(t - 1), float(self.betas[t])
+        c0 = math.sqrt(abp) * beta / (1.0 - ab)
+        ct = math.sqrt(float(self.alphas[t])) * (1.0 - abp) / (1.0 - ab)
+        return c0, ct, (1.0 - abp) / (1.0 - ab) * beta
 
     def _coef(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(ab_t), sqrt(1 - ab_t) computed in float64, shaped to broadcast over ``like``."""
@@ -137,7 +143,7 @@ class Sampler:
 
 
 class DDPMSampler(Sampler):
-    """Ancestral DDPM: MONAI's posterior mean q(x_{t-1} | x_t, x0) plus its fixed-small variance."""
+    """Ancestral DDPM: the posterior mean q(x_{t-1} | x_t, x0) plus its (fixed-small) variance."""
 
     name = "ddpm"
 
@@ -146,10 +152,10 @@ class DDPMSampler(Sampler):
         if self.prev(i) != t - 1:
             raise ValueError("DDPM sampling needs consecutive timesteps (use all T steps)")
         x0, _ = self.schedule.split(model_out, x, t)
-        mean = self.schedule.monai._get_mean(t, x0, x)
+        c0, ct, var = self.schedule.posterior(t)
+        mean = c0 * x0 + ct * x
         if t == 0:
             return mean
-        var = float(self.schedule.monai._get_variance(t))
         return mean + math.sqrt(var) * noise_fn()
 
 
