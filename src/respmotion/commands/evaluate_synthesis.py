@@ -11,31 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..diffusion.config import SAMPLER_CHOICES
-from ..training.splits import SPLIT_RATIOS, SPLIT_SEED
+from ..evaluation.config import EvaluateSynthesisConfig
 from ._common import UserError, add_config_args, command, resolve_config, save_resolved
-
-
-@dataclass
-class EvaluateSynthesisConfig:
-    data: str = ""
-    ct: str = ""
-    landmarks: str = ""
-    model: str = ""
-    out: str = "out/evaluation"
-    patients: list[str] = field(default_factory=list)
-    split: str = "test"
-    split_ratios: tuple[float, float, float] = SPLIT_RATIOS
-    split_seed: int = SPLIT_SEED
-    samples: int = 1
-    seed: int = 0
-    device: str = "cpu"
-    sampler: str = ""
-    steps: int = 0
-    delta_t: int = 0
 
 
 def add_parser(targets: argparse._SubParsersAction) -> None:
