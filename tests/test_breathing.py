@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from respmotion.anatomy.measures import diaphragm_excursion
 from respmotion.core.ops import jacobian_determinant
 from respmotion.core.types import DisplacementField, Volume
 from respmotion.data.phantom import breathing_amplitude, make_patient
-from respmotion.evaluation.metrics import diaphragm_excursion
 from respmotion.synthesis.breathing import (
     TraceError, amplitude_for_excursion, amplitude_for_superior_mean, find_extrema, read_trace, scale_motion,
     superior_mean, trace_sequence, velocity_fields,

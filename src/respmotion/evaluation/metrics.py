@@ -8,8 +8,7 @@ Image similarity (:func:`image_similarity`): SSIM and PSNR are computed with MON
 the HU window of :mod:`respmotion.data.intensity` ([-1000, 1000] HU), so the data range is 2000 HU (air to dense
 bone-ish tissue; lung and soft tissue dominate).  MAE is in HU on the unclipped images.
 
-Diaphragm excursion and lung-base shift are anatomy measures (:mod:`respmotion.anatomy.measures`), imported
-here for the evaluation's callers.
+Diaphragm excursion and lung-base shift are anatomy measures: :mod:`respmotion.anatomy.measures`.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..anatomy.measures import diaphragm_excursion, lung_base_shift
 from ..core import ops
 from ..core import warp as W
 from ..core.types import DisplacementField, Volume
@@ -28,8 +26,7 @@ from ..data.intensity import HU_WINDOW
 from .landmarks import error_stats
 
 __all__ = ["dvf_error", "dvf_error_per_phase", "mean_displacement", "breathing_curve", "folding_percent",
-           "sample_diversity", "lung_volume_ml", "warp_mask", "lung_volume_change", "diaphragm_excursion",
-           "lung_base_shift", "image_similarity"]
+           "sample_diversity", "lung_volume_ml", "warp_mask", "lung_volume_change", "image_similarity"]
 
 MaskLike = Volume | np.ndarray | None
 

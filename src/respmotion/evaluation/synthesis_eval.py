@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..anatomy.measures import diaphragm_excursion
 from ..core.ops import warp_volume
 from ..core.types import DisplacementField, Volume
 from ..io.atomic import read_npy
@@ -86,7 +87,7 @@ def evaluate_fields(study: StudyDir, fields: Mapping[int, DisplacementField],
         rec["per_phase"][f"{k:02d}"] = ph
         rec["breathing_curve"][f"{k:02d}"] = M.mean_displacement(f, lung0)
     f50 = _on(fields[50], ct.geometry)
-    rec["diaphragm_excursion_mm"] = M.diaphragm_excursion(lung0, f50)["mean_mm"]
+    rec["diaphragm_excursion_mm"] = diaphragm_excursion(lung0, f50)["mean_mm"]
     rec["lung_volume_change"] = M.lung_volume_change(lung0, M.warp_mask(lung0, f50))
     rec["real_lung_volume_change"] = M.lung_volume_change(lung0, lung50)
     if errs:
@@ -118,7 +119,7 @@ def evaluate_study(study: StudyDir, candidates: Mapping[str, Mapping[int, Displa
         out["truth"] = {
             "breathing_curve": {f"{k:02d}": M.mean_displacement(_on(truth[k], ct.geometry), _lung(study, 0, ct))
                                 for k in PHASES},
-            "diaphragm_excursion_mm": M.diaphragm_excursion(_lung(study, 0, ct), _on(truth[50], ct.geometry))["mean_mm"],
+            "diaphragm_excursion_mm": diaphragm_excursion(_lung(study, 0, ct), _on(truth[50], ct.geometry))["mean_mm"],
         }
     return out
 
