@@ -92,9 +92,6 @@ def nifti_affine(geometry: Geometry) -> np.ndarray:
     return geometry.ras_affine()
 
 
-_nifti_affine = nifti_affine  # transitional: synthesis/pipeline.py still imports the private name (issue 21)
-
-
 def check_finite(array: np.ndarray, where: str | os.PathLike) -> np.ndarray:
     """Raise a one-line error naming ``where`` if a float array holds NaN or infinite values."""
     if np.issubdtype(array.dtype, np.floating):
