@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from respmotion.cli import main as cli_main
+from respmotion.core.warp import upsample_field
 from respmotion.models.autoencoder import (
+    COARSE_LEVELS_DVF,
     Autoencoder,
+    AutoencoderNetConfig,
     build_autoencoder,
     default_net_config,
     kl_divergence,
@@ -66,6 +69,62 @@ def test_units_and_latent_codec_roundtrip():
         torch.testing.assert_close(dvf.decode_latent(z), dvf.denormalize(dvf.decode(z / 0.5)))
     # eval mode decodes the mean: deterministic
     torch.testing.assert_close(dvf(u).recon, dvf(u).recon)
+
+
+def test_coarse_dvf_decoder_shapes_and_levels():
+    for k in (0, 1, 2, 3):
+        m = tiny("dvf", coarse_levels=k).eval()
+        z = torch.zeros(2, 9, 5, 2, 3)
+        assert m.decoder(z).shape == (2, 3, 5, 2 * 2 ** (3 - k), 3 * 2 ** (3 - k))  # its own output, k levels early
+        assert m.decode(z).shape == (2, 3, 5, 16, 24)  # always the full grid
+        assert m(torch.zeros(1, 3, 5, 16, 24)).recon.shape == (1, 3, 5, 16, 24)
+    assert default_net_config("image").coarse_levels == 0 and default_net_config("dvf").coarse_levels == COARSE_LEVELS_DVF
+    with pytest.raises(ValueError, match="coarse_levels"):
+        tiny("dvf", coarse_levels=4)
+
+
+def test_checkpoint_without_coarse_levels_loads_as_full_resolution(tmp_path):
+    """Checkpoints written before the option have no ``coarse_levels`` key: the full-resolution decoder,
+    the same weights and the same output as before."""
+    torch.manual_seed(0)
+    full = tiny("dvf", coarse_levels=0).eval()
+    stored = full.cfg.to_dict()
+    del stored["coarse_levels"]
+    assert AutoencoderNetConfig.from_dict(stored).resolved().coarse_levels == 0
+    path = tmp_path / "old.pt"
+    torch.save({"task": "autoencoder_dvf", "model_config": stored, "model": full.state_dict()}, path)
+    old = load_autoencoder(str(path))
+    assert old.cfg.coarse_levels == 0 and list(old.state_dict()) == list(full.state_dict())
+    z = torch.randn(1, 9, 4, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(old.decode(z), full.decode(z))
+
+
+def test_upsample_field_reproduces_smooth_fields():
+    """Coarse samples at the coarse voxel centres (align_corners=False: fine index j * f + (f - 1) / 2)
+    come back exactly for a linear field away from the border, closely for a smooth one, and
+    the decoder's upsampling is this function."""
+    f = (1, 4, 4)
+    fine = [torch.arange(n, dtype=torch.float64) for n in (6, 32, 32)]
+    coarse = [(torch.arange(n // k, dtype=torch.float64) * k + (k - 1) / 2) for n, k in zip((6, 32, 32), f)]
+
+    def field(z, y, x, fn):
+        zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
+        return torch.stack([fn(zz, yy, xx), 2 * fn(zz, yy, xx), -fn(zz, yy, xx)])[None]
+
+    linear = lambda z, y, x: 0.3 * z + 0.05 * y - 0.02 * x  # noqa: E731
+    up = upsample_field(field(*coarse, linear), f)
+    assert up.shape == (1, 3, 6, 32, 32)
+    inner = (slice(None), slice(None), slice(None), slice(2, -2), slice(2, -2))  # between the outermost centres
+    torch.testing.assert_close(up[inner], field(*fine, linear)[inner])
+    smooth = lambda z, y, x: 5 * torch.sin(y / 32 * torch.pi) * torch.cos(x / 32 * torch.pi)  # noqa: E731 mm
+    err = (upsample_field(field(*coarse, smooth), f) - field(*fine, smooth)).abs()
+    peak = 10.0  # mm, the largest component (2 * 5 mm)
+    assert float(err[inner].max()) < 0.05 * peak and float(err[inner].mean()) < 0.01 * peak
+    m = tiny("dvf", coarse_levels=2).eval()
+    z = torch.randn(1, 9, 3, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(m.decode(z), upsample_field(m.decoder(z), m.output_factor))
 
 
 def test_kl_is_zero_for_standard_normal_and_positive_otherwise():

@@ -210,3 +210,23 @@ def to_tensor(array: np.ndarray, device: str | torch.device = "cpu", dtype=torch
     if t.ndim == 3:
         t = t[None]
     return t[None]
+
+
+def upsample_field(field: torch.Tensor, factor: Sequence[int]) -> torch.Tensor:
+    """Trilinear upsampling of a field ``(B, C, Z, Y, X)`` by integer ``factor`` ``(fz, fy, fx)`` to
+    ``(B, C, Z * fz, Y * fy, X * fx)``; values keep their units (mm stay mm: a displacement does not
+    scale with the grid).
+
+    Grid semantics: ``align_corners=False``, i.e. the coarse and fine grids cover the same field of
+    view by their voxel *edges* (coarse voxel ``j`` covers fine voxels ``j * f .. (j + 1) * f - 1``,
+    its centre at fine index ``j * f + (f - 1) / 2``), the mapping of :meth:`Geometry.resized` and
+    :func:`respmotion.core.ops.resample_array`; beyond the outermost coarse centres the edge value is
+    held.  Differentiable (used inside networks).
+    """
+    f = tuple(int(k) for k in factor)
+    if len(f) != 3 or min(f) < 1:
+        raise ValueError(f"upsampling factor must be three positive integers (z, y, x), got {tuple(factor)}")
+    if f == (1, 1, 1):
+        return field
+    size = tuple(n * k for n, k in zip(field.shape[-3:], f))
+    return F.interpolate(field, size=size, mode="trilinear", align_corners=False)

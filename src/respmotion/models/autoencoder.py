@@ -42,16 +42,19 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.layers.factories import Act
 
+from ..core import warp as W
 from ..data.intensity import HU_WINDOW, denormalize_hu, normalize_hu
 from ..io.torchfile import load_state, load_weights_only
 
 KINDS = ("image", "dvf")
+#: the DVF decoder's default number of levels that are not upsampled (docs/synthesis_cost.md)
+COARSE_LEVELS_DVF = 0
 
 
 #: what ``None`` means for the kind-dependent settings: image 1 -> 3 latent channels (AE), DVF 3 -> 9 (VAE)
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "image": dict(in_channels=1, out_channels=1, latent_channels=3, variational=False),
-    "dvf": dict(in_channels=3, out_channels=3, latent_channels=9, variational=True),
+    "image": dict(in_channels=1, out_channels=1, latent_channels=3, variational=False, coarse_levels=0),
+    "dvf": dict(in_channels=3, out_channels=3, latent_channels=9, variational=True, coarse_levels=COARSE_LEVELS_DVF),
 }
 
 
@@ -63,6 +66,12 @@ class AutoencoderNetConfig:
     ``None`` channel/variational settings take the kind's default (:data:`KIND_DEFAULTS`;
     :meth:`resolved`).  ``channel_mults`` give the channels of each level as ``base_channels * mult``;
     every level halves ``Y`` and ``X`` (and ``Z`` too only when ``downsample_depth``).
+
+    ``coarse_levels`` = k: the decoder stops upsampling k levels early and its output
+    ``(B, C_out, Z / s_z**k, Y / 2**k, X / 2**k)`` is brought to the full grid by trilinear
+    interpolation (:func:`respmotion.core.warp.upsample_field`), a cost that fits a smooth field
+    (DVF default :data:`COARSE_LEVELS_DVF`, chosen in docs/synthesis_cost.md; image 0).  A stored
+    config without the key (checkpoints written before the option) means 0: full resolution.
     """
 
     kind: str = "image"
@@ -80,6 +89,7 @@ class AutoencoderNetConfig:
     hu_min: float = HU_WINDOW[0]
     hu_max: float = HU_WINDOW[1]
     dvf_scale_mm: float = 10.0
+    coarse_levels: int | None = None
 
     def resolved(self, kind: str | None = None) -> "AutoencoderNetConfig":
         """A copy for ``kind`` (default: its own) with every ``None`` setting the kind's default."""
@@ -101,6 +111,7 @@ class AutoencoderNetConfig:
         if unknown:
             raise ValueError(f"unknown autoencoder setting '{unknown[0]}'")
         d = dict(d)
+        d.setdefault("coarse_levels", 0)  # written before the option: a full-resolution decoder
         if "channel_mults" in d:
             d["channel_mults"] = tuple(int(m) for m in d["channel_mults"])
         return cls(**d)
@@ -156,7 +167,7 @@ class _Encoder(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """``(B, latent, Z', Y', X') -> (B, C_out, Z, Y' * 2**L, X' * 2**L)``."""
+    """``(B, latent, Z', Y', X') -> (B, C_out, Z, Y' * 2**(L - k), X' * 2**(L - k))``, k = ``coarse_levels``."""
 
     def __init__(self, cfg: AutoencoderNetConfig, strides: tuple[int, int, int]) -> None:
         super().__init__()
@@ -168,8 +179,11 @@ class _Decoder(nn.Module):
                 layers.append(ResidualUnit(3, c, c, subunits=2, act=cfg.act, norm=_norm(c, cfg.norm_groups),
                                            dropout=cfg.dropout or None))
             nxt = chans[i - 1] if i > 0 else chans[0]
-            # transposed convolution with kernel = stride = (1, 2, 2): cheap at the full size
-            layers.append(UpSample(3, c, nxt, scale_factor=strides, mode="deconv"))
+            if i >= cfg.coarse_levels:
+                # transposed convolution with kernel = stride = (1, 2, 2): cheap at the full size
+                layers.append(UpSample(3, c, nxt, scale_factor=strides, mode="deconv"))
+            elif nxt != c:  # a level left coarse: only its channel change
+                layers.append(Convolution(3, c, nxt, kernel_size=1, conv_only=True))
         head_c = chans[0]
         layers += [nn.GroupNorm(_groups(head_c, cfg.norm_groups), head_c), Act[cfg.act](),
                    Convolution(3, head_c, cfg.out_channels, kernel_size=3, conv_only=True)]
@@ -192,6 +206,8 @@ class Autoencoder(nn.Module):
         cfg = cfg.resolved()  # the kind's defaults for unset channels (raises on an unknown kind)
         if not cfg.channel_mults:
             raise ValueError("channel_mults must name at least one level")
+        if not 0 <= cfg.coarse_levels <= len(cfg.channel_mults):
+            raise ValueError(f"coarse_levels must be in 0..{len(cfg.channel_mults)} (the levels), got {cfg.coarse_levels}")
         self.cfg = cfg
         self.strides = (2 if cfg.downsample_depth else 1, 2, 2)
         enc_out = cfg.latent_channels * (2 if cfg.variational else 1)
@@ -244,9 +260,20 @@ class Autoencoder(nn.Module):
         """Network-unit input ``(B, C, Z, Y, X)`` -> latent mean ``(B, latent, Z', Y', X')`` (unscaled)."""
         return self.encode_dist(x)[0]
 
+    @property
+    def output_factor(self) -> tuple[int, int, int]:
+        """Upsampling ``(z, y, x)`` from the decoder's own output to the full grid (1s at full resolution)."""
+        k = self.cfg.coarse_levels
+        return (self.strides[0] ** k, self.strides[1] ** k, self.strides[2] ** k)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latent -> reconstruction in network units."""
-        return self.decoder(z)
+        """Unscaled latent ``(B, latent, Z', Y', X')`` -> reconstruction ``(B, C_out, Z, Y, X)`` in network
+        units on the full grid (a coarse decoder's output trilinearly upsampled, see ``coarse_levels``).
+
+        Training compares this full-grid output with the full-resolution target: the loss then scores
+        the interpolated field that synthesis uses, and the coarse values are free to be whatever
+        interpolates best, which a downsampled target would not allow."""
+        return W.upsample_field(self.decoder(z), self.output_factor)
 
     def forward(self, x: torch.Tensor) -> AutoencoderOutput:
         mu, logvar = self.encode_dist(x)
