@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core import grid
 from ..core.ops import warp_volume
 from ..core.types import DisplacementField, Volume
 from ..io.atomic import write_json
@@ -103,9 +104,9 @@ def _view_scales(cfg: RenderConfig, canon: Canonical, shape_c: tuple[int, ...], 
     largest in-plane displacement, so the longest arrow spans at most 1.5 grid steps."""
     spec = VIEW_SPECS[view]
     sr, sc = view_spacing(canon, view)
-    h_mm, w_mm = shape_c[spec.row_axis] * sr, shape_c[spec.col_axis] * sc
+    h_mm, w_mm = (float(v) for v in grid.to_mm((shape_c[spec.row_axis], shape_c[spec.col_axis]), (sr, sc)))
     step_mm = cfg.arrow_spacing_mm or max(h_mm, w_mm) / 18.0
-    step = (max(1, int(round(step_mm / sr))), max(1, int(round(step_mm / sc))))
+    step = tuple(max(1, int(round(v))) for v in grid.to_voxels(step_mm, (sr, sc)))
     scale = cfg.arrow_scale or nice_floor(1.5 * step_mm / inplane_max)
     return Scales(
         hu_window=tuple(cfg.hu_window), diff_window_hu=cfg.diff_window_hu, magnitude_max_mm=mag_max,
