@@ -56,15 +56,17 @@ class Panel:
 
 @dataclass
 class Scales:
-    """Display scales shared by all frames of one GIF (so colours and arrows are comparable)."""
+    """Display scales shared by all frames of one GIF (so colours and arrows are comparable), built by
+    :mod:`respmotion.viz.cycle` from a :class:`respmotion.viz.config.RenderConfig` (where the windows' defaults are)
+    and the size of the motion."""
 
-    hu_window: tuple[float, float] = (-1000.0, 400.0)
-    diff_window_hu: float = 500.0
-    magnitude_max_mm: float = 1.0
-    arrow_step: tuple[int, int] = (4, 4)  # voxels between arrows (rows, cols)
-    arrow_scale: float = 1.0
-    arrow_key_mm: float = 5.0
-    heatmap_alpha: float = 0.55
+    hu_window: tuple[float, float]
+    diff_window_hu: float
+    magnitude_max_mm: float
+    arrow_step: tuple[int, int]  # voxels between arrows (rows, cols)
+    arrow_scale: float
+    arrow_key_mm: float
+    heatmap_alpha: float
 
 
 def nice_floor(x: float) -> float:
