@@ -3,7 +3,8 @@
 Tuning protocol (issue 19): settings are chosen on the *tuning* set only and reported on the *held-out* set, whose
 phantom patients have breathing amplitudes outside the tuning patients' range and whose pairs the tuning set lacks::
 
-    python -m bench.registration --set tune --tune          # ours only: candidate settings on the tuning set
+    python -m bench.registration --set tune --tune          # ours: candidate settings on the tuning set
+    python -m bench.registration --set tune --tune --methods deepali   # the same for the deepali baseline
     python -m bench.registration --set heldout              # every method on the held-out set (the acceptance)
     python -m bench.registration --set real                 # real-texture lung CT pair, 51 landmarks
     python -m bench.registration --set phantom --seed 0     # one phantom (``--pairs``; what `python -m bench` runs)
@@ -49,7 +50,6 @@ from respmotion.io.atomic import read_json
 from respmotion.io.layout import StudyDir
 from respmotion.registration.bspline import ControlGrid, dense_tensor
 from respmotion.registration.ffd import FFDSettings, register, sliding_region
-from respmotion.registration.quality import masked_ncc
 
 DEFAULT_PAIRS = ("ref_50", "step_20", "step_70")
 STUDY_PAIRS = tuple(f"ref_{k}" for k in range(10, 100, 10)) + tuple(f"step_{k:02d}" for k in range(0, 100, 10))
@@ -211,48 +211,87 @@ def run_ours(fixed, moving, geom, device, settings: FFDSettings | None = None) -
     return u, dt / len(fixed), log
 
 
-def run_deepali(fixed, moving, geom, device) -> tuple[np.ndarray, float]:
-    """hf-deepali FreeFormDeformation, SPEC section 7: control points every (8, 8, 3) voxels (x, y, z), 3 levels
-    (finest at full resolution), global NCC on the fixed body mask, bending energy weight 1, Adam 100/60/40 steps
-    with lr 0.5/0.3/0.15 mm (control points parametrised in mm)."""
-    from deepali.core import Grid
+@dataclass(frozen=True)
+class DeepaliSettings:
+    """hf-deepali FFD as its own example registers a pair (``examples/ffd`` of BioMedIA/deepali: ``params.yaml``,
+    ``pairwise.py``): intensities clamped to ``clamp_hu`` and scaled to [0, 1]; a Gaussian pyramid of ``levels``
+    (downsampled along ``pyramid_dims``, grid corners aligned); a FreeFormDeformation made on the coarsest level's
+    grid with control points every ``stride`` voxels (x, y, z) *of the current level* (the control grid is
+    subdivided at each finer level, so its mm spacing halves); loss = ``loss`` (a ``deepali.losses`` name; image
+    terms on the overlap mask where the loss takes a voxel mask, as the example does) + ``bending`` x
+    ``BSplineBending``; a new Adam per level, ``lr`` in deepali's normalised units (the image spans [-1, 1] on each
+    axis), gradient normalised to unit length per control point before each step (the example's hook); at most
+    ``max_steps`` steps a level, stopping when the least-squares slope of the last 10 loss values is below
+    ``|min_delta| x`` the loss (``min_delta`` < 0: relative, the example's -0.01; 0: never)."""
+
+    stride: tuple[int, int, int] = (8, 8, 5)
+    levels: int = 3
+    pyramid_dims: tuple[str, ...] = ("x", "y", "z")
+    loss: str = "MSE"
+    bending: float = 0.005
+    lr: float = 1e-3
+    max_steps: int = 100
+    min_delta: float = -0.01
+    clamp_hu: tuple[float, float] = (-1000.0, 1000.0)
+
+
+def _converged(values: list[float], min_delta: float) -> bool:
+    """The deepali example's stop test on the last (at most 10) loss values."""
+    if len(values) < 2 or min_delta == 0:
+        return False
+    slope = np.polyfit(np.arange(len(values)), values, 1)[0]
+    eps = abs(min_delta * values[-1]) if min_delta < 0 else min_delta
+    return abs(slope) < eps
+
+
+def run_deepali(fixed, moving, geom, device, settings: DeepaliSettings | None = None) -> tuple[np.ndarray, float]:
+    """hf-deepali FFD (:class:`DeepaliSettings`) of ``moving`` onto ``fixed`` (``(z, y, x)`` HU on ``geom``);
+    returns the pull field ``(3, z, y, x)`` mm (fixed -> moving, components along the array axes z, y, x) on
+    ``geom``'s grid and the seconds taken.  deepali's world axes are the array axes here (identity direction,
+    spacing of ``geom``), so its ``Axes.WORLD`` flow is the field in mm."""
+    from deepali.core import Axes, Grid
     from deepali.data import Image
-    from deepali.losses import BSplineBending
+    from deepali.losses import BSplineBending, new_loss
     from deepali.spatial import FreeFormDeformation, ImageTransformer
 
+    s = settings or DeepaliSettings()
     t0 = time.perf_counter()
-    z, y, x = geom.shape
-    sz, sy, sx = geom.spacing
-    grid = Grid(shape=(z, y, x), spacing=(sx, sy, sz), align_corners=True)
-    stride = (8, 8, 3)
-    probe = FreeFormDeformation(grid, stride=stride)
-    scale = torch.tensor([2.0 / ((n - 1) * s) for n, s in ((x, sx), (y, sy), (z, sz))], device=device)
-    p_mm = torch.zeros((1, *probe.data_shape), device=device, requires_grad=True)
-    view = (1, 3) + (1,) * (p_mm.ndim - 2)
-    ffd = FreeFormDeformation(grid, stride=stride, params=lambda *a: p_mm * scale.view(view)).to(device)
-    bending = BSplineBending(stride=stride)
-    fx = Image(torch.as_tensor(np.clip(fixed, -1000, 1000))[None], grid).to(device)
-    mv = Image(torch.as_tensor(np.clip(moving, -1000, 1000))[None], grid).to(device)
-    mk = Image(torch.as_tensor(body_mask(fixed).astype(np.float32))[None], grid).to(device)
-    pyr_f, pyr_m, pyr_k = fx.pyramid(3), mv.pyramid(3), mk.pyramid(3)
-    for level, steps, lr in ((2, 100, 0.5), (1, 60, 0.3), (0, 40, 0.15)):
-        target, source, mask = pyr_f[level], pyr_m[level], pyr_k[level]
-        warp = ImageTransformer(ffd, target=target.grid(), source=source.grid(), padding="border")
-        opt = torch.optim.Adam([p_mm], lr=lr)
-        src = source.tensor()[None]
+    grid = Grid(size=geom.shape[::-1], spacing=geom.spacing[::-1], align_corners=True)
+    lo, hi = s.clamp_hu
+
+    def image(a):
+        a = (np.clip(a, lo, hi) - lo) / (hi - lo)
+        return Image(torch.as_tensor(a, dtype=torch.float32)[None], grid).to(device)
+
+    pyr_f = image(fixed).pyramid(s.levels, dims=s.pyramid_dims)
+    pyr_m = image(moving).pyramid(s.levels, dims=s.pyramid_dims)
+    ffd = FreeFormDeformation(pyr_f[s.levels - 1].grid(), stride=s.stride).to(device)
+    sim = new_loss(s.loss)
+    bending = BSplineBending(stride=s.stride)
+    takes_mask = s.loss != "NCC"  # deepali's NCC reduces before masking: it takes no voxel mask
+    for level in range(s.levels - 1, -1, -1):
+        target, source = pyr_f[level], pyr_m[level]
+        ffd.grid_(target.grid())
+        warp = ImageTransformer(ffd, target=target.grid(), source=source.grid(), padding="zeros")
+        src = torch.cat([source.tensor(), torch.ones_like(source.tensor())])[None]  # + ones: the overlap mask
         tgt = target.tensor()[None]
-        msk = mask.tensor()[None]
-        for _ in range(steps):
+        opt = torch.optim.Adam(ffd.parameters(), lr=s.lr)
+        values: list[float] = []
+        for _ in range(s.max_steps):
+            if _converged(values[-10:], s.min_delta):
+                break
             opt.zero_grad()
-            ffd.update()
-            ncc = masked_ncc(warp(src)[:, 0], tgt[:, 0], msk[:, 0])  # deepali's ncc_loss masks after reducing
-            loss = (1.0 - ncc**2).sum() + 1.0 * bending(ffd.data())
+            w = warp(src)
+            mask = w[:, 1:] > 0.9 if takes_mask else None
+            loss = sim(w[:, :1], tgt, mask=mask) + s.bending * bending(ffd.data())
             loss.backward()
+            for p in ffd.parameters():
+                torch.nn.functional.normalize(p.grad, p=2, dim=1, out=p.grad)
             opt.step()
+            values.append(loss.item())
     with torch.no_grad():
-        ffd.update()
-        u_norm = ffd.disp(grid)  # (1, 3, z, y, x) normalised, channels (x, y, z)
-    u_mm = (u_norm[0] / scale.view(3, 1, 1, 1)).flip(0).cpu().numpy()  # -> (z, y, x) mm
+        flow = ffd.flow(grid).axes(Axes.WORLD)  # (1, 3, z, y, x), components (x, y, z) mm
+    u_mm = flow.tensor()[0].flip(0).cpu().numpy().astype(np.float32)  # -> components (z, y, x)
     return u_mm, time.perf_counter() - t0
 
 
@@ -308,7 +347,8 @@ def _timing(seconds: list[float]) -> dict[str, Any]:
 
 
 def evaluate(cases: Sequence[Case], methods: Sequence[str], device: str = "cpu", threads: int = 2,
-             repeats: int = 1, settings: FFDSettings | None = None) -> dict[str, Any]:
+             repeats: int = 1, settings: FFDSettings | None = None,
+             deepali_settings: DeepaliSettings | None = None) -> dict[str, Any]:
     """Run ``methods`` on ``cases``; ours and deepali are timed ``repeats`` times (metrics of the last run)."""
     out: dict[str, Any] = {"cases": {c.name: {"info": c.info, "shape": list(c.geom.shape),
                                               "spacing_mm": list(c.geom.spacing),
@@ -334,7 +374,7 @@ def evaluate(cases: Sequence[Case], methods: Sequence[str], device: str = "cpu",
                 times = []
                 for _ in range(max(1, repeats) if method == "deepali" else 1):
                     if method == "deepali":
-                        u, dt = run_deepali(c.fixed, c.moving, c.geom, device)
+                        u, dt = run_deepali(c.fixed, c.moving, c.geom, device, deepali_settings)
                     elif method == "elastix":
                         u, dt = run_elastix(c.fixed, c.moving, c.geom, threads)
                     elif method == "convexadam":
@@ -381,16 +421,50 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
 }
 
 
-def tune(cases: Sequence[Case], device: str = "cpu") -> dict[str, Any]:
-    """Ours with each of :data:`TUNING_CANDIDATES` on the tuning cases; score = mean over pairs of lung error
-    mean + p95 + landmark TRE (mm), lower is better."""
-    out: dict[str, Any] = {"candidates": {}}
-    for name, make in TUNING_CANDIDATES.items():
-        s = make(FFDSettings())
-        rec = evaluate(cases, ["ours"], device, settings=s)["methods"]["ours"]
+# the deepali example's settings spelled out (examples/ffd/params.yaml); candidates vary one setting each
+DEEPALI_EXAMPLE = DeepaliSettings(stride=(8, 8, 5), levels=3, pyramid_dims=("x", "y", "z"), loss="MSE",
+                                  bending=0.005, lr=1e-3, max_steps=100, min_delta=-0.01)
+DEEPALI_TUNING_CANDIDATES: dict[str, DeepaliSettings] = {
+    "example": DEEPALI_EXAMPLE,
+    "no_early_stop": replace(DEEPALI_EXAMPLE, min_delta=0.0),
+    "lr_2e-3": replace(DEEPALI_EXAMPLE, lr=2e-3),
+    "lr_5e-4": replace(DEEPALI_EXAMPLE, lr=5e-4),
+    "bending_5e-4": replace(DEEPALI_EXAMPLE, bending=5e-4),
+    "bending_5e-2": replace(DEEPALI_EXAMPLE, bending=5e-2),
+    "lncc": replace(DEEPALI_EXAMPLE, loss="LNCC"),
+    "ncc": replace(DEEPALI_EXAMPLE, loss="NCC"),
+    "lr_4e-3": replace(DEEPALI_EXAMPLE, lr=4e-3),
+    "lr_4e-3_no_stop": replace(DEEPALI_EXAMPLE, lr=4e-3, min_delta=0.0),
+    "lr_1e-2_no_stop": replace(DEEPALI_EXAMPLE, lr=1e-2, min_delta=0.0),
+    "no_stop_bending_5e-4": replace(DEEPALI_EXAMPLE, bending=5e-4, min_delta=0.0),
+    "no_stop_ncc_bending_5e-4": replace(DEEPALI_EXAMPLE, loss="NCC", bending=5e-4, min_delta=0.0),
+}
+
+
+def tune(cases: Sequence[Case], device: str = "cpu", method: str = "ours",
+         names: Sequence[str] | None = None) -> dict[str, Any]:
+    """``method`` (ours: :data:`TUNING_CANDIDATES`; deepali: :data:`DEEPALI_TUNING_CANDIDATES`; ``names``: a
+    subset) on the tuning cases; score = mean over pairs of lung error mean + p95 + landmark TRE (mm), lower is
+    better."""
+    if method not in ("ours", "deepali"):
+        raise ValueError(f"tuning candidates exist for ours and deepali, not {method!r}")
+    table = TUNING_CANDIDATES if method == "ours" else DEEPALI_TUNING_CANDIDATES
+    unknown = sorted(set(names or ()) - set(table))
+    if unknown:
+        raise ValueError(f"unknown {method} tuning candidates {unknown} (known: {', '.join(table)})")
+    out: dict[str, Any] = {"method": method, "candidates": {}}
+    for name in names or table:
+        if method == "ours":
+            s, d = TUNING_CANDIDATES[name](FFDSettings()), None
+        else:
+            s, d = None, DEEPALI_TUNING_CANDIDATES[name]
+        rec = evaluate(cases, [method], device, settings=s, deepali_settings=d)["methods"][method]
         score = float(np.mean([p["lung_error_mean_mm"] + p["lung_error_p95_mm"] + p["landmark_error_mm"]
                                for p in rec["pairs"].values()]))
-        out["candidates"][name] = {"score": score, "settings": repr(s), **rec["mean"]}
+        out["candidates"][name] = {"score": score, "settings": repr(s or d), **rec["mean"],
+                                   "pairs": {k: {m: p[m] for m in ("seconds", "lung_error_mean_mm",
+                                                                   "lung_error_p95_mm", "landmark_error_mm")}
+                                             for k, p in rec["pairs"].items()}}
     out["best"] = min(out["candidates"], key=lambda k: out["candidates"][k]["score"])
     return out
 
@@ -406,7 +480,8 @@ def cases_for(set_name: str, shape: Sequence[int], seed: int = 0, pairs: Sequenc
 
 def run(device: str = "cpu", shape: Sequence[int] = (50, 256, 256), pairs: Sequence[str] = DEFAULT_PAIRS,
         methods: Sequence[str] = ("ours", "deepali", "elastix"), seed: int = 0, threads: int = 2,
-        batch: str = "pairs", set_name: str = "phantom", repeats: int = 1, do_tune: bool = False) -> dict:
+        batch: str = "pairs", set_name: str = "phantom", repeats: int = 1, do_tune: bool = False,
+        candidates: Sequence[str] | None = None) -> dict:
     """Benchmark the methods on one set (``phantom``: ``seed`` and ``pairs``; ``tune``, ``heldout``, ``real``);
     returns the JSON-ready record.  ``batch`` is kept for ``python -m bench`` (ours batches a patient's pairs)."""
     from bench.common import environment
@@ -417,7 +492,9 @@ def run(device: str = "cpu", shape: Sequence[int] = (50, 256, 256), pairs: Seque
     out: dict[str, Any] = {"set": set_name, "shape": list(shape), "threads": threads, "repeats": repeats,
                            "ours_batch": batch}
     if do_tune:
-        out["tuning"] = tune(cases, device)
+        if len(methods) != 1:
+            raise ValueError(f"tuning takes one method, got {','.join(methods)}")
+        out["tuning"] = tune(cases, device, methods[0], candidates)
     else:
         out.update(evaluate(cases, methods, device, threads, repeats))
     out["environment"] = {"before": env_before, "after": environment(device)}
@@ -427,7 +504,9 @@ def run(device: str = "cpu", shape: Sequence[int] = (50, 256, 256), pairs: Seque
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.registration", description=__doc__.splitlines()[0])
     ap.add_argument("--set", default="phantom", choices=("phantom", "tune", "heldout", "real"))
-    ap.add_argument("--tune", action="store_true", help="ours only: score the tuning candidates on the set")
+    ap.add_argument("--tune", action="store_true",
+                    help="score the tuning candidates of --methods ours or deepali on the set")
+    ap.add_argument("--candidates", default="", help="with --tune: a comma-separated subset of the candidates")
     ap.add_argument("--shape", default="50,256,256")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--pairs", default=",".join(DEFAULT_PAIRS))
@@ -438,9 +517,18 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.tune and a.set == "heldout":
         ap.error("--tune runs on the tuning set only (--set tune)")
+    methods = a.methods.split(",")
+    if a.tune:
+        methods = ["ours"] if a.methods == ap.get_default("methods") else methods
+        if methods not in (["ours"], ["deepali"]):
+            ap.error(f"--tune takes --methods ours or --methods deepali, not {a.methods}")
+        table = TUNING_CANDIDATES if methods == ["ours"] else DEEPALI_TUNING_CANDIDATES
+        unknown = sorted(set(n for n in a.candidates.split(",") if n) - set(table))
+        if unknown:
+            ap.error(f"--candidates {','.join(unknown)}: not among {','.join(table)}")
     shape = tuple(int(v) for v in a.shape.replace("x", ",").split(","))
-    rec = run(a.device, shape, a.pairs.split(","), a.methods.split(","), a.seed, a.threads, "pairs", a.set,
-              a.repeats, a.tune)
+    rec = run(a.device, shape, a.pairs.split(","), methods, a.seed, a.threads, "pairs", a.set,
+              a.repeats, a.tune, [n for n in a.candidates.split(",") if n] or None)
     print(json.dumps(rec, indent=1))
     return 0
 

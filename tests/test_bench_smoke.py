@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from bench import sampling  # the repository root is on sys.path under `python -m pytest` (make test)
 
 
@@ -25,3 +27,31 @@ def test_sampling_bench_record(tmp_path):
     assert mix["dpmpp2m_20_vs_ddim_200_mean_abs"] < 0.5 * mix["ddim_20_vs_ddim_200_mean_abs"]
     assert gauss["dpmpp2m_20_vs_ddim_200_mean_abs"] < 0.5 * gauss["ddim_20_vs_ddim_200_mean_abs"]
     assert mix["dpmpp2m_20_same_point_fraction"] >= mix["ddim_20_same_point_fraction"]
+
+
+def test_deepali_baseline_recovers_a_known_translation():
+    """bench.registration.run_deepali returns the pull field in mm, components (z, y, x): a moving image that is
+    the fixed one shifted by t mm (moving(p) = fixed(p - t)) gives u = +t inside the image (tiny grid, anisotropic
+    voxels so a swapped axis or voxel units would show)."""
+    pytest.importorskip("deepali.spatial")
+    import numpy as np
+    import torch
+    from scipy import ndimage
+
+    from bench.registration import DeepaliSettings, run_deepali
+    from respmotion.core import Geometry
+
+    shape, spacing = (24, 40, 40), (3.0, 1.5, 1.5)
+    img = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=shape), (1.0, 2.0, 2.0))
+    img = (img / img.std() * 300).astype(np.float32)
+    t_mm = np.array([3.0, -2.0, 1.5])
+    moving = ndimage.shift(img, t_mm / np.array(spacing), order=3, mode="nearest").astype(np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a loaded machine wait on each other (docs/registration.md)
+    try:
+        u, _ = run_deepali(img, moving, Geometry(shape, spacing), "cpu", DeepaliSettings(max_steps=60))
+    finally:
+        torch.set_num_threads(threads)
+    assert u.shape == (3, *shape)
+    inner = u[:, 6:-6, 10:-10, 10:-10].reshape(3, -1)
+    np.testing.assert_allclose(np.median(inner, axis=1), t_mm, atol=0.3)
