@@ -26,6 +26,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         "train.lr_max=1e-4")
 
 
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """``--sampler/--steps/--delta-t`` of the commands that sample a diffusion bundle (choices: the one registry)."""
+    from ..diffusion.config import SAMPLER_CHOICES
+
+    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, help="diffusion sampler (default: the bundle's)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
+    parser.add_argument("--delta-t", type=int, help="timestep stride of the research code: T / DELTA_T steps")
+
+
 def resolve_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any]) -> T:
     bad = [o for o in (args.overrides or []) if "=" not in o]
     if bad:

@@ -13,9 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..diffusion.config import SAMPLER_CHOICES
 from ..evaluation.config import EvaluateSynthesisConfig
-from ._common import UserError, add_config_args, command, resolve_config, save_resolved
+from ._common import UserError, add_config_args, add_sampler_args, command, resolve_config, save_resolved
 
 
 def add_parser(targets: argparse._SubParsersAction) -> None:
@@ -30,9 +29,7 @@ def add_parser(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, help="samples per study")
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="diffusion sampler (default: the bundle's)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
-    p.add_argument("--delta-t", type=int, help="timestep stride of the research code: T / DELTA_T steps")
+    add_sampler_args(p)
     add_config_args(p)
     command(p, run)
 

@@ -29,10 +29,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..diffusion.config import SAMPLER_CHOICES
 from ..synthesis.pipeline import DEFAULT_FORMATS, FORMATS
 from ..synthesis.run import SynthesizeConfig
-from ._common import UserError, add_config_args, command, resolve_config, save_resolved
+from ._common import UserError, add_config_args, add_sampler_args, command, resolve_config, save_resolved
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,9 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(phantom study's exact motion); default: the DIR-Lab population motion prior (no network)")
     p.add_argument("--samples", type=int, help="number of breathing cycles to draw")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="diffusion sampler (default: the bundle's)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the sampler's)")
-    p.add_argument("--delta-t", type=int, help="timestep stride of the research code: T / DELTA_T steps")
+    add_sampler_args(p)
     p.add_argument("--formats", help=f"comma-separated outputs from {','.join(FORMATS)} (default "
                    f"{','.join(DEFAULT_FORMATS)}: one compressed copy of every phase (int16 HU) and field)")
     p.add_argument("--device", help="cpu or cuda")

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..core import warp as W
 from ..core.geometry import level_positions, level_to_normalized
+from ..data.intensity import HU_WINDOW
 from .bspline import Basis, ControlGrid, evaluate, evaluate_points, knot_regulariser, point_weights
 
 
@@ -61,7 +62,7 @@ class FFDSettings:
     bending_weight: float = 30.0
     jacobian_weight: float = 1.0e2
     jacobian_min: float = 0.2
-    clip_hu: tuple[float, float] = (-1000.0, 1000.0)
+    clip_hu: tuple[float, float] = HU_WINDOW
     smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (full-res voxels) on both images
     sliding: bool = True
     sliding_region: str = "cavity"  # cavity | lung: the inside field's region (see sliding_region)
