@@ -6,12 +6,20 @@ synthesis run costs besides the motion model: resampling, warping 10 phases, wri
 volumes and ITK fields and the summary (GIFs are timed by ``bench.render``).
 
 ``ldm``: the same with an **untrained default-size** latent diffusion bundle built in memory
-(image AE + DVF VAE + phase-conditioned UNet, :class:`respmotion.diffusion.pipeline.MotionGenerator`)
-and the fast sampler (DPM-Solver++(2M), 20 steps): encode the CT, sample 9 phases from one draw,
-decode 9 fields, then the same warping and export.  On 2 CPU cores this takes many minutes, so
-``python -m bench`` runs it only on CUDA unless asked by name (``--only synthesis_ldm``).
+(image AE + DVF VAE + phase-conditioned UNet at their default configs,
+:class:`respmotion.diffusion.pipeline.MotionGenerator`) and the fast sampler (DPM-Solver++(2M),
+the default steps): the CT read from a NIfTI file, encoded, 9 phases sampled from one draw, 9
+fields decoded, then the same warping and export; ``seconds`` runs from reading the CT file to the
+last phase written.  ``--reference-ddim N`` then samples the same model from the same noise with
+DDIM in N steps for ``--reference-phases`` (default 2 phases, to bound the time: say so in the
+JSON) and reports ``mean |u_fast - u_ddim| / mean |u_ddim|`` over the CT's lungs
+(:func:`respmotion.anatomy.masks.lung_mask`).  The weights are untrained, so the check measures the
+sampler's agreement on this network, not a trained model's (``bench.model_cost sampler`` does that
+at the demo size).  On 2 CPU cores the default-size network takes minutes, so ``python -m bench``
+runs it only on CUDA unless asked by name (``--only synthesis_ldm``).
 
     python -m bench.synthesis [--device cpu|cuda] [--variant fixed|ldm] [--steps N] [--quick]
+                              [--reference-ddim 200 [--reference-phases 10,50]]
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ SHAPE = (50, 256, 256)
 
 class GeneratorMotion:
     """:class:`~respmotion.synthesis.pipeline.MotionModel` over a ``ref``-mode diffusion ``MotionGenerator``
-    without a motion prior (the untrained bundle), timing its stages (``seconds``: encode, sample, decode):
+    (the untrained bundle, or a trained one given by path), timing its stages (``seconds``: encode, sample, decode):
     the steps of :meth:`MotionGenerator.cycle` called one by one."""
 
     resamples_input = False
@@ -37,6 +45,8 @@ class GeneratorMotion:
     def __init__(self, generator, shape, sampler) -> None:
         self.gen, self.shape, self.sampler = generator, tuple(shape), sampler
         self.seconds: dict[str, float] = {}
+        self.image_latent = None  # kept for the reference sampler
+        self.moving = None  # (S, 9, 3, Z, Y, X) mm, phases 10..90
 
     def generate(self, ct, samples: int, seed: int):
         import torch
@@ -49,10 +59,11 @@ class GeneratorMotion:
         t1 = time.perf_counter()
         lat = self.gen.sample_latents(img, PHASES[1:], self.sampler, seed, samples)
         t2 = time.perf_counter()
-        moving = self.gen.decode(lat).cpu().numpy()  # (S, 9, 3, Z, Y, X) mm
+        moving = self.gen.decode(lat, field_ids=[f"ref_{k:02d}" for k in PHASES[1:]]).cpu().numpy()  # (S, 9, 3, Z, Y, X) mm
         t3 = time.perf_counter()
         self.seconds = {"encode": round(t1 - t0, 2), "sample": round(t2 - t1, 2), "decode": round(t3 - t2, 2),
                         "decode_per_phase": round((t3 - t2) / (samples * (len(PHASES) - 1)), 2)}
+        self.image_latent, self.moving = img, moving
         zero = np.zeros_like(moving[:, :1])
         f = np.concatenate([zero, moving], 1)
         return [{k: DisplacementField(f[s, i], ct.geometry, {"source": "untrained ldm"}) for i, k in enumerate(PHASES)}
@@ -60,7 +71,8 @@ class GeneratorMotion:
 
 
 def untrained_generator(device: str):
-    """Default-size diffusion model and autoencoders with random weights (speed only)."""
+    """Default-size diffusion model and autoencoders with random weights (speed, and the samplers'
+    agreement on this network)."""
     import torch
 
     from respmotion.diffusion.config import DiffusionModelConfig
@@ -69,22 +81,65 @@ def untrained_generator(device: str):
     from respmotion.models.autoencoder import Autoencoder, default_net_config
 
     torch.manual_seed(0)
-    diff = LatentDiffusion(DiffusionModelConfig()).to(device)
+    diff = LatentDiffusion(DiffusionModelConfig())
+    # MONAI zero-initialises the UNet's output and residual-branch convolutions, so an untrained model
+    # predicts x0 = 0 whatever its input and every sampler returns the same field: give those
+    # convolutions their default random initialisation so that the reference check compares samplers
+    for m in diff.unet.modules():
+        if isinstance(m, torch.nn.Conv3d) and not m.weight.detach().any():
+            m.reset_parameters()
+    diff.ema.load_state_dict(diff.unet.state_dict())
+    diff = diff.to(device)
     image_ae = Autoencoder(default_net_config("image")).to(device)
     dvf_ae = Autoencoder(default_net_config("dvf")).to(device)
     return MotionGenerator(diff, image_ae, dvf_ae)
 
 
+def reference_check(model: GeneratorMotion, ct_hu: np.ndarray, steps: int, phases: tuple[int, ...],
+                    seed: int = 0) -> dict[str, Any]:
+    """DDIM with ``steps`` steps from the same model, image latent and noise (``seed``) as the fast run
+    of ``model`` for ``phases``: ``mean |u_fast - u_ddim| / mean |u_ddim|`` over the lungs of ``ct_hu``."""
+    import torch
+
+    from respmotion.anatomy.masks import lung_mask
+    from respmotion.diffusion.config import SamplerConfig
+    from respmotion.io.layout import PHASES
+
+    t0 = time.perf_counter()
+    lat = model.gen.sample_latents(model.image_latent, phases, SamplerConfig(name="ddim", steps=steps), seed, 1)
+    ref = model.gen.decode(lat, field_ids=[f"ref_{k:02d}" for k in phases])[0].cpu()  # (P, 3, Z, Y, X) mm
+    fast = torch.from_numpy(model.moving[0, [PHASES.index(k) - 1 for k in phases]])
+    lung = torch.from_numpy(lung_mask(ct_hu) > 0)
+    diff = (fast - ref).norm(dim=1)[:, lung]
+    size = ref.norm(dim=1)[:, lung]
+    return {"reference": f"ddim {steps} steps, same model, image latent and noise (seed {seed})",
+            "phases": list(phases), "restricted": f"{len(phases)} of 9 phases, to bound the reference's time",
+            "lung_voxels": int(lung.sum()), "mean_abs_u_reference_mm": round(float(size.mean()), 4),
+            "rel_diff": round(float(diff.mean() / size.mean()), 4),
+            "rel_diff_per_phase": {str(k): round(float(d.mean() / u.mean()), 4) for k, d, u in zip(phases, diff, size)},
+            "within_5_percent": bool(diff.mean() <= 0.05 * size.mean()), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = False, variant: str = "fixed",
-        cache_dir: str | None = None, formats: tuple[str, ...] = ("nifti", "mha"), steps: int = 20) -> dict[str, Any]:
+        cache_dir: str | None = None, formats: tuple[str, ...] = ("nifti", "mha"), steps: int = 0,
+        reference_ddim: int = 0, reference_phases: tuple[int, ...] = (10, 50), bundle: str = "") -> dict[str, Any]:
     """One synthesis of one sample (10 phases); ``quick`` writes only .mha files.  ``ldm``: DPM-Solver++(2M)
-    with ``steps`` steps; the record splits the time into encode / sample / decode / warp and write and
-    gives the seconds per network evaluation (sample / steps) and the cycle composed for 20 and 200 steps."""
+    with ``steps`` steps (0: :data:`respmotion.diffusion.config.DEFAULT_SAMPLER`); the record
+    splits the time into read / encode / sample / decode / warp and write, gives the seconds per network
+    evaluation (sample / steps) and the cycle composed for 10, 20 and 200 steps, and with
+    ``reference_ddim`` the field check against DDIM (:func:`reference_check`).  ``bundle``: a trained
+    ``ref``-mode diffusion bundle instead of the untrained default-size one (``shape`` must then be
+    its grid)."""
+    from pathlib import Path
+
     from bench.common import PeakRSS, cuda_peak_mb, environment, phantom_cycle, reset_cuda_peak
 
     from respmotion.core.types import DisplacementField, Volume
-    from respmotion.diffusion.config import SamplerConfig
+    from respmotion.diffusion.config import DEFAULT_SAMPLER, SamplerConfig
+    from respmotion.io.volumes import load_volume, save_volume
     from respmotion.synthesis.pipeline import FixedMotion, SynthesisOptions, synthesize
+
+    steps = steps or DEFAULT_SAMPLER.steps
 
     t0 = time.perf_counter()
     geom, cts, dvfs = phantom_cycle(tuple(shape), cache_dir)
@@ -94,41 +149,56 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
         what = "FixedMotion (phantom exact fields)"
     elif variant == "ldm":
         sampler = SamplerConfig(name="dpmpp2m", steps=steps)
-        model = GeneratorMotion(untrained_generator(device), shape, sampler)
-        what = f"untrained default-size LDM, sampler {sampler.name} {sampler.steps} steps"
+        if bundle:
+            from respmotion.diffusion.pipeline import MotionGenerator
+            from respmotion.io.checkpoint import latest_checkpoint
+
+            model = GeneratorMotion(MotionGenerator.from_checkpoints(latest_checkpoint(Path(bundle)), device=device),
+                                    shape, sampler)
+            what = f"trained LDM {bundle}, sampler {sampler.name} {sampler.steps} steps"
+        else:
+            model = GeneratorMotion(untrained_generator(device), shape, sampler)
+            what = (f"untrained default-size LDM (random weights: the reference check is not evidence of a trained "
+                    f"model's), sampler {sampler.name} {sampler.steps} steps")
     else:
         raise ValueError(f"variant must be fixed or ldm, got {variant!r}")
     del cts, dvfs
     setup_s = time.perf_counter() - t0
     fmts = ("mha",) if quick else tuple(formats)
     opts = SynthesisOptions(samples=1, seed=0, formats=fmts)
-    with tempfile.TemporaryDirectory(prefix="respmotion-bench-synth-") as out:
+    reference = {}
+    with tempfile.TemporaryDirectory(prefix="respmotion-bench-synth-") as tmp:
+        ct_file = save_volume(ct, Path(tmp) / "ct.nii.gz")
+        out = Path(tmp) / "out"
         reset_cuda_peak(device)
         with PeakRSS() as mem:
             t1 = time.perf_counter()
-            res = synthesize(ct, model, out, opts)
+            ct_in = load_volume(ct_file)
+            read_s = time.perf_counter() - t1
+            res = synthesize(ct_in, model, out, opts)
             seconds = time.perf_counter() - t1
-        from pathlib import Path
-
-        files = [p for p in Path(out).rglob("*") if p.is_file()]
+        files = [p for p in out.rglob("*") if p.is_file()]
         written_mb = sum(p.stat().st_size for p in files) / 2**20
+    if variant == "ldm" and reference_ddim:
+        reference = {"reference_check": reference_check(model, ct.array, reference_ddim, tuple(reference_phases))}
     return {
         "variant": variant, "motion": what, "shape_zyx": list(shape), "formats": list(fmts), "render": False,
-        "setup_s": round(setup_s, 2), "seconds": round(seconds, 2),
+        "setup_s": round(setup_s, 2), "seconds": round(seconds, 2), "seconds_read_ct": round(read_s, 2),
         "seconds_generate": round(res.summary.get("seconds_generate", float("nan")), 2),
         "seconds_warp_and_write": round(res.summary.get("seconds_warp_and_write", float("nan")), 2),
         **(_stages(model.seconds, steps, res.summary["seconds_warp_and_write"]) if variant == "ldm" else {}),
+        **reference,
         "files_written": len(files), "written_mb": round(written_mb, 1),
         **mem.to_dict(), "cuda_peak_mb": cuda_peak_mb(device), "env": environment(device),
     }
 
 
 def _stages(seconds: dict[str, float], steps: int, write_s: float) -> dict[str, Any]:
-    """Stage times, seconds per network evaluation (9 phases in one batch), the cycle composed for 20 / 200 steps."""
+    """Stage times, seconds per network evaluation (9 phases in one batch), the cycle composed for 10 / 20 / 200 steps."""
     per_eval = seconds["sample"] / steps
     fixed = seconds["encode"] + seconds["decode"] + write_s
     return {"stages_s": seconds, "seconds_per_network_evaluation_batch9": round(per_eval, 2),
-            "cycle_composed_s": {n: round(fixed + n * per_eval, 1) for n in (20, 200)}}
+            "cycle_composed_s": {n: round(fixed + n * per_eval, 1) for n in (10, 20, 200)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--variant", default="fixed", choices=("fixed", "ldm"))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=int, default=20, help="ldm: DPM-Solver++ steps actually run")
+    p.add_argument("--steps", type=int, default=0, help="ldm: DPM-Solver++ steps actually run (0: the default)")
+    p.add_argument("--reference-ddim", type=int, default=0, metavar="N",
+                   help="ldm: also sample DDIM with N steps (same model and noise) and report the field difference")
+    p.add_argument("--reference-phases", default="10,50", help="ldm: phases of the DDIM reference (comma-separated)")
+    p.add_argument("--formats", default="nifti,mha",
+                   help="output formats (comma-separated; synthesize's default is nifti alone)")
+    p.add_argument("--bundle", default="", help="ldm: a trained bundle instead of the untrained default-size one")
+    p.add_argument("--shape", default="50x256x256", help="grid z x y x x (a trained bundle's own grid)")
     a = p.parse_args(argv)
-    print(json.dumps(run(a.device, quick=a.quick, variant=a.variant, steps=a.steps), indent=1))
+    phases = tuple(int(k) for k in a.reference_phases.split(",") if k)
+    shape = tuple(int(n) for n in a.shape.split("x"))
+    formats = tuple(f for f in a.formats.split(",") if f)
+    print(json.dumps(run(a.device, shape, quick=a.quick, variant=a.variant, formats=formats, steps=a.steps,
+                         reference_ddim=a.reference_ddim, reference_phases=phases, bundle=a.bundle), indent=1))
     return 0
 
 
