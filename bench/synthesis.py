@@ -6,7 +6,8 @@ synthesis run costs besides the motion model: resampling, warping 10 phases, wri
 volumes and ITK fields and the summary (GIFs are timed by ``bench.render``).
 
 ``ldm``: the same with an **untrained default-size** latent diffusion bundle built in memory
-(image AE + DVF VAE + phase-conditioned UNet at their default configs,
+(image AE + DVF VAE + phase-conditioned UNet at their default configs, the DVF decoder with
+``--dvf-coarse-levels`` (3, the model-grid choice of docs/synthesis_cost.md),
 :class:`respmotion.diffusion.pipeline.MotionGenerator`) and the fast sampler (DPM-Solver++(2M),
 the default steps): the CT read from a NIfTI file, encoded, 9 phases sampled from one draw, 9
 fields decoded, then the same warping and export; ``seconds`` runs from reading the CT file to the
@@ -70,9 +71,14 @@ class GeneratorMotion:
                 for s in range(f.shape[0])]
 
 
-def untrained_generator(device: str):
+#: the DVF decoder's coarse levels at the model grid (docs/synthesis_cost.md; the library default counts
+#: voxels and stays at full resolution for the small demo and CI grids)
+DVF_COARSE_LEVELS = 3
+
+
+def untrained_generator(device: str, dvf_coarse_levels: int = DVF_COARSE_LEVELS):
     """Default-size diffusion model and autoencoders with random weights (speed, and the samplers'
-    agreement on this network)."""
+    agreement on this network); the DVF decoder with ``dvf_coarse_levels`` coarse levels."""
     import torch
 
     from respmotion.diffusion.config import DiffusionModelConfig
@@ -91,7 +97,7 @@ def untrained_generator(device: str):
     diff.ema.load_state_dict(diff.unet.state_dict())
     diff = diff.to(device)
     image_ae = Autoencoder(default_net_config("image")).to(device)
-    dvf_ae = Autoencoder(default_net_config("dvf")).to(device)
+    dvf_ae = Autoencoder(default_net_config("dvf", coarse_levels=dvf_coarse_levels)).to(device)
     return MotionGenerator(diff, image_ae, dvf_ae)
 
 
@@ -122,7 +128,8 @@ def reference_check(model: GeneratorMotion, ct_hu: np.ndarray, steps: int, phase
 
 def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = False, variant: str = "fixed",
         cache_dir: str | None = None, formats: tuple[str, ...] = ("nifti", "mha"), steps: int = 0,
-        reference_ddim: int = 0, reference_phases: tuple[int, ...] = (10, 50), bundle: str = "") -> dict[str, Any]:
+        reference_ddim: int = 0, reference_phases: tuple[int, ...] = (10, 50), bundle: str = "",
+        dvf_coarse_levels: int = DVF_COARSE_LEVELS) -> dict[str, Any]:
     """One synthesis of one sample (10 phases); ``quick`` writes only .mha files.  ``ldm``: DPM-Solver++(2M)
     with ``steps`` steps (0: :data:`respmotion.diffusion.config.DEFAULT_SAMPLER`); the record
     splits the time into read / encode / sample / decode / warp and write, gives the seconds per network
@@ -157,9 +164,9 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
                                     shape, sampler)
             what = f"trained LDM {bundle}, sampler {sampler.name} {sampler.steps} steps"
         else:
-            model = GeneratorMotion(untrained_generator(device), shape, sampler)
-            what = (f"untrained default-size LDM (random weights: the reference check is not evidence of a trained "
-                    f"model's), sampler {sampler.name} {sampler.steps} steps")
+            model = GeneratorMotion(untrained_generator(device, dvf_coarse_levels), shape, sampler)
+            what = (f"untrained default-size LDM, DVF decoder coarse_levels {dvf_coarse_levels} (random weights: the "
+                    f"reference check is not evidence of a trained model's), sampler {sampler.name} {sampler.steps} steps")
     else:
         raise ValueError(f"variant must be fixed or ldm, got {variant!r}")
     del cts, dvfs
@@ -213,13 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", default="nifti,mha",
                    help="output formats (comma-separated; synthesize's default is nifti alone)")
     p.add_argument("--bundle", default="", help="ldm: a trained bundle instead of the untrained default-size one")
+    p.add_argument("--dvf-coarse-levels", type=int, default=DVF_COARSE_LEVELS,
+                   help="ldm: the untrained DVF decoder's coarse levels (0 = full resolution, as before issue 23)")
     p.add_argument("--shape", default="50x256x256", help="grid z x y x x (a trained bundle's own grid)")
     a = p.parse_args(argv)
     phases = tuple(int(k) for k in a.reference_phases.split(",") if k)
     shape = tuple(int(n) for n in a.shape.split("x"))
     formats = tuple(f for f in a.formats.split(",") if f)
     print(json.dumps(run(a.device, shape, quick=a.quick, variant=a.variant, formats=formats, steps=a.steps,
-                         reference_ddim=a.reference_ddim, reference_phases=phases, bundle=a.bundle), indent=1))
+                         reference_ddim=a.reference_ddim, reference_phases=phases, bundle=a.bundle,
+                         dvf_coarse_levels=a.dvf_coarse_levels), indent=1))
     return 0
 
 

@@ -79,6 +79,7 @@ def test_coarse_dvf_decoder_shapes_and_levels():
         assert m.decode(z).shape == (2, 3, 5, 16, 24)  # always the full grid
         assert m(torch.zeros(1, 3, 5, 16, 24)).recon.shape == (1, 3, 5, 16, 24)
     assert default_net_config("image").coarse_levels == 0 and default_net_config("dvf").coarse_levels == COARSE_LEVELS_DVF
+    assert default_net_config("dvf", channel_mults=(1, 2)).coarse_levels == min(2, COARSE_LEVELS_DVF)  # at most the levels
     with pytest.raises(ValueError, match="coarse_levels"):
         tiny("dvf", coarse_levels=4)
 

@@ -47,7 +47,10 @@ from ..data.intensity import HU_WINDOW, denormalize_hu, normalize_hu
 from ..io.torchfile import load_state, load_weights_only
 
 KINDS = ("image", "dvf")
-#: the DVF decoder's default number of levels that are not upsampled (docs/synthesis_cost.md)
+#: the DVF decoder's default number of levels left coarse.  0 (full resolution) because the setting counts
+#: voxels: 3 is the choice for the 50x256x256 model grid (8 voxels in-plane = 11.2 mm, the registration's
+#: B-spline control spacing; docs/synthesis_cost.md), but on the demo's 64 and the CI chain's 32 voxels
+#: in-plane the same 3 levels are a 45-90 mm grid (measured on the demo: diaphragm excursion 10.9 vs 15.3 mm)
 COARSE_LEVELS_DVF = 0
 
 
@@ -70,7 +73,8 @@ class AutoencoderNetConfig:
     ``coarse_levels`` = k: the decoder stops upsampling k levels early and its output
     ``(B, C_out, Z / s_z**k, Y / 2**k, X / 2**k)`` is brought to the full grid by trilinear
     interpolation (:func:`respmotion.core.warp.upsample_field`), a cost that fits a smooth field
-    (DVF default :data:`COARSE_LEVELS_DVF`, chosen in docs/synthesis_cost.md; image 0).  A stored
+    (DVF default :data:`COARSE_LEVELS_DVF`, or every level when there are fewer, chosen in
+    docs/synthesis_cost.md; image 0).  A stored
     config without the key (checkpoints written before the option) means 0: full resolution.
     """
 
@@ -92,11 +96,14 @@ class AutoencoderNetConfig:
     coarse_levels: int | None = None
 
     def resolved(self, kind: str | None = None) -> "AutoencoderNetConfig":
-        """A copy for ``kind`` (default: its own) with every ``None`` setting the kind's default."""
+        """A copy for ``kind`` (default: its own) with every ``None`` setting the kind's default (the
+        default ``coarse_levels`` at most the number of levels)."""
         kind = self.kind if kind is None else kind
         if kind not in KINDS:
             raise ValueError(f"autoencoder kind must be one of {KINDS}, got {kind!r}")
         filled = {k: v for k, v in KIND_DEFAULTS[kind].items() if getattr(self, k) is None}
+        if "coarse_levels" in filled:
+            filled["coarse_levels"] = min(filled["coarse_levels"], len(self.channel_mults))
         return replace(self, kind=kind, channel_mults=tuple(self.channel_mults), **filled)
 
     def to_dict(self) -> dict[str, Any]:
