@@ -222,16 +222,18 @@ class DeepaliSettings:
     ``BSplineBending``; a new Adam per level, ``lr`` in deepali's normalised units (the image spans [-1, 1] on each
     axis), gradient normalised to unit length per control point before each step (the example's hook); at most
     ``max_steps`` steps a level, stopping when the least-squares slope of the last 10 loss values is below
-    ``|min_delta| x`` the loss (``min_delta`` < 0: relative, the example's -0.01; 0: never)."""
+    ``|min_delta| x`` the loss (``min_delta`` < 0: relative, the example's -0.01; 0: never).  The defaults are the
+    example's except ``bending`` and ``min_delta``, chosen on the tuning set (:data:`DEEPALI_TUNING_CANDIDATES`,
+    docs/registration.md)."""
 
     stride: tuple[int, int, int] = (8, 8, 5)
     levels: int = 3
     pyramid_dims: tuple[str, ...] = ("x", "y", "z")
     loss: str = "MSE"
-    bending: float = 0.005
+    bending: float = 5e-4
     lr: float = 1e-3
     max_steps: int = 100
-    min_delta: float = -0.01
+    min_delta: float = 0.0
     clamp_hu: tuple[float, float] = (-1000.0, 1000.0)
 
 
@@ -438,6 +440,7 @@ DEEPALI_TUNING_CANDIDATES: dict[str, DeepaliSettings] = {
     "lr_1e-2_no_stop": replace(DEEPALI_EXAMPLE, lr=1e-2, min_delta=0.0),
     "no_stop_bending_5e-4": replace(DEEPALI_EXAMPLE, bending=5e-4, min_delta=0.0),
     "no_stop_ncc_bending_5e-4": replace(DEEPALI_EXAMPLE, loss="NCC", bending=5e-4, min_delta=0.0),
+    "no_stop_bending_5e-5": replace(DEEPALI_EXAMPLE, bending=5e-5, min_delta=0.0),
 }
 
 
