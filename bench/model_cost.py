@@ -252,7 +252,7 @@ def sampler_check(demo: str = "", bundle: str = "", steps: Sequence[int] = (5, 1
 
     torch.set_num_threads(2)
     demo_dir = Path(demo)
-    path = Path(bundle) if bundle else latest_checkpoint(demo_dir / "runs" / "diffusion")
+    path = latest_checkpoint(Path(bundle) if bundle else demo_dir / "runs" / "diffusion")
     gen = MotionGenerator.from_checkpoints(path)
     split = Split.from_dict(json.loads((demo_dir / "runs" / "autoencoder_dvf" / "split.json").read_text()))
     test = split.studies(demo_dir / "data", "test")
