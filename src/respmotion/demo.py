@@ -9,19 +9,11 @@ Small shapes and short schedules (config below) keep it within minutes on 2 CPU 
 same commands run at full size (50x256x256) with the default configs.
 
 Training targets (``train_fields``): the DVF models learn the phantom's exact motion (``gt``,
-default) or the registration fields (``registration``, what a real cohort gives).  Why ``gt`` by
-default: at the demo's 16x64x64 grid (9.4 mm slices) the registration errs by 1.58 mm in the
-lungs against the exact motion (averaged over phases 10..90 on the held-out patients; 0.9 mm at
-10 %, 2.5 mm at 50 %), more than the population-mean field of the exact motion (1.23 mm), so a
-model trained on those registrations cannot beat that baseline whatever it learns (measured:
-2.15 mm, diaphragm excursion 15.8 mm vs 16.9 mm true).  At 50x256x256 the registration errs by
-~0.3 mm (``python -m bench.registration``).  Registration runs in every demo: with ``gt`` on the
-held-out patients only (the only registrations then used: their error against the exact motion
-is reported in ``demo_summary.json``, ``registration_error_mm``), with ``registration`` on all.
-
-Measured (2 CPU threads, idle machine): 24 patients, DVF VAE 300 steps, diffusion 250 steps; lung
-DVF error averaged over phases 10..90 and the 2 held-out patients: model 0.86 mm, population mean
-1.23, zero 7.88; stages 368 s when every patient was registered (registration 170 s of it).
+default) or the registration fields (``registration``, what a real cohort gives); ``gt`` because at the
+demo's coarse grid the registration errs by more than the population-mean field does.  Registration
+runs in every demo: with ``gt`` on the held-out patients only (their error against the exact motion is
+reported in ``demo_summary.json``, ``registration_error_mm``), with ``registration`` on all.  Measured
+figures and the reasons for the settings below: ``docs/demo.md``.
 """
 
 from __future__ import annotations
@@ -43,7 +35,7 @@ log = logging.getLogger("respmotion")
 @dataclass
 class DemoConfig:
     out: str = "out/demo"
-    patients: int = 24  # 20 train / 2 val / 2 held out; with 12 (10 train) the held-out gain over the mean was 0.89x, with 24 0.79x
+    patients: int = 48  # 38 train / 5 val / 5 held out (docs/demo.md: why not fewer)
     seed: int = 0
     shape: tuple[int, int, int] = (16, 64, 64)
     threads: int = 2
