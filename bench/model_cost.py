@@ -44,9 +44,9 @@ from bench.common import environment
 LATENT = (50, 32, 32)
 #: UNet widths timed: the default before issue 23, 3/4 and 1/2 of its channels, and 1/2 with one res block per level
 UNET_CANDIDATES: dict[str, dict[str, Any]] = {
-    "64-128-256": dict(channels=(64, 128, 256)),
-    "48-96-192": dict(channels=(48, 96, 192), norm_num_groups=16),
-    "32-64-128": dict(channels=(32, 64, 128)),
+    "64-128-256": dict(channels=(64, 128, 256), num_res_blocks=2),
+    "48-96-192": dict(channels=(48, 96, 192), norm_num_groups=16, num_res_blocks=2),
+    "32-64-128": dict(channels=(32, 64, 128), num_res_blocks=2),
     "32-64-128-rb1": dict(channels=(32, 64, 128), num_res_blocks=1),
 }
 
