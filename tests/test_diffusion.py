@@ -177,6 +177,7 @@ def _ae_config(kind: str, root, out, steps: int, prior: str = "mean", extra: tup
         f"kind={kind}", f"data.root={root}", f"run_dir={out}/ae_{kind}", "data.field_source=gt_ref",
         f"data.motion_prior={prior}",
         "data.split_ratios=[0.84,0.0,0.16]", "model.base_channels=8", "model.norm_groups=8", "model.dropout=0",
+        "model.coarse_levels=0",  # full-resolution decoder: the library's default 3 levels suit 256 voxels in-plane
         "image_loss.views=[axial]", "dvf_loss.kl_weight=1e-6", "dvf_loss.mse_weight=1.0",
         f"train.steps={steps}", "train.batch_size=4", "train.grad_accum=1", "train.lr_max=3e-3", "train.lr_min=3e-4",
         "train.warmup_steps=10", "train.num_workers=0", "train.val_every=0", "train.ckpt_every=100000",

@@ -54,6 +54,7 @@ class DemoConfig:
     motion_prior: str = "mean"  # DVF VAE codes u - (training patients' mean field); "none" = the full field
     image_condition: str = "both"  # diffusion conditioning on the image latent (see diffusion.model.ImageCondition)
     ae_channels: int = 8
+    dvf_coarse_levels: int = 1  # DVF decoder output on a 2x coarser in-plane grid (11.2 mm; docs/synthesis_cost.md)
     unet_channels: tuple[int, int, int] = (16, 32, 32)
     sampler: str = "dpmpp2m"
     sampling_steps: int = 20
@@ -78,7 +79,8 @@ def _autoencoder_config(cfg: DemoConfig, kind: str, steps: int, data: Path, fiel
     return AutoencoderRunConfig(
         kind=kind, data=AEDataConfig(root=str(data), field_source=fields, split_seed=cfg.seed,
                                      motion_prior=cfg.motion_prior),
-        model=AutoencoderNetConfig(base_channels=cfg.ae_channels, norm_groups=8, dropout=0.0),
+        model=AutoencoderNetConfig(base_channels=cfg.ae_channels, norm_groups=8, dropout=0.0,
+                                   coarse_levels=cfg.dvf_coarse_levels if kind == "dvf" else None),
         run_dir=str(run_dir), train=_train_config(steps, 3e-3, 2, cfg.device))
 
 

@@ -47,11 +47,11 @@ from ..data.intensity import HU_WINDOW, denormalize_hu, normalize_hu
 from ..io.torchfile import load_state, load_weights_only
 
 KINDS = ("image", "dvf")
-#: the DVF decoder's default number of levels left coarse.  0 (full resolution) because the setting counts
-#: voxels: 3 is the choice for the 50x256x256 model grid (8 voxels in-plane = 11.2 mm, the registration's
-#: B-spline control spacing; docs/synthesis_cost.md), but on the demo's 64 and the CI chain's 32 voxels
-#: in-plane the same 3 levels are a 45-90 mm grid (measured on the demo: diaphragm excursion 10.9 vs 15.3 mm)
-COARSE_LEVELS_DVF = 0
+#: the DVF decoder's default number of levels left coarse: 3, chosen for the default 50x256x256 model grid
+#: (8 voxels in-plane = 11.2 mm, the registration's B-spline control spacing; docs/synthesis_cost.md).  The
+#: setting counts voxels, so smaller grids set their own (the demo: 1; 3 levels on its 64 voxels in-plane
+#: would be a 45 mm grid).  Checkpoints written before the option load as 0 (full resolution).
+COARSE_LEVELS_DVF = 3
 
 
 #: what ``None`` means for the kind-dependent settings: image 1 -> 3 latent channels (AE), DVF 3 -> 9 (VAE)
