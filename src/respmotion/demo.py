@@ -54,7 +54,7 @@ class DemoConfig:
     motion_prior: str = "mean"  # DVF VAE codes u - (training patients' mean field); "none" = the full field
     image_condition: str = "both"  # diffusion conditioning on the image latent (see diffusion.model.ImageCondition)
     ae_channels: int = 8
-    dvf_coarse_levels: int = 1  # DVF decoder output on a 2x coarser in-plane grid (11.2 mm; docs/synthesis_cost.md)
+    dvf_coarse_levels: int = 0  # full-resolution DVF decoder (1 level coarser lost to the population mean here: docs/demo.md)
     unet_channels: tuple[int, int, int] = (16, 32, 32)
     sampler: str = "dpmpp2m"
     sampling_steps: int = 20
