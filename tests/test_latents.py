@@ -215,8 +215,15 @@ def test_moved_run_tree_still_synthesizes(cohort, tmp_path, capsys):
                      runs / "autoencoder_dvf" / "model.pt", fields=("gt_ref",), device="cpu")
     assert main(["train", "diffusion", "--latents", str(tree / "latents"), "--device", "cpu", "--steps", "1",
                  "--run-dir", str(runs / "diffusion"), *TINY_UNET]) == 0
-    recorded = load_checkpoint(runs / "diffusion" / "model.pt")["extra"]["latent_provenance"]
+    extra = load_checkpoint(runs / "diffusion" / "model.pt")["extra"]
+    recorded = extra["latent_provenance"]
     assert recorded["dvf_autoencoder"]["relpath"] == "../autoencoder_dvf/model.pt"
+    assert (extra["sampler"]["name"], extra["sampler"]["steps"]) == ("dpmpp2m", 15)  # DEFAULT_SAMPLER is recorded
+    # --sampler on the train command follows synthesize's rule: another sampler starts from its own defaults
+    assert main(["train", "diffusion", "--latents", str(tree / "latents"), "--device", "cpu", "--steps", "1",
+                 "--run-dir", str(runs / "diffusion_ddim"), "--sampler", "ddim", *TINY_UNET]) == 0
+    ddim = load_checkpoint(runs / "diffusion_ddim" / "model.pt")["extra"]["sampler"]
+    assert (ddim["name"], ddim["steps"], ddim["delta_t"]) == ("ddim", 0, 5)  # the research code's 200 steps
 
     moved = tmp_path / "elsewhere" / "tree"
     shutil.copytree(tree, moved)

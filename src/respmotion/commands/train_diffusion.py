@@ -5,7 +5,8 @@ DDP.  ``--resume RUN_OR_CKPT`` continues a run exactly (its config.yaml is the b
 ``--init CKPT`` warm-starts from other weights (that run's config is kept as
 ``prev_config.yaml``).  Every setting is also a ``key=value`` override of
 :class:`respmotion.diffusion.train.DiffusionRunConfig`, e.g. ``model.target=step
-model.unet.channels=[64,128,256] train.steps=20000 sampler.name=dpmpp2m sampler.steps=20``.
+model.unet.channels=[64,128,256] train.steps=20000 sampler.name=dpmpp2m sampler.steps=20``; ``--sampler/--sampling-steps/--delta-t``
+follow :func:`respmotion.diffusion.config.choose_sampler` on top of the config's sampler.
 Listed in ``TRAIN_TARGET_MODULES`` of :mod:`respmotion.commands.train`.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..diffusion.config import SAMPLER_CHOICES
+from ..diffusion.config import SAMPLER_CHOICES, choose_sampler
 from ._common import UserError, command, resolve_config
 
 
@@ -27,9 +28,10 @@ def add_parser(targets: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--latents", metavar="DIR", help="latent set folder from `respmotion latents` (data.latents)")
     p.add_argument("--target", choices=("ref", "step"),
                    help="ref: each phase relative to 00 (default); step: consecutive transitions (model.target)")
-    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default sampler stored with the model")
-    p.add_argument("--delta-t", type=int, help="DDIM timestep stride (research default 5 -> 200 steps)")
-    p.add_argument("--sampling-steps", type=int, help="sampler steps (overrides --delta-t; dpmpp2m: 20)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, help="default sampler stored with the model "
+                   "(default: DPM-Solver++ 15 steps; another sampler starts from its own defaults)")
+    p.add_argument("--delta-t", type=int, help="timestep stride of the research code: T / DELTA_T steps")
+    p.add_argument("--sampling-steps", type=int, help="sampler steps")
     add_run_args(p)
     command(p, run)
     return p
@@ -42,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
 
     resume_base_config(args)
     cfg = resolve_config(DiffusionRunConfig, args, {
-        **run_flags(args), "data.latents": args.latents, "model.target": args.target, "sampler.name": args.sampler,
-        "sampler.delta_t": args.delta_t, "sampler.steps": args.sampling_steps})
+        **run_flags(args), "data.latents": args.latents, "model.target": args.target})
+    # the sampler flags mean what they mean for synthesize (one rule: diffusion.config.choose_sampler)
+    cfg.sampler = choose_sampler(cfg.sampler, cfg.model.schedule.num_train_timesteps, args.sampler or "",
+                                 args.sampling_steps or 0, args.delta_t or 0)
     try:
         res = train_diffusion(cfg, resume=args.resume, init=args.init)
     except TrainingDiverged as exc:

@@ -138,10 +138,10 @@ def choose_sampler(base: SamplerConfig, T: int, name: str = "", steps: int = 0, 
 
 
 FAST_SAMPLER = SamplerConfig(name="dpmpp2m", steps=20)
-#: the sampler a newly trained bundle records as its default: DPM-Solver++(2M) in 10 steps (on the
-#: trained demo model its field is within 1.3 % of 200-step DDIM's, mean |du| / mean |u| in the lungs;
-#: docs/synthesis_cost.md)
-DEFAULT_SAMPLER = SamplerConfig(name="dpmpp2m", steps=10)
+#: the sampler a newly trained bundle records as its default (``DiffusionRunConfig.sampler``):
+#: DPM-Solver++(2M) in 15 steps, the fewest whose field stayed within 5 % of 200-step DDIM's on every
+#: held-out demo patient (docs/synthesis_cost.md)
+DEFAULT_SAMPLER = SamplerConfig(name="dpmpp2m", steps=15)
 
 
 @dataclass

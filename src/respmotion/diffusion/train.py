@@ -14,13 +14,13 @@ moved or copied elsewhere still loads (:meth:`respmotion.diffusion.pipeline.Moti
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..training.engine import FitResult, TrainConfig
 from ..training.run import Run, run_training
 from ..training.splits import SPLIT_RATIOS, SPLIT_SEED, Split, split_patients
-from .config import DiffusionModelConfig, SamplerConfig
+from .config import DEFAULT_SAMPLER, DiffusionModelConfig, SamplerConfig
 from .latents import LatentDataset, channel_stats, image_deviation_stats, read_provenance
 from .sampling import LatentNorm
 from .task import DiffusionTask
@@ -40,7 +40,7 @@ class DiffusionRunConfig:
     model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
     data: DiffusionDataConfig = field(default_factory=DiffusionDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # default for later sampling, stored
+    sampler: SamplerConfig = field(default_factory=lambda: replace(DEFAULT_SAMPLER))  # default for later sampling, stored
     ema_decay: float = 0.999
     out: str = "runs"  # runs go to <out>/diffusion/<timestamp>/
     run_dir: str = ""
