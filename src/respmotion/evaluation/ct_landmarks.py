@@ -48,11 +48,9 @@ def evaluate_ct_landmarks(ct_path: str | Path, landmarks_path: str | Path, model
     factors = []
     if si_amplitude_mm is not None:
         from ..anatomy import lung_mask
-        from ..synthesis.breathing import amplitude_for_superior_mean, scale_motion
+        from ..synthesis.breathing import scale_to_superior_mean
 
-        lung = lung_mask(model_ct.array)
-        factors = [amplitude_for_superior_mean(c, lung, float(si_amplitude_mm)) for c in cycles]
-        cycles = [scale_motion(c, f) for c, f in zip(cycles, factors)]
+        cycles, factors = scale_to_superior_mean(cycles, lung_mask(model_ct.array), float(si_amplitude_mm))
     per_phase: dict[str, dict] = {}
     for k in sorted(lms):
         if k == 0:

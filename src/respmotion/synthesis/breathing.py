@@ -37,7 +37,7 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -217,6 +217,23 @@ def amplitude_for_superior_mean(
     vel = velocities[phase] if velocities is not None and phase in velocities else velocity_field(fields[phase])
     return _secant(lambda a: superior_mean(exp_field(vel, a), lung_mask), target_mm, tol_mm, max_iter,
                    f"the model's phase {phase} has no superior motion to scale")
+
+
+def scale_to_superior_mean(
+    cycles: Sequence[Mapping[int, DisplacementField]],
+    lung_mask: Volume | np.ndarray,
+    target_mm: float,
+) -> tuple[list[dict[int, DisplacementField]], list[float]]:
+    """Every cycle scaled (:func:`scale_motion`) so that its lung's mean superior displacement at 50 % is
+    ``target_mm`` (:func:`amplitude_for_superior_mean`); returns the scaled cycles and their factors.  Each
+    cycle's velocity fields are computed once and serve both the search and the scaling."""
+    out, factors = [], []
+    for cycle in cycles:
+        vel = velocity_fields(cycle)
+        f = amplitude_for_superior_mean(cycle, lung_mask, target_mm, velocities=vel)
+        out.append(scale_motion(cycle, f, velocities=vel))
+        factors.append(f)
+    return out, factors
 
 
 # ---------------------------------------------------------------------------- breathing trace

@@ -324,7 +324,7 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
                      "convention": "dvf_XX: pull field, LPS mm, on the model grid; phase_XX(p) = input(p + u(p))",
                      "seconds_generate": t_gen}
     if opts.amplitude != 1.0 or opts.excursion_mm is not None or opts.si_amplitude_mm is not None:
-        from .breathing import amplitude_for_excursion, amplitude_for_superior_mean, scale_motion
+        from .breathing import amplitude_for_excursion, scale_motion, scale_to_superior_mean
 
         factors = [opts.amplitude] * len(cycles_model)
         if opts.excursion_mm is not None or opts.si_amplitude_mm is not None:
@@ -332,11 +332,12 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
                 raise ValueError("--excursion-mm and --si-amplitude-mm need a lung mask of the input CT")
             model_lung = lung_mask if lung_mask.shape == tuple(model.shape) else \
                 resample_array(lung_mask.astype(np.float32), model.shape) >= 0.5
-            if opts.si_amplitude_mm is not None:
-                factors = [amplitude_for_superior_mean(c, model_lung, opts.si_amplitude_mm) for c in cycles_model]
-            else:
+            if opts.si_amplitude_mm is None:  # --si-amplitude-mm overrides --excursion-mm
                 factors = [amplitude_for_excursion(cycles_model[0], model_lung, opts.excursion_mm)] * len(factors)
-        cycles_model = [scale_motion(c, f) for c, f in zip(cycles_model, factors)]
+        if opts.si_amplitude_mm is not None:
+            cycles_model, factors = scale_to_superior_mean(cycles_model, model_lung, opts.si_amplitude_mm)
+        else:
+            cycles_model = [scale_motion(c, f) for c, f in zip(cycles_model, factors)]
         summary["amplitude_factor"] = factors[0]
         summary["amplitude_factors"] = factors
         if opts.si_amplitude_mm is not None:
