@@ -49,8 +49,8 @@ from ..io.torchfile import load_state, load_weights_only
 KINDS = ("image", "dvf")
 #: the DVF decoder's default number of levels left coarse: 3, chosen for the default 50x256x256 model grid
 #: (8 voxels in-plane = 11.2 mm, the registration's B-spline control spacing; docs/synthesis_cost.md).  The
-#: setting counts voxels, so smaller grids set their own (the demo: 1; 3 levels on its 64 voxels in-plane
-#: would be a 45 mm grid).  Checkpoints written before the option load as 0 (full resolution).
+#: setting counts voxels, so smaller grids set their own (the demo and the CI chain test: 0; 3 levels on
+#: the demo's 64 voxels in-plane would be a 45 mm grid).  Checkpoints written before the option load as 0 (full resolution).
 COARSE_LEVELS_DVF = 3
 
 
