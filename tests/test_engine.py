@@ -190,3 +190,15 @@ def test_kill9_then_resume_gives_identical_weights(cohort, tmp_path):
     assert a["history"]["train"] == b["history"]["train"]
     for k, v in a["optimizer"]["state"].items():
         assert torch.equal(v["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+
+
+def test_held_run_dir_drops_a_killed_checkpoint_writers_temporary_file(tmp_path):
+    from respmotion.io.atomic import TMP_PREFIX
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / f"{TMP_PREFIX}00000002-abc.pt"  # what kill -9 during a checkpoint write leaves
+    stale.write_bytes(b"PK")
+    with C.own_run_dir(run, "toy", resuming=True):
+        assert not stale.exists()
+    assert not list(run.rglob(f"{TMP_PREFIX}*"))

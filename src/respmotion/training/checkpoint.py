@@ -31,7 +31,9 @@ def own_run_dir(run_dir: str | os.PathLike, task: str, resuming: bool, is_main: 
     A new run (not ``resuming``) into a folder that holds a run's weights (``<step>.pt``,
     ``model.pt``) is refused (it would overwrite them, or mix two configs); a run that died before
     its first checkpoint may be started again.  A second training of the same folder at once is
-    refused by the lock (:func:`respmotion.io.ownership.claim`).  Both errors name ``--resume``."""
+    refused by the lock (:func:`respmotion.io.ownership.claim`).  Both errors name ``--resume``.
+    Once the folder is held, temporary files of a killed writer (a checkpoint cut short) are removed."""
+    from ..io.atomic import clean_stale_tmp
     from ..io.ownership import OwnershipError, claim
 
     if not is_main:
@@ -45,6 +47,7 @@ def own_run_dir(run_dir: str | os.PathLike, task: str, resuming: bool, is_main: 
     # adopt a run folder without a manifest (older version, or a run that died before its first checkpoint)
     with claim(run_dir, "train", {"task": task}, resume_flag="--resume",
                adopt=resuming or (run_dir / "config.yaml").is_file()):
+        clean_stale_tmp(run_dir)
         yield
 
 
