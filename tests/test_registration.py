@@ -325,3 +325,28 @@ def test_early_stop_ends_a_level_after_two_windows_and_logs_the_iterations():
     assert [lv["iterations"] for lv in log["levels"]] == [10, 10]
     _, log = register(fixed, moving, body, SPACING, replace(FAST, iterations=(12, 7)))
     assert [lv["iterations"] for lv in log["levels"]] == [12, 7]
+
+
+def test_rerun_drops_a_killed_writers_temporary_files_and_restores_a_missing_mask(tmp_path):
+    from respmotion.io.atomic import TMP_PREFIX
+    from respmotion.registration.config import RegisterConfig
+    from respmotion.registration.ffd import FFDSettings
+    from respmotion.registration.pipeline import run_registration
+
+    _write_tiny_study(tmp_path / "data")
+    ffd = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((1, 1, 1),), iterations=(3,), lr_mm=(0.3,),
+                      subsample=((1, 1, 1),))
+    cfg = RegisterConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), pairs="ref", threads=1,
+                         body_threshold_hu=-3000.0, ffd=ffd)
+    run_registration(cfg)
+    study = tmp_path / "out" / "p0" / "s0"
+    mask = study / "masks" / "body_50.npy"
+    kept = np.load(mask)
+    mask.unlink()  # what kill -9 during the mask write left: no mask, its temporary file, pairs complete
+    stale = [study / "masks" / f"{TMP_PREFIX}body_50-x.npy", study / f"{TMP_PREFIX}ref_50-x.json"]
+    for s in stale:
+        s.write_bytes(b"\x93NUMPY")
+    summary = run_registration(cfg)
+    assert summary["registered"] == 0
+    np.testing.assert_array_equal(np.load(mask), kept)
+    assert not list(study.rglob(f"{TMP_PREFIX}*"))

@@ -83,12 +83,20 @@ def pair_done(pair: Pair, out: str | os.PathLike, inputs: dict[str, str] | None 
     return True
 
 
-def _clean_own_tmp(pair: Pair, out: str | os.PathLike) -> None:
-    d = pair.out_dir(out)
-    if d.is_dir():
-        for name in pair.names:
-            for t in d.glob(f"{TMP_PREFIX}{name}-*"):
-                t.unlink()
+def _clean_own_tmp(files: list[Path]) -> None:
+    """Remove the temporary files a killed writer left of ``files`` (only this rank's: other shards write beside)."""
+    for f in files:
+        for t in f.parent.glob(f"{TMP_PREFIX}{f.stem}-*") if f.parent.is_dir() else ():
+            t.unlink()
+
+
+def _mask_path(out: Path, study, k: int) -> Path:
+    return out / study.patient / study.study / "masks" / f"body_{k:02d}.npy"
+
+
+def _write_masks(cache: "_StudyCache", phases: set[int], out: Path) -> None:
+    for k in sorted(phases):
+        write_npy(_mask_path(out, cache.study, k), cache.body_mask(k))
 
 
 def _device(name: str) -> torch.device:
@@ -152,6 +160,8 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
                              lung=None if lung is None else to(lung))
     seconds = (time.perf_counter() - t0) / len(batch)
     grid = ControlGrid(geom.shape, cfg.ffd.stride)
+    if cfg.write_masks:  # before the pairs: a pair on disk means its fixed phase's mask is too
+        _write_masks(cache, {p.fixed for p in batch} & mask_owner, out)
     records = []
     for b, pair in enumerate(batch):
         stored_coef = coef[b].cpu().numpy().astype(cfg.coef_dtype)
@@ -173,10 +183,6 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
         for path in pair.paths(out):
             write_json(path.with_suffix(".json"), meta)
         records.append(meta)
-    if cfg.write_masks:
-        for k in sorted({p.fixed for p in batch} & mask_owner):
-            write_npy(out / cache.study.patient / cache.study.study / "masks" / f"body_{k:02d}.npy",
-                      cache.body_mask(k))
     return records
 
 
@@ -224,14 +230,18 @@ def run_registration(cfg: RegisterConfig) -> dict:
     t0 = time.perf_counter()
     for study_key, group in groupby(mine, key=lambda p: p.study.key):
         group = list(group)
-        for p in group:
-            _clean_own_tmp(p, out)
+        masks = owners.get(study_key, set()) if cfg.write_masks else set()
+        _clean_own_tmp([path for p in group for path in p.paths(out)]
+                       + [_mask_path(out, group[0].study, k) for k in masks])
         inputs = {p: pair_inputs(p) for p in group}
         todo = [p for p in group if not pair_done(p, out, inputs[p], settings)]
         summary["skipped"] += len(group) - len(todo)
+        cache = _StudyCache(group[0].study, cfg)
+        done_phases = {p.fixed for p in group if p not in todo}
+        missing = {k for k in masks & done_phases if not _mask_path(out, cache.study, k).exists()}
+        _write_masks(cache, missing, out)  # a run of an older version died between a pair and its mask
         if not todo:
             continue
-        cache = _StudyCache(group[0].study, cfg)
         size = cfg.batch_size or len(todo)
         for i in range(0, len(todo), size):
             batch = todo[i:i + size]
