@@ -16,29 +16,7 @@ transition is from closing the cycle.
 Motion prior (default): the DVF autoencoder codes the residual ``u - u_bar[id]`` to the training
 patients' mean field of each target (:mod:`respmotion.models.prior`); :meth:`MotionGenerator.decode`
 adds ``u_bar`` back, so an untrained or uncertain model falls back to the population mean, not
-to "no motion".  Chosen on these measurements (phantom chain of ``tests/test_diffusion.py``,
-8x32x32, lung DVF error in mm averaged over phases 10..90; DVF VAE 400 steps, diffusion 250
-steps, DPM-Solver++ 20 steps; "mean" = population-mean field):
-
-==========================================================  ===============  ================
-design                                                       train patients   held-out
-==========================================================  ===============  ================
-full field, 6 patients (previous default; VAE 120 steps)     1.63 (mean 0.77)  1.61 (mean 0.81)
-residual to the prior, 6 patients (VAE 120 steps)            0.84 (0.77)       0.92 (0.81)
-residual, 6 patients, VAE 400 steps                          0.85              0.93
-+ image condition "deviation"/"both", 6 patients             0.38 (0.77)       0.88-0.91 (0.81)
-+ 12 patients (10 train), v-prediction                       0.54 (0.95)       0.77 (1.36)
-+ 12 patients, x0-prediction (the defaults now)              0.42 (0.95)       0.66 (1.36)
-same, VAE 250 + diffusion 200 steps (the CI chain test)      0.52 (0.95)       0.77 (1.36)
-==========================================================  ===============  ================
-
-The residual alone fixed the DVF VAE bottleneck (its reconstruction error fell from 1.2-1.6 mm
-to 0.2-0.6 mm), but the diffusion model still sampled the population mean: after per-channel
-standardisation the image latents of different patients differed by 0.6 % of their variance, so
-the conditioning barely told patients apart; the deviation condition
-(:class:`~respmotion.diffusion.model.ImageCondition`) fixed that on the training patients, and
-ten training patients instead of five made it generalise to held-out ones.  x0-prediction then
-brought the generated error down to the DVF VAE's own reconstruction error (0.40 / 0.54 mm).
+to "no motion" (the measurements behind this design: ``docs/diffusion.md``).
 The research code's setting (full field, plain image condition, epsilon) remains selectable:
 ``data.motion_prior=none`` (DVF autoencoder), ``model.image_condition=plain`` and
 ``model.schedule.prediction_type=epsilon`` (diffusion).
