@@ -7,7 +7,7 @@ truth of held-out patients).  With ``data.motion_prior = "mean"`` (the default) 
 encodes and decodes ``r = u - u_bar[id]``, the latent set holds latents of ``r``, and synthesis
 adds ``u_bar`` back after decoding (:class:`respmotion.diffusion.pipeline.MotionGenerator`).
 
-Why (measured, see ``respmotion.diffusion.pipeline``'s docstring for the numbers): the full
+Why (measured, see ``docs/diffusion.md`` for the numbers): the full
 field's DVF-VAE reconstruction error (0.6-2.2 mm after short CPU training) was larger than the
 population-mean field's own error on the phantom, so no diffusion model on those latents could
 beat the mean field.  The residual is several times smaller than the field, so the same VAE
