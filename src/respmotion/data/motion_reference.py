@@ -172,6 +172,24 @@ def sampled_states(case: Case) -> dict[str, np.ndarray]:
     return {"projection": proj, "superior": sup, "inplane": inplane}
 
 
+#: exponents ``n`` searched by the phase-curve fits
+N_GRID = np.arange(0.5, 4.01, 0.05)
+
+
+def fit_exhale(states: np.ndarray, ns: Sequence[float], peaks: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares fit of the exhale branch of :func:`phase_state` (normalised at T50) to one row of superior
+    states at :data:`SAMPLED_PHASES`: ``(squared error, n, peak)``, the smallest ``n`` then ``peak`` on a tie."""
+    pct = np.asarray(SAMPLED_PHASES, float)
+    best = None
+    for n in ns:
+        for peak in peaks:
+            s = phase_state(pct, float(n), float(peak))[0]
+            err = float(((s / s[-1] - states) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, float(n), float(peak))
+    return best
+
+
 def fit_phase_curve(cases: Sequence[Case]) -> dict[str, Any]:
     """Fit ``n`` and the end-exhale phase to the mean expiratory-half superior state (normalised at T50),
     and the hysteresis ``eta`` to the in-plane state's lead over the superior state."""
@@ -179,30 +197,25 @@ def fit_phase_curve(cases: Sequence[Case]) -> dict[str, Any]:
     inpl = np.array([sampled_states(c)["inplane"] for c in cases])
     mean = sup.mean(0)
     pct = np.asarray(SAMPLED_PHASES, float)
-    best = None
-    for n in np.arange(0.5, 4.01, 0.05):
-        for peak in PEAKS:
-            s = phase_state(pct, n, peak)[0]
-            s = s / s[-1]
-            err = float(((s - mean) ** 2).sum())
-            if best is None or err < best[0]:
-                best = (err, float(n), float(peak))
-    _, n, peak = best
+    _, n, peak = fit_exhale(mean, N_GRID, PEAKS)
     s = phase_state(pct, n, peak)[0]
     mid = (s > 0.1) & (s < 0.9)
     lead = (inpl[:, mid] - sup[:, mid]) / (s[mid] * (1.0 - s[mid]))
     eta_measured = float(np.median(lead))
     eta = float(np.clip(eta_measured, -1.0, 1.0))
     # the peak phase varies between patients: fit each case with the population n
-    peaks = []
-    for row in sup:
-        errs = [(float((((phase_state(pct, n, p)[0] / phase_state(pct, n, p)[0][-1]) - row) ** 2).sum()), float(p))
-                for p in PEAKS]
-        peaks.append(min(errs)[1])
+    peaks = [fit_exhale(row, [n], PEAKS)[2] for row in sup]
     return {"n": round(n, 3), "peak": round(peak, 3), "eta": round(eta, 3), "eta_measured_median": eta_measured,
             "peak_per_case": peaks, "peak_range": [float(min(peaks)), float(max(peaks))],
             "superior_state_mean": mean.tolist(), "superior_state_per_case": sup.tolist(),
             "inplane_state_per_case": inpl.tolist(), "phases": list(SAMPLED_PHASES)}
+
+
+def exponent_per_case(phase_curve: dict[str, Any]) -> list[float]:
+    """Each DIR-Lab case's own curve exponent ``n``: :func:`fit_exhale` of its superior states at its own
+    end-exhale phase (``peak_per_case``) -- the spread of breathing-curve shapes the phantom draws from."""
+    return [fit_exhale(np.asarray(row), N_GRID, [peak])[1]
+            for row, peak in zip(phase_curve["superior_state_per_case"], phase_curve["peak_per_case"])]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -360,6 +373,10 @@ def phantom_comparison(patients: int = 8, shape: Sequence[int] = (16, 64, 64), r
                            "reference_exhale": dict(zip([f"{k:02d}" for k in ref["phase_curve"]["phases"]],
                                                         ref["phase_curve"]["superior_state_mean"]))},
         "spine_max_mm": max(s["spine_max_mm"] for s in stats),
+        "end_exhale_phase": {"phantom": [s["end_exhale_phase"] for s in stats],
+                             "reference": list(ref["phase_curve"]["peak_per_case"])},
+        "curve_n": {"phantom": [s["curve_n"] for s in stats], "reference": exponent_per_case(ref["phase_curve"])},
+        "hysteresis_loop_mm": [s["hysteresis_loop_mm"] for s in stats],
     }
 
 
@@ -383,6 +400,13 @@ def comparison_markdown(cmp: dict[str, Any]) -> str:
                 + " | " + " ".join(f(v) for v in st["reference_exhale"].values()) + " |")
     rows.append("| superior state at 60..90 % (inhale: Lujan model) | "
                 + " ".join(f(st["phantom"][k]) for k in ("60", "70", "80", "90")) + " | (not measured) |")
+    for key, label in (("end_exhale_phase", "end-exhale phase"), ("curve_n", "phase-curve exponent n")):
+        p, r = cmp[key]["phantom"], cmp[key]["reference"]
+        rows.append(f"| {label}, median [min, max] | {np.median(p):.2f} [{min(p):.2f}, {max(p):.2f}] | "
+                    f"{np.median(r):.2f} [{min(r):.2f}, {max(r):.2f}] (per case) |")
+    loop = cmp["hysteresis_loop_mm"]
+    rows.append(f"| hysteresis loop (largest in-plane gap at equal SI state), median [max] mm | {np.median(loop):.2f} "
+                f"[{max(loop):.2f}] | (not measured) |")
     rows.append(f"| largest motion in the vertebral body, mm | {cmp['spine_max_mm']:.2f} | (not measured) |")
     return "\n".join(rows)
 

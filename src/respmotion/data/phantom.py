@@ -7,14 +7,15 @@ fine along z, extended below and above the field of view.
 
 Motion (analytic, in mm, pull convention of :mod:`respmotion.core.types`), calibrated on the measured
 DIR-Lab reference (:mod:`respmotion.data.motion_reference`, table in docs/motion.md): for phase k with
-breathing state ``s_k`` (:func:`breathing_amplitude`: 0 at 00 = end-inhale, 1 at 50 = end-exhale, the
-reference's asymmetric Lujan cos^2n curve)::
+breathing states ``(s_k, h_k)`` of the patient's own curve (:class:`BreathingCurve`: the reference's asymmetric
+Lujan cos^2n curve with a per-patient end-exhale phase and exponent; ``s`` 0 at 00 = end-inhale, 1 at 50; ``h``
+the AP/LR state, lagging ``s`` on exhale and leading it on inhale: hysteresis)::
 
     u_z(p) = -A * s * g(z, dome) * w(y, x) * ap(y) * ml(x)   superior-inferior: largest at the posterior,
                                               lateral base; only inside the rib cage and away from the spine
                                               (w: sliding interfaces), small in the mediastinum
-    u_y(p) = -B * s * h(y)                    anterior-posterior, the anterior chest wall moves most
-    u_x(p) = +C * s * x / X                   lateral contraction at exhale
+    u_y(p) = -B * h * a(y)                    anterior-posterior, the anterior chest wall moves most
+    u_x(p) = +C * h * x / X                   lateral contraction at exhale
 
 ``A`` is set per patient so that the lung's mean superior motion at 50 % is an amplitude drawn from the
 DIR-Lab distribution (:class:`PhantomParams`); ``B`` and ``C`` are fractions of it.
@@ -57,18 +58,72 @@ SI_AP_GAIN, SI_ML_GAIN, SI_PROFILE_EXP = 1.6, 1.0, 1.5
 SPINE_Y, SPINE_R = 0.72, 17.0  # vertebral body centre (x body_ay, posterior) and radius, mm
 SPINE_STATIC_R = 26.0  # mm: SI motion fades out (over slide_width) this far from the spine's axis (< 1 mm inside)
 
+#: end-exhale phase (fraction of the cycle) of a phantom patient: uniform in this range.  The low end is DIR-Lab's
+#: earliest per-case end-exhale (case 2: 0.50, ``phase_curve.peak_per_case``); DIR-Lab cannot show a later one than
+#: 0.55 (its T50 is the extreme phase by construction, so the per-case fit is capped there), so the high end is the
+#: physiology: expiration longer than inspiration (Lujan et al. 1999; I:E of 1:1 to 1:1.5 in quiet breathing puts
+#: end-exhale at 50-60 % of a phase-binned cycle).  The mean, 0.55, is the reference's population end-exhale phase.
+PEAK_RANGE = (0.50, 0.60)
+CURVE_STREAM = 18  # second word of the seed of a patient's phase-curve generator ([seed, CURVE_STREAM])
+
 HU_AIR, HU_LUNG, HU_FAT, HU_SOFT, HU_BLOOD, HU_LIVER, HU_BONE = -1000.0, -860.0, -100.0, 40.0, 45.0, 60.0, 650.0
 
 
-def breathing_amplitude(percent: float | np.ndarray) -> np.ndarray:
-    """Breathing state s: 0 at phase 0 % (end-inhale), 1 at 50 % (end-exhale), on the population phase curve
-    of the measured reference (asymmetric Lujan cos^2n, :func:`respmotion.data.motion_reference.phase_state`):
-    the exhale branch fitted to DIR-Lab, end-exhale slightly after 50 %, a shorter inhale branch."""
-    from .motion_reference import load_reference, phase_state
+@dataclass(frozen=True)
+class BreathingCurve:
+    """One patient's phase curve: exponent ``n``, end-exhale phase ``peak`` (fraction of the cycle) and hysteresis
+    ``eta`` of the reference's curve (:func:`respmotion.data.motion_reference.phase_state`, the one the anatomical
+    prior uses)."""
 
-    pc = load_reference()["phase_curve"]
-    s = phase_state(percent, pc["n"], pc["peak"])[0] / phase_state(50.0, pc["n"], pc["peak"])[0]
-    return np.where(np.mod(np.asarray(percent, dtype=np.float64), 100.0) == 50.0, 1.0, s)
+    n: float
+    peak: float
+    eta: float
+
+    @classmethod
+    def population(cls) -> "BreathingCurve":
+        """The reference's population curve (fitted to DIR-Lab's mean exhale half)."""
+        from .motion_reference import load_reference
+
+        pc = load_reference()["phase_curve"]
+        return cls(float(pc["n"]), float(pc["peak"]), float(pc["eta"]))
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "BreathingCurve":
+        """A patient's curve: ``peak`` uniform in :data:`PEAK_RANGE`; ``n`` log-normal with the mean and sd of
+        log n over the DIR-Lab cases (each case's own exponent at its own end-exhale phase,
+        :func:`~respmotion.data.motion_reference.exponent_per_case`), clipped to their range; ``eta`` the
+        reference's (DIR-Lab median in-plane lag)."""
+        from .motion_reference import exponent_per_case, load_reference
+
+        pc = load_reference()["phase_curve"]
+        log_n = np.log(exponent_per_case(pc))
+        peak = rng.uniform(*PEAK_RANGE)
+        n = float(np.exp(np.clip(rng.normal(log_n.mean(), log_n.std()), log_n.min(), log_n.max())))
+        return cls(n, float(peak), float(pc["eta"]))
+
+    def states(self, percent: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(SI state ``s``, AP/LR state ``h``) of a phase in percent, both divided by ``s`` at 50 %: ``s`` is 0 at
+        0 % (end-inhale) and exactly 1 at 50 % (where the amplitude is defined, as DIR-Lab's T00 -> T50), largest
+        at ``peak``; ``h`` lags ``s`` on the exhale branch and leads it on the inhale branch when ``eta`` < 0."""
+        from .motion_reference import phase_state
+
+        s, h = phase_state(percent, self.n, self.peak, self.eta)
+        s50 = phase_state(50.0, self.n, self.peak)[0]
+        at50 = np.mod(np.asarray(percent, dtype=np.float64), 100.0) == 50.0
+        return np.where(at50, 1.0, s / s50), h / s50
+
+    def same_si_state(self, percent: float | np.ndarray) -> np.ndarray:
+        """The inhale-branch phase (percent) with the same SI state as the exhale-branch phase ``percent``
+        (0 <= percent <= 100 * peak): where a point's path would retrace itself without hysteresis."""
+        x = np.asarray(percent, dtype=np.float64) / (100.0 * self.peak)
+        return 100.0 * (1.0 - x * (1.0 - self.peak))
+
+
+def breathing_amplitude(percent: float | np.ndarray) -> np.ndarray:
+    """SI breathing state ``s`` on the reference's population curve (:meth:`BreathingCurve.population`): 0 at 0 %
+    (end-inhale), 1 at 50 %; the exhale branch fitted to DIR-Lab, end-exhale slightly after 50 %, a shorter
+    inhale branch.  A phantom patient breathes on its own curve (:attr:`Phantom.curve`)."""
+    return BreathingCurve.population().states(percent)[0]
 
 
 @dataclass
@@ -144,6 +199,8 @@ class Phantom:
         self.ys = self.geometry.axis_mm(1)
         self.xs = self.geometry.axis_mm(2)
         self._draw_anatomy()
+        # the phase curve from a generator of its own: anatomy and amplitude of a seed do not depend on it
+        self.curve = BreathingCurve.draw(np.random.default_rng([self.seed, CURVE_STREAM]))
         self._calibrate_amplitude()
 
     def _calibrate_amplitude(self) -> None:
@@ -209,21 +266,31 @@ class Phantom:
     def _ux(self, x: np.ndarray) -> np.ndarray:
         return self.p.amp_lr * np.clip(x / self.p.body_ax, -1.2, 1.2)
 
+    def states(self, percent: float) -> tuple[float, float]:
+        """(SI state, AP/LR state) of this patient at ``percent`` (:meth:`BreathingCurve.states`)."""
+        s, h = self.curve.states(float(percent))
+        return float(s), float(h)
+
     def displacement(self, percent: float, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Exact pull field of ``percent`` relative to phase 0, at points (z, y, x) mm -> (3, ...) mm."""
-        s = float(breathing_amplitude(percent))
+        return self._displacement_at(*self.states(percent), z, y, x)
+
+    def _displacement_at(self, s: float, h: float, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Pull field (3, ...) mm at points (z, y, x) mm for SI state ``s`` and AP/LR state ``h``."""
         z, y, x = np.broadcast_arrays(np.asarray(z, float), np.asarray(y, float), np.asarray(x, float))
         zd, amp = self._uz_parts(y, x)
-        return np.stack([s * amp * self._g(z, zd), s * self._uy(y), s * self._ux(x)])
+        return np.stack([s * amp * self._g(z, zd), h * self._uy(y), h * self._ux(x)])
 
     def move_points(self, percent: float, points_zyx: np.ndarray, tol: float = 1e-7) -> np.ndarray:
         """Where reference points (mm, z,y,x) are at ``percent``: solve q + u(q) = p."""
         p = np.asarray(points_zyx, dtype=np.float64)
-        return self._solve_inverse(float(breathing_amplitude(percent)), p[..., 0], p[..., 1], p[..., 2], tol)
+        return self._solve_inverse(*self.states(percent), p[..., 0], p[..., 1], p[..., 2], tol)
 
-    def _solve_inverse(self, s: float, tz, ty, tx, tol: float = 1e-7, z0: np.ndarray | None = None) -> np.ndarray:
-        """Solve q + s * U(q) = t component-wise (y and x are 1D problems; then z given y, x).
-        ``z0``: optional starting guess for the z component (Newton converges in fewer steps)."""
+    def _solve_inverse(self, s: float, h: float, tz, ty, tx, tol: float = 1e-7,
+                       z0: np.ndarray | None = None) -> np.ndarray:
+        """Solve q + U_{s,h}(q) = t component-wise (SI state ``s``, AP/LR state ``h``; y and x are 1D problems,
+        then z given y, x).  ``z0``: optional starting guess for the z component (Newton converges in fewer
+        steps)."""
         def fixed_point(f, t):
             q = np.array(t, dtype=np.float64, copy=True)
             for _ in range(200):
@@ -233,8 +300,8 @@ class Phantom:
                 q = q_new
             raise RuntimeError("phantom inversion did not converge")
 
-        qy = fixed_point(lambda q: s * self._uy(q), np.asarray(ty, float))
-        qx = fixed_point(lambda q: s * self._ux(q), np.asarray(tx, float))
+        qy = fixed_point(lambda q: h * self._uy(q), np.asarray(ty, float))
+        qx = fixed_point(lambda q: h * self._ux(q), np.asarray(tx, float))
         qz = self._solve_z(s, np.asarray(tz, float), qy, qx, tol, z0)
         return np.stack(np.broadcast_arrays(qz, qy, qx), -1)
 
@@ -437,10 +504,11 @@ class Phantom:
         return np.meshgrid(self.geometry.axis_mm(0), self.ys, self.xs, indexing="ij")
 
     def _unit_field(self) -> np.ndarray:
-        """Field at s = 1 (end-exhale) on the base grid (cached); phase k's field is s_k times it."""
+        """Field at s = h = 1 on the base grid ``(3, Z, Y, X)`` mm (cached); phase k's field is ``s_k`` times its
+        z component and ``h_k`` times its y and x components."""
         if not hasattr(self, "_unit"):
             Z, Y, X = self.base_coords()
-            self._unit = self.displacement(50, Z, Y, X).astype(np.float32)
+            self._unit = self._displacement_at(1.0, 1.0, Z, Y, X).astype(np.float32)
         return self._unit
 
     def _fine_stack(self) -> np.ndarray:
@@ -460,7 +528,8 @@ class Phantom:
 
     def field(self, percent: int) -> np.ndarray:
         """Exact pull field of one phase relative to phase 0 on the base grid ``(3, Z, Y, X)`` mm, float32."""
-        return np.float32(breathing_amplitude(percent)) * self._unit_field()
+        s, h = self.states(percent)
+        return np.array([s, h, h], np.float32)[:, None, None, None] * self._unit_field()
 
     def phase(self, percent: int) -> dict[str, np.ndarray]:
         """Image (HU), lung/body masks and exact field of one phase on the base grid."""
@@ -492,7 +561,9 @@ class Phantom:
         """This patient's motion in the terms of the measured reference (``motion_reference``), on its uniform
         lung points (the ``lung_parenchyma`` landmarks, like DIR-Lab's evenly spread landmarks): amplitude (mean
         superior motion at 50 %, mm), mean (superior, posterior, lateral) mm, profiles per unit amplitude over the
-        normalised lung position, the superior state per phase, and the largest motion (mm) in the spine."""
+        normalised lung position, the superior state per phase, the largest motion (mm) in the spine, the phase
+        curve (end-exhale phase, exponent) and the hysteresis loop: the largest in-plane distance (mm) between a
+        point's exhale and inhale positions at the same SI state (exhale phases 5 %, 10 %, ... before the peak)."""
         from ..anatomy.lung_frame import lateral_sign, lung_box, normalised
         from .motion_reference import profile_table
 
@@ -508,9 +579,13 @@ class Phantom:
         ang, rad = np.meshgrid(np.linspace(0, 2 * math.pi, 12), np.linspace(0, SPINE_R, 5))  # the vertebral body
         sy, sx = SPINE_Y * p.body_ay + rad * np.sin(ang), rad * np.cos(ang)
         spine = self.displacement(50, zz[:, None, None], sy[None], sx[None])
+        loop = max(float(np.linalg.norm((self.move_points(k, ref) - self.move_points(self.curve.same_si_state(k), ref)
+                                         )[:, 1:], axis=1).max())
+                   for k in np.arange(5.0, 100.0 * self.curve.peak, 5.0))
         return {"amplitude_mm": amp, "component_mean_mm": comp.mean(0).tolist(),
                 "profiles": profile_table(normalised(xyz, box), comp / amp), "superior_state": states,
-                "spine_max_mm": float(np.linalg.norm(spine, axis=0).max())}
+                "spine_max_mm": float(np.linalg.norm(spine, axis=0).max()), "end_exhale_phase": self.curve.peak,
+                "curve_n": self.curve.n, "hysteresis_loop_mm": loop}
 
     def landmarks(self) -> dict[str, Any]:
         """Landmark positions (LPS mm) in every phase; kinds: nodule, vessel_bifurcation, chest_wall,
@@ -624,10 +699,12 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
         # exact consecutive-phase field: x + t_k(x) = phi_k^-1(phi_{k+1}(x))
         k1 = next_phase(k)
         u1 = ph.field(k1).astype(np.float64)  # the stored ref field of phase k+1
-        s0 = float(breathing_amplitude(k))
+        s0, h0 = ph.states(k)
         tz = Z + u1[0]
+        # y (x) of the target depends on y (x) only: solve those on one line; z with the per-component states.
         # start Newton at the first-order solution q ~ x + (s_k+1 - s_k) U(x): 2-3 steps to 1e-6 mm
-        q = ph._solve_inverse(s0, tz, (Y + u1[1])[:1, :, :1], (X + u1[2])[:1, :1, :], tol=1e-6, z0=tz - s0 * unit_z)
+        q = ph._solve_inverse(s0, h0, tz, (Y + u1[1])[:1, :, :1], (X + u1[2])[:1, :1, :], tol=1e-6,
+                              z0=tz - s0 * unit_z)
         t = np.stack([q[..., 0] - Z, q[..., 1] - Y, q[..., 2] - X]).astype(np.float32)
         sd.save_gt("step", k, DisplacementField(t, g, {"from": f"phase_{k:02d}", "to": f"phase_{k1:02d}"}))
 
@@ -644,7 +721,8 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
     sd.mark_complete({
         "patient": patient_id, "study": "study_0", "phases": list(PHASES), "source": "phantom", "seed": seed,
         "reference_phase": 0, "geometry": g.to_dict(),
-        "motion": {"diaphragm_si_excursion_mm": p.amp_si, "ap_excursion_mm": p.amp_ap, "lr_excursion_mm": p.amp_lr},
+        "motion": {"diaphragm_si_excursion_mm": p.amp_si, "ap_excursion_mm": p.amp_ap, "lr_excursion_mm": p.amp_lr,
+                   "end_exhale_phase": ph.curve.peak, "phase_curve_n": ph.curve.n, "hysteresis_eta": ph.curve.eta},
         "nodules": [{"center_lps_mm_phase00": n[0][::-1].tolist(), "radius_mm": n[1]} for n in ph.nodules],
         "nodule_trajectory_lps_mm": nod_traj,
     })
