@@ -60,9 +60,10 @@ SPINE_STATIC_R = 26.0  # mm: SI motion fades out (over slide_width) this far fro
 
 #: end-exhale phase (fraction of the cycle) of a phantom patient: uniform in this range.  The low end is DIR-Lab's
 #: earliest per-case end-exhale (case 2: 0.50, ``phase_curve.peak_per_case``); DIR-Lab cannot show a later one than
-#: 0.55 (its T50 is the extreme phase by construction, so the per-case fit is capped there), so the high end is the
-#: physiology: expiration longer than inspiration (Lujan et al. 1999; I:E of 1:1 to 1:1.5 in quiet breathing puts
-#: end-exhale at 50-60 % of a phase-binned cycle).  The mean, 0.55, is the reference's population end-exhale phase.
+#: 0.55 (its T50 is the extreme phase by construction, so the per-case fit is capped there), so the high end is an
+#: assumption from physiology: expiration lasts longer than inspiration (an I:E of 1:1 to 1:1.5 in quiet breathing
+#: puts end-exhale at 50-60 % of a phase-binned cycle; Lujan et al. 1999 model the longer dwell near exhale).  The
+#: mean, 0.55, is the reference's population end-exhale phase (docs/motion.md).
 PEAK_RANGE = (0.50, 0.60)
 CURVE_STREAM = 18  # second word of the seed of a patient's phase-curve generator ([seed, CURVE_STREAM])
 
