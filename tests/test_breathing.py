@@ -8,7 +8,7 @@ import pytest
 from respmotion.anatomy.measures import diaphragm_excursion
 from respmotion.core.ops import jacobian_determinant
 from respmotion.core.types import DisplacementField, Volume
-from respmotion.data.phantom import breathing_amplitude, make_patient
+from respmotion.data.phantom import BreathingCurve, make_patient
 from respmotion.synthesis.breathing import (
     TraceError, amplitude_for_excursion, amplitude_for_superior_mean, find_extrema, read_trace, scale_motion,
     superior_mean, trace_sequence, velocity_fields,
@@ -25,7 +25,7 @@ def model():
     ph = make_patient(3, SHAPE, noise_hu=0.0)
     g = ph.geometry
     unit = ph._unit_field()
-    fields = {k: DisplacementField((float(breathing_amplitude(k)) * unit).astype(np.float32), g) for k in PHASES}
+    fields = {k: DisplacementField((float(BreathingCurve.population().states(k)[0]) * unit).astype(np.float32), g) for k in PHASES}
     lung = Volume(ph.phase(0)["lung"], g)
     return fields, velocity_fields(fields), lung
 

@@ -9,7 +9,7 @@ import torch
 from respmotion.cli import main
 from respmotion.core import ops
 from respmotion.core import warp as W
-from respmotion.data.phantom import breathing_amplitude, make_patient
+from respmotion.data.phantom import BreathingCurve, make_patient
 from respmotion.io.layout import PHASES, iter_studies
 
 
@@ -95,7 +95,7 @@ def test_fields_invertible_and_consistent(cohort):
 
 
 def test_breathing_curve():
-    s = breathing_amplitude(np.array(PHASES))
+    s = BreathingCurve.population().states(np.array(PHASES))[0]
     assert s[0] == 0 and s[5] == 1 and np.all(np.diff(s[:6]) > 0) and np.all(np.diff(s[5:]) < 0)
     # asymmetric (end-exhale after 50 %): the inhale branch lags the exhale branch at mirrored phases
     assert np.all(s[6:] > s[1:5][::-1])

@@ -120,13 +120,6 @@ class BreathingCurve:
         return 100.0 * (1.0 - x * (1.0 - self.peak))
 
 
-def breathing_amplitude(percent: float | np.ndarray) -> np.ndarray:
-    """SI breathing state ``s`` on the reference's population curve (:meth:`BreathingCurve.population`): 0 at 0 %
-    (end-inhale), 1 at 50 %; the exhale branch fitted to DIR-Lab, end-exhale slightly after 50 %, a shorter
-    inhale branch.  A phantom patient breathes on its own curve (:attr:`Phantom.curve`)."""
-    return BreathingCurve.population().states(percent)[0]
-
-
 @dataclass
 class PhantomParams:
     """Patient-specific anatomy and motion drawn from the seed (mm, HU)."""
