@@ -420,6 +420,33 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "bending_10": lambda s: replace(s, bending_weight=10.0),
     "bending_100": lambda s: replace(s, bending_weight=100.0),
     "bending_300": lambda s: replace(s, bending_weight=300.0),
+    # issue 19, outside-the-lung landmarks (docs/registration.md): per-field bending, body margin, stride
+    "bending_50": lambda s: replace(s, bending_weight=50.0),
+    "outside_100": lambda s: replace(s, bending_weight_outside=100.0),
+    "outside_300": lambda s: replace(s, bending_weight_outside=300.0),
+    "inside_100": lambda s: replace(s, bending_weight=100.0, bending_weight_outside=30.0),
+    "body_margin_5": lambda s: replace(s, body_margin_mm=5.0),
+    "stride_3_12_12": lambda s: replace(s, stride=(3.0, 12.0, 12.0)),
+    "bending_scale_3_1_1": lambda s: replace(s, bending_scale=(3.0, 1.0, 1.0)),
+    "bending_scale_10_1_1": lambda s: replace(s, bending_scale=(10.0, 1.0, 1.0)),
+    "bending_scale_3_3_1": lambda s: replace(s, bending_scale=(3.0, 3.0, 1.0)),
+    "bending_scale_10_3_1": lambda s: replace(s, bending_scale=(10.0, 3.0, 1.0)),
+    "bending_scale_30_10_1": lambda s: replace(s, bending_scale=(30.0, 10.0, 1.0)),
+    "scale_10_3_1_fine_75": lambda s: replace(s, bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75)),
+    "scale_10_3_1_fine_100": lambda s: replace(s, bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 100)),
+    "scale_10_3_1_fine_100_stride_12": lambda s: replace(s, bending_scale=(10.0, 3.0, 1.0),
+                                                         iterations=(150, 100, 100), stride=(3.0, 12.0, 12.0)),
+    "scale_10_3_1_stride_12": lambda s: replace(s, bending_scale=(10.0, 3.0, 1.0), stride=(3.0, 12.0, 12.0)),
+    "scale_10_3_1_fine_75_stride_12": lambda s: replace(s, bending_scale=(10.0, 3.0, 1.0),
+                                                        iterations=(150, 100, 75), stride=(3.0, 12.0, 12.0)),
+    "scale_30_10_1_fine_100_stride_12": lambda s: replace(s, bending_scale=(30.0, 10.0, 1.0),
+                                                          iterations=(150, 100, 100), stride=(3.0, 12.0, 12.0)),
+    "smooth_0_1_1": lambda s: replace(s, smooth_vox=(0.0, 1.0, 1.0)),
+    "smooth_05_1_1": lambda s: replace(s, smooth_vox=(0.5, 1.0, 1.0)),
+    "iterations_150_200_50": lambda s: replace(s, iterations=(150, 200, 50)),
+    "iterations_250_200_50": lambda s: replace(s, iterations=(250, 200, 50)),
+    "iterations_150_100_75": lambda s: replace(s, iterations=(150, 100, 75)),
+    "iterations_150_100_100": lambda s: replace(s, iterations=(150, 100, 100)),
 }
 
 
@@ -464,9 +491,14 @@ def tune(cases: Sequence[Case], device: str = "cpu", method: str = "ours",
         rec = evaluate(cases, [method], device, settings=s, deepali_settings=d)["methods"][method]
         score = float(np.mean([p["lung_error_mean_mm"] + p["lung_error_p95_mm"] + p["landmark_error_mm"]
                                for p in rec["pairs"].values()]))
-        out["candidates"][name] = {"score": score, "settings": repr(s or d), **rec["mean"],
-                                   "pairs": {k: {m: p[m] for m in ("seconds", "lung_error_mean_mm",
-                                                                   "lung_error_p95_mm", "landmark_error_mm")}
+        bands = {b: float(np.mean([p["tre_by_boundary_distance"][b]["tre_mm"] for p in rec["pairs"].values()
+                                   if p["tre_by_boundary_distance"][b]["tre_mm"] is not None]))
+                 for b in next(iter(rec["pairs"].values()))["tre_by_boundary_distance"]}
+        out["candidates"][name] = {"score": score, "settings": repr(s or d), **rec["mean"], "tre_bands_mean": bands,
+                                   "pairs": {k: {**{m: p[m] for m in ("seconds", "lung_error_mean_mm",
+                                                                      "lung_error_p95_mm", "landmark_error_mm")},
+                                                 "tre_bands": {b: v["tre_mm"] for b, v in
+                                                               p["tre_by_boundary_distance"].items()}}
                                              for k, p in rec["pairs"].items()}}
     out["best"] = min(out["candidates"], key=lambda k: out["candidates"][k]["score"])
     return out

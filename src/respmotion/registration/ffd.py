@@ -10,7 +10,8 @@ Method (one control lattice, refined image pyramid, as hf-deepali's FFD set-up o
   weights on coarse levels);
 * regulariser: bending energy of ``u`` (mm^-2) at the control points plus a penalty on the Jacobian
   determinant below ``jacobian_min`` at the control points;
-* Adam on the control points (mm), three levels from coarse to full resolution;
+* Adam on the control points (mm), three levels from coarse to full resolution, the bending weight 10x and 3x
+  stiffer on the two coarse levels (``bending_scale``);
 * from the middle level on, the similarity is evaluated on a strided subset of the voxels (``subsample``
   (1, 2, 2)) whose offset changes every iteration: every voxel contributes over a few iterations and the
   images keep their full resolution (unlike halving the images, SPEC section 7: 0.53 mm), at a quarter of the
@@ -37,7 +38,7 @@ Measurements behind the method, the settings and the hot loop (profile, speed, a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 from ..core import warp as W
 from ..core.geometry import level_positions, level_to_normalized
+from ..core.grid import to_voxels
 from ..data.intensity import HU_WINDOW
 from .bspline import Basis, ControlGrid, evaluate, evaluate_points, knot_regulariser, point_weights
 
@@ -54,16 +56,22 @@ from .bspline import Basis, ControlGrid, evaluate, evaluate_points, knot_regular
 class FFDSettings:
     """Optimiser settings (defaults: the measured best; see docs/registration.md)."""
 
-    stride: tuple[float, float, float] = (3.0, 8.0, 8.0)  # control point spacing, full-res voxels (z, y, x)
+    stride: tuple[float, float, float] = (3.0, 12.0, 12.0)  # control point spacing, full-res voxels (z, y, x)
     levels: tuple[tuple[int, int, int], ...] = ((4, 4, 4), (2, 2, 2), (1, 1, 1))  # downsampling per level
-    iterations: tuple[int, ...] = (150, 100, 50)
+    iterations: tuple[int, ...] = (150, 100, 100)
     lr_mm: tuple[float, ...] = (1.0, 0.5, 0.25)  # Adam step, mm
     subsample: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (1, 2, 2))  # voxel stride per level
     bending_weight: float = 30.0
+    bending_weight_outside: float | None = None  # sliding: the outside field's bending weight (None: bending_weight)
+    # both bending weights times this per level, aligned at the finest level (last entry: finest; levels coarser
+    # than the tuple reaches take its first entry; empty: 1): stiff coarse levels keep texture-poor regions
+    # (abdomen below the diaphragm, chest wall) from taking a wrong large-scale motion (docs/registration.md)
+    bending_scale: tuple[float, ...] = (10.0, 3.0, 1.0)
     jacobian_weight: float = 1.0e2
     jacobian_min: float = 0.2
     clip_hu: tuple[float, float] = HU_WINDOW
     smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (full-res voxels) on both images
+    body_margin_mm: float = 0.0  # similarity weight: the fixed body mask dilated by this many mm (box, per axis)
     sliding: bool = True
     sliding_region: str = "cavity"  # cavity | lung: the inside field's region (see sliding_region)
     repair_folding: bool = True  # after the last level: remove every det <= 0 voxel (see repair_folding)
@@ -152,6 +160,20 @@ def _downsample(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[2:]) == tuple(shape):
         return x
     return F.interpolate(x, size=tuple(shape), mode="area")
+
+
+def dilate_box(mask: torch.Tensor, half: Sequence[int]) -> torch.Tensor:
+    """Binary dilation of ``(B, C, Z, Y, X)`` by a box of ``half`` voxels either side per axis (z, y, x):
+    separable max-pooling, same shape."""
+    for ax, h in enumerate(half):
+        if h <= 0:
+            continue
+        k = [1, 1, 1]
+        k[ax] = 2 * int(h) + 1
+        p = [0, 0, 0]
+        p[ax] = int(h)
+        mask = F.max_pool3d(mask, kernel_size=tuple(k), stride=1, padding=tuple(p))
+    return mask
 
 
 def gaussian_blur(x: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
@@ -315,9 +337,31 @@ class _Level:
         return warped[:, 0]
 
 
+def bending_factor(s: FFDSettings, li: int) -> float:
+    """Level ``li``'s factor on the bending weights (``s.bending_scale`` aligned at the finest level)."""
+    if not s.bending_scale:
+        return 1.0
+    return float(s.bending_scale[max(0, len(s.bending_scale) - (len(s.levels) - li))])
+
+
+def _level_settings(s: FFDSettings, li: int) -> FFDSettings:
+    """``s`` with level ``li``'s bending weights (:func:`bending_factor`)."""
+    k = bending_factor(s, li)
+    if k == 1.0:
+        return s
+    out = None if s.bending_weight_outside is None else s.bending_weight_outside * k
+    return replace(s, bending_weight=s.bending_weight * k, bending_weight_outside=out)
+
+
 def _regulariser(grid: ControlGrid, coef: torch.Tensor, spacing, s: FFDSettings) -> torch.Tensor:
-    """Bending energy plus Jacobian penalty at the interior control points, per field ``(N,)``."""
-    return knot_regulariser(coef, grid, spacing, s.bending_weight, s.jacobian_weight, s.jacobian_min)
+    """Bending energy plus Jacobian penalty at the interior control points, per pair ``(B,)``; ``coef``
+    ``(B, 3, K...)`` or sliding ``(B, 2, 3, K...)`` (the outside field with ``bending_weight_outside``)."""
+    if coef.ndim == 5 or s.bending_weight_outside is None:
+        reg = knot_regulariser(coef.reshape(-1, 3, *grid.shape), grid, spacing, s.bending_weight,
+                               s.jacobian_weight, s.jacobian_min)
+        return reg.view(coef.shape[0], -1).sum(1)
+    return sum(knot_regulariser(coef[:, k], grid, spacing, w, s.jacobian_weight, s.jacobian_min)
+               for k, w in ((0, s.bending_weight), (1, s.bending_weight_outside)))
 
 
 class _FoldingProbe:
@@ -496,6 +540,8 @@ def _register(fixed, moving, body, spacing, s: FFDSettings, lung, callback):
     fx = fixed.to(dtype).clamp(lo, hi)[:, None]
     mv = moving.to(dtype).clamp(lo, hi)[:, None]
     wt = body.to(dtype)[:, None]
+    if s.body_margin_mm > 0:  # both sides of the body surface in the similarity (its motion seen from the air too)
+        wt = dilate_box(wt, [int(round(v)) for v in to_voxels(s.body_margin_mm, spacing)])
     if any(v > 0 for v in s.smooth_vox):
         fx, mv = gaussian_blur(fx, s.smooth_vox), gaussian_blur(mv, s.smooth_vox)
     nb = fx.shape[0]
@@ -509,6 +555,7 @@ def _register(fixed, moving, body, spacing, s: FFDSettings, lung, callback):
     for li, factor in enumerate(s.levels):
         t0 = time.perf_counter()
         lev = _Level(fx, mv, wt, factor, grid, spacing, device, dtype, lung=lung if sliding else None)
+        sl = _level_settings(s, li)
         opt = torch.optim.Adam([coef], lr=float(s.lr_mm[li]))
         step = s.subsample[li]
         ncc_val = None
@@ -523,7 +570,7 @@ def _register(fixed, moving, body, spacing, s: FFDSettings, lung, callback):
             n_points = pts.size
             opt.zero_grad(set_to_none=True)
             warped = lev.sample(coef, pts)
-            reg = _regulariser(grid, coef.reshape(-1, 3, *grid.shape), spacing, s).view(nb, -1).sum(1)
+            reg = _regulariser(grid, coef, spacing, sl)
             ncc = pts.stats.ncc(warped)
             loss = ((1.0 - ncc) + reg).sum()
             loss.backward()
