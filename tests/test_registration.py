@@ -350,3 +350,48 @@ def test_rerun_drops_a_killed_writers_temporary_files_and_restores_a_missing_mas
     assert summary["registered"] == 0
     np.testing.assert_array_equal(np.load(mask), kept)
     assert not list(study.rglob(f"{TMP_PREFIX}*"))
+
+
+def test_bending_scale_is_aligned_at_the_finest_level_and_weights_each_field():
+    """Issue 19 (outside-the-lung landmarks): the coarse levels' bending factors, counted from the finest level
+    whatever the number of levels, and the outside field's own bending weight."""
+    from dataclasses import replace
+
+    from respmotion.registration.ffd import _level_settings, _regulariser, bending_factor
+
+    s = FFDSettings(jacobian_weight=0.0)
+    assert [bending_factor(s, i) for i in range(3)] == [10.0, 3.0, 1.0]
+    two = replace(s, levels=((2, 2, 2), (1, 1, 1)), iterations=(1, 1), lr_mm=(1.0, 1.0), subsample=((1, 1, 1),) * 2)
+    assert [bending_factor(two, i) for i in range(2)] == [3.0, 1.0]
+    four = replace(s, levels=((8, 8, 8),) + s.levels, iterations=(1,) * 4, lr_mm=(1.0,) * 4,
+                   subsample=((1, 1, 1),) * 4)
+    assert [bending_factor(four, i) for i in range(4)] == [10.0, 10.0, 3.0, 1.0]
+    assert bending_factor(replace(s, bending_scale=()), 0) == 1.0
+
+    grid = ControlGrid((12, 24, 24), (3.0, 6.0, 6.0))
+    coef = torch.randn(2, 2, 3, *grid.shape, generator=torch.Generator().manual_seed(0))
+    both = _regulariser(grid, coef, SPACING, s)  # (2,) per pair, inside + outside field
+    assert both.shape == (2,)
+    same = _regulariser(grid, coef, SPACING, replace(s, bending_weight_outside=s.bending_weight))
+    torch.testing.assert_close(same, both)
+    inside = _regulariser(grid, coef, SPACING, replace(s, bending_weight_outside=0.0))
+    no_outside = coef.clone()
+    no_outside[:, 1] = 0.0
+    torch.testing.assert_close(inside, _regulariser(grid, no_outside, SPACING, s))
+    assert bool((inside < both).all())
+    # level 0 of the default: bending (quadratic in the control points, linear in its weight) 10x
+    torch.testing.assert_close(_regulariser(grid, coef, SPACING, _level_settings(s, 0)), 10.0 * both)
+    assert _level_settings(s, 2) is s
+
+
+def test_body_margin_dilates_the_similarity_weight_by_a_box_in_mm():
+    from respmotion.core.grid import to_voxels
+    from respmotion.registration.ffd import dilate_box
+
+    m = torch.zeros(1, 1, 9, 15, 15)
+    m[0, 0, 4, 7, 7] = 1.0
+    half = [int(round(v)) for v in to_voxels(3.0, SPACING)]  # 3 mm at (3, 1.4, 1.4) mm: 1, 2, 2 voxels
+    out = dilate_box(m, half)[0, 0]
+    assert half == [1, 2, 2]
+    assert int(out.sum()) == 3 * 5 * 5
+    assert bool((out[3:6, 5:10, 5:10] == 1).all())
