@@ -216,3 +216,18 @@ def test_ap_lr_lag_si_a_bounded_loop():
 
     flat = BreathingCurve(ph.curve.n, ph.curve.peak, 0.0)
     np.testing.assert_allclose(*flat.states(np.array([30.0, back])), atol=1e-12)
+
+
+def test_population_phase_curve_gives_every_patient_the_reference_curve(tmp_path):
+    from respmotion.data.phantom import BreathingCurve, write_cohort
+    from respmotion.io.ownership import OwnershipError
+
+    pop = BreathingCurve.population()
+    assert make_patient(1, (8, 32, 32), phase_curve="population").curve == pop
+    assert make_patient(1, (8, 32, 32)).curve != pop  # the default: the patient's own curve
+    out = tmp_path / "cohort"
+    write_cohort(out, 1, seed=0, shape=(8, 32, 32), phase_curve="population")
+    with pytest.raises(OwnershipError, match="--overwrite"):  # a rerun with the patient curves would mix the two
+        write_cohort(out, 1, seed=0, shape=(8, 32, 32))
+    with pytest.raises(ValueError, match="phase_curve"):
+        write_cohort(tmp_path / "bad", 1, seed=0, shape=(8, 32, 32), phase_curve="wobbly")

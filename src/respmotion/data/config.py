@@ -21,6 +21,7 @@ class PhantomConfig:
     shape: tuple[int, int, int] = (50, 256, 256)
     noise_hu: float = 10.0
     workers: int = 1  # patients written in parallel processes (each patient's phases already use threads)
+    phase_curve: str = "patient"  # "patient": each its own breathing curve; "population": all the reference's curve
 
     def __post_init__(self) -> None:
         if self.patients is not None and self.patients < 1:

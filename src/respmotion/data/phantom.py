@@ -65,6 +65,9 @@ SPINE_STATIC_R = 26.0  # mm: SI motion fades out (over slide_width) this far fro
 #: puts end-exhale at 50-60 % of a phase-binned cycle; Lujan et al. 1999 model the longer dwell near exhale).  The
 #: mean, 0.55, is the reference's population end-exhale phase (docs/motion.md).
 PEAK_RANGE = (0.50, 0.60)
+#: ``phase_curve`` choices: each patient its own curve (default), or every patient the reference's population curve
+#: (timing then carries no patient-to-patient noise: what a model can learn from a CT alone, e.g. the CI chain test)
+PHASE_CURVES = ("patient", "population")
 CURVE_STREAM = 18  # second word of the seed of a patient's phase-curve generator ([seed, CURVE_STREAM])
 
 HU_AIR, HU_LUNG, HU_FAT, HU_SOFT, HU_BLOOD, HU_LIVER, HU_BONE = -1000.0, -860.0, -100.0, 40.0, 45.0, 60.0, 650.0
@@ -178,7 +181,8 @@ class PhantomParams:
 class Phantom:
     """One synthetic patient: reference anatomy and analytic motion."""
 
-    def __init__(self, seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: float = 10.0):
+    def __init__(self, seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: float = 10.0,
+                 phase_curve: str = "patient"):
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         self.p = PhantomParams.draw(self.rng)
@@ -194,7 +198,8 @@ class Phantom:
         self.xs = self.geometry.axis_mm(2)
         self._draw_anatomy()
         # the phase curve from a generator of its own: anatomy and amplitude of a seed do not depend on it
-        self.curve = BreathingCurve.draw(np.random.default_rng([self.seed, CURVE_STREAM]))
+        self.curve = (BreathingCurve.draw(np.random.default_rng([self.seed, CURVE_STREAM]))
+                      if phase_curve == "patient" else BreathingCurve.population())
         self._calibrate_amplitude()
 
     def _calibrate_amplitude(self) -> None:
@@ -613,8 +618,9 @@ class Phantom:
         }
 
 
-def make_patient(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: float = 10.0) -> Phantom:
-    return Phantom(seed, shape, noise_hu)
+def make_patient(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: float = 10.0,
+                 phase_curve: str = "patient") -> Phantom:
+    return Phantom(seed, shape, noise_hu, phase_curve)
 
 
 # peak memory of writing one patient: bytes a voxel for each phase computed at once (measured at
@@ -622,11 +628,14 @@ def make_patient(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, noise_hu: floa
 BYTES_PER_VOXEL_THREAD = 300
 
 
-def check_request(shape: Sequence[int], noise_hu: float, patients: int = 1, seed: int = 0) -> tuple[int, int, int]:
+def check_request(shape: Sequence[int], noise_hu: float, patients: int = 1, seed: int = 0,
+                  phase_curve: str = "patient") -> tuple[int, int, int]:
     """Validate a phantom request; returns the shape as ``(z, y, x)`` ints.
 
     Raises ``ValueError`` (one line) for a shape that is not 3 positive sizes, a negative noise
-    level, fewer than one patient or a negative seed."""
+    level, fewer than one patient, a negative seed or an unknown ``phase_curve``."""
+    if phase_curve not in PHASE_CURVES:
+        raise ValueError(f"phantom phase_curve must be one of {', '.join(PHASE_CURVES)}, got {phase_curve!r}")
     shape = tuple(int(v) for v in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"phantom shape must be 3 positive sizes z,y,x, got {','.join(map(str, shape))}")
@@ -661,7 +670,7 @@ def check_memory(shape: Sequence[int], parallel: int) -> None:
 
 
 def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
-                  noise_hu: float = 10.0, threads: int = 2) -> StudyDir:
+                  noise_hu: float = 10.0, threads: int = 2, phase_curve: str = "patient") -> StudyDir:
     """Write one phantom patient (one study) in the cohort layout; skips a complete study.
 
     ``threads``: phases computed and written concurrently (numpy and torch release the GIL in the
@@ -669,13 +678,13 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
     :func:`write_cohort` for a whole output folder (it owns the folder, see :mod:`respmotion.io.ownership`)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    shape = check_request(shape, noise_hu, 1, seed)
+    shape = check_request(shape, noise_hu, 1, seed, phase_curve)
     sd = StudyDir(Path(out) / patient_id / "study_0")
     if sd.is_complete():
         return sd
     if sd.path.exists():  # an interrupted writer's temporary files (the folder's owner lock excludes a live one)
         clean_stale_tmp(sd.path)
-    ph = make_patient(seed, shape, noise_hu)
+    ph = make_patient(seed, shape, noise_hu, phase_curve)
     g = ph.geometry
     Z, Y, X = ph.base_coords()
     unit_z = ph._unit_field()[0].astype(np.float64)  # cached shared inputs, built before the threads start
@@ -725,10 +734,11 @@ def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[i
 
 def write_cohort(out: str | Path, patients: int, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
                  noise_hu: float = 10.0, progress: bool = False, workers: int = 1,
-                 overwrite: bool = False) -> list[StudyDir]:
+                 overwrite: bool = False, phase_curve: str = "patient") -> list[StudyDir]:
     """Write ``patients`` phantom patients ``phantom_000``... (patient i uses seed ``seed * 1000 + i``).
 
-    ``workers`` > 1 writes patients in parallel processes, the cores left to each run its phases in
+    ``phase_curve``: ``"patient"`` (each patient breathes on its own curve) or ``"population"`` (all on the
+    reference's curve), :data:`PHASE_CURVES`.  ``workers`` > 1 writes patients in parallel processes, the cores left to each run its phases in
     threads; the result does not depend on either.  Measured on 2 cores at 50x256x256: one process
     (2 threads) 11.7 s a patient, two processes 13 s a patient (each imports torch).
 
@@ -738,26 +748,29 @@ def write_cohort(out: str | Path, patients: int, seed: int = 0, shape: Sequence[
     ``overwrite`` (which empties ``out`` first), and a second process writing ``out`` is refused."""
     from ..io.ownership import claim
 
-    shape = check_request(shape, noise_hu, patients, seed)
+    shape = check_request(shape, noise_hu, patients, seed, phase_curve)
     if workers < 1:
         raise ValueError(f"phantom workers must be >= 1, got {workers}")
     procs = min(workers, patients) if workers > 1 else 1
     threads = max(1, min(4, (os.cpu_count() or 1) // procs))  # phases of a patient in threads (see write_patient)
     check_memory(shape, procs * threads)
     identity = {"patients": patients, "seed": seed, "shape": list(shape), "noise_hu": float(noise_hu)}
+    if phase_curve != "patient":  # absent for the default: folders written before the option keep their identity
+        identity["phase_curve"] = phase_curve
     with claim(out, "phantom", identity, overwrite=overwrite):
-        return _write_jobs(out, patients, seed, shape, noise_hu, progress, workers, threads)
+        return _write_jobs(out, patients, seed, shape, noise_hu, progress, workers, threads, phase_curve)
 
 
 def _write_jobs(out: str | Path, patients: int, seed: int, shape: tuple[int, int, int], noise_hu: float,
-                progress: bool, workers: int, threads: int) -> list[StudyDir]:
+                progress: bool, workers: int, threads: int, phase_curve: str) -> list[StudyDir]:
     """The patients of :func:`write_cohort` (its checks and folder claim done)."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    jobs = [(out, f"phantom_{i:03d}", seed * 1000 + i, tuple(shape), noise_hu, threads) for i in range(patients)]
+    jobs = [(out, f"phantom_{i:03d}", seed * 1000 + i, tuple(shape), noise_hu, threads, phase_curve)
+            for i in range(patients)]
     bar = tqdm(total=len(jobs), desc="phantom", unit="patient", disable=not progress)
     studies = []
     try:
