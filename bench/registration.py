@@ -417,6 +417,11 @@ def _before_outside_fix(s: FFDSettings) -> FFDSettings:
     return replace(s, stride=(3.0, 8.0, 8.0), iterations=(150, 100, 50), bending_scale=())
 
 
+def _on_before_outside_fix(**changes: Any) -> Callable[[FFDSettings], FFDSettings]:
+    """A tuning candidate: :func:`_before_outside_fix` with ``changes`` on top."""
+    return lambda s: replace(_before_outside_fix(s), **changes)
+
+
 TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "default": lambda s: s,
     "lung_region": lambda s: replace(s, sliding_region="lung"),
@@ -429,33 +434,30 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     # issue 19, outside-the-lung landmarks (docs/registration.md): each on the settings before that work
     # (`before_outside_fix`); the chosen combination is the default now
     "before_outside_fix": _before_outside_fix,
-    "bending_50": lambda s: replace(_before_outside_fix(s), bending_weight=50.0),
-    "outside_100": lambda s: replace(_before_outside_fix(s), bending_weight_outside=100.0),
-    "outside_300": lambda s: replace(_before_outside_fix(s), bending_weight_outside=300.0),
-    "inside_100": lambda s: replace(_before_outside_fix(s), bending_weight=100.0, bending_weight_outside=30.0),
-    "body_margin_5": lambda s: replace(_before_outside_fix(s), body_margin_mm=5.0),
-    "stride_3_12_12": lambda s: replace(_before_outside_fix(s), stride=(3.0, 12.0, 12.0)),
-    "bending_scale_3_1_1": lambda s: replace(_before_outside_fix(s), bending_scale=(3.0, 1.0, 1.0)),
-    "bending_scale_10_1_1": lambda s: replace(_before_outside_fix(s), bending_scale=(10.0, 1.0, 1.0)),
-    "bending_scale_3_3_1": lambda s: replace(_before_outside_fix(s), bending_scale=(3.0, 3.0, 1.0)),
-    "bending_scale_10_3_1": lambda s: replace(_before_outside_fix(s), bending_scale=(10.0, 3.0, 1.0)),
-    "bending_scale_30_10_1": lambda s: replace(_before_outside_fix(s), bending_scale=(30.0, 10.0, 1.0)),
-    "scale_10_3_1_fine_75": lambda s: replace(
-        _before_outside_fix(s), bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75)),
-    "scale_10_3_1_fine_100": lambda s: replace(
-        _before_outside_fix(s), bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 100)),
-    "scale_10_3_1_stride_12": lambda s: replace(
-        _before_outside_fix(s), bending_scale=(10.0, 3.0, 1.0), stride=(3.0, 12.0, 12.0)),
-    "scale_10_3_1_fine_75_stride_12": lambda s: replace(
-        _before_outside_fix(s), bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75), stride=(3.0, 12.0, 12.0)),
-    "scale_30_10_1_fine_100_stride_12": lambda s: replace(
-        _before_outside_fix(s), bending_scale=(30.0, 10.0, 1.0), iterations=(150, 100, 100), stride=(3.0, 12.0, 12.0)),
-    "smooth_0_1_1": lambda s: replace(_before_outside_fix(s), smooth_vox=(0.0, 1.0, 1.0)),
-    "smooth_05_1_1": lambda s: replace(_before_outside_fix(s), smooth_vox=(0.5, 1.0, 1.0)),
-    "iterations_150_200_50": lambda s: replace(_before_outside_fix(s), iterations=(150, 200, 50)),
-    "iterations_250_200_50": lambda s: replace(_before_outside_fix(s), iterations=(250, 200, 50)),
-    "iterations_150_100_75": lambda s: replace(_before_outside_fix(s), iterations=(150, 100, 75)),
-    "iterations_150_100_100": lambda s: replace(_before_outside_fix(s), iterations=(150, 100, 100)),
+    "bending_50": _on_before_outside_fix(bending_weight=50.0),
+    "outside_100": _on_before_outside_fix(bending_weight_outside=100.0),
+    "outside_300": _on_before_outside_fix(bending_weight_outside=300.0),
+    "inside_100": _on_before_outside_fix(bending_weight=100.0, bending_weight_outside=30.0),
+    "body_margin_5": _on_before_outside_fix(body_margin_mm=5.0),
+    "stride_3_12_12": _on_before_outside_fix(stride=(3.0, 12.0, 12.0)),
+    "bending_scale_3_1_1": _on_before_outside_fix(bending_scale=(3.0, 1.0, 1.0)),
+    "bending_scale_10_1_1": _on_before_outside_fix(bending_scale=(10.0, 1.0, 1.0)),
+    "bending_scale_3_3_1": _on_before_outside_fix(bending_scale=(3.0, 3.0, 1.0)),
+    "bending_scale_10_3_1": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0)),
+    "bending_scale_30_10_1": _on_before_outside_fix(bending_scale=(30.0, 10.0, 1.0)),
+    "scale_10_3_1_fine_75": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75)),
+    "scale_10_3_1_fine_100": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 100)),
+    "scale_10_3_1_stride_12": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0), stride=(3.0, 12.0, 12.0)),
+    "scale_10_3_1_fine_75_stride_12": _on_before_outside_fix(
+        bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75), stride=(3.0, 12.0, 12.0)),
+    "scale_30_10_1_fine_100_stride_12": _on_before_outside_fix(
+        bending_scale=(30.0, 10.0, 1.0), iterations=(150, 100, 100), stride=(3.0, 12.0, 12.0)),
+    "smooth_0_1_1": _on_before_outside_fix(smooth_vox=(0.0, 1.0, 1.0)),
+    "smooth_05_1_1": _on_before_outside_fix(smooth_vox=(0.5, 1.0, 1.0)),
+    "iterations_150_200_50": _on_before_outside_fix(iterations=(150, 200, 50)),
+    "iterations_250_200_50": _on_before_outside_fix(iterations=(250, 200, 50)),
+    "iterations_150_100_75": _on_before_outside_fix(iterations=(150, 100, 75)),
+    "iterations_150_100_100": _on_before_outside_fix(iterations=(150, 100, 100)),
 }
 
 

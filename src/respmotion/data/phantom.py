@@ -738,9 +738,9 @@ def write_cohort(out: str | Path, patients: int, seed: int = 0, shape: Sequence[
     """Write ``patients`` phantom patients ``phantom_000``... (patient i uses seed ``seed * 1000 + i``).
 
     ``phase_curve``: ``"patient"`` (each patient breathes on its own curve) or ``"population"`` (all on the
-    reference's curve), :data:`PHASE_CURVES`.  ``workers`` > 1 writes patients in parallel processes, the cores left to each run its phases in
-    threads; the result does not depend on either.  Measured on 2 cores at 50x256x256: one process
-    (2 threads) 11.7 s a patient, two processes 13 s a patient (each imports torch).
+    reference's curve), :data:`PHASE_CURVES`.  ``workers`` > 1 writes patients in parallel processes, the cores
+    left to each run its phases in threads; the result does not depend on either.  Measured on 2 cores at
+    50x256x256: one process (2 threads) 11.7 s a patient, two processes 13 s a patient (each imports torch).
 
     The request is checked first (sizes, noise, memory: ``ValueError`` / ``MemoryError`` before
     anything is allocated or written).  ``out`` is owned (:func:`respmotion.io.ownership.claim`):
