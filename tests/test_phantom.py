@@ -231,3 +231,19 @@ def test_population_phase_curve_gives_every_patient_the_reference_curve(tmp_path
         write_cohort(out, 1, seed=0, shape=(8, 32, 32))
     with pytest.raises(ValueError, match="phase_curve"):
         write_cohort(tmp_path / "bad", 1, seed=0, shape=(8, 32, 32), phase_curve="wobbly")
+
+
+def test_chest_wall_landmarks_lie_in_tissue_outside_the_cavity():
+    """Chest-wall landmarks sit between the cavity and the skin (at least SKIN_DEPTH_MM under it, never in air),
+    and enough of them lie far enough from the sliding interface to be kept."""
+    from respmotion.data.phantom import SKIN_DEPTH_MM
+
+    kept = 0
+    for seed in (0, 1, 2):
+        ph = make_patient(seed, (16, 128, 128))  # in-plane spacing sets the margin: 13.6 mm here, 19.2 at 64x64
+        ref = np.array([c for c, k in zip(ph.landmarks_ref, ph.landmark_kind) if k == "chest_wall"])
+        depth = (1.0 - np.hypot(ref[:, 2] / ph.p.body_ax, ref[:, 1] / ph.p.body_ay)) * min(ph.p.body_ax, ph.p.body_ay)
+        assert len(ref) == 16 and depth.min() >= SKIN_DEPTH_MM - 1e-6, depth.min()
+        assert ph.sliding_distance(ref[:, 1], ref[:, 2]).min() > 0  # outside the cavity: the chest wall's field
+        kept += ph.landmarks()["kind"].count("chest_wall")
+    assert kept >= 10, kept

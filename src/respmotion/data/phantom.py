@@ -56,6 +56,7 @@ AP_PER_SI, LR_PER_SI = 0.2, 0.25
 SI_AP_GAIN, SI_ML_GAIN, SI_PROFILE_EXP = 1.6, 1.0, 1.5
 
 SPINE_Y, SPINE_R = 0.72, 17.0  # vertebral body centre (x body_ay, posterior) and radius, mm
+SKIN_DEPTH_MM = 6.0  # chest-wall landmarks stay at least this deep under the skin (at end-inhale)
 SPINE_STATIC_R = 26.0  # mm: SI motion fades out (over slide_width) this far from the spine's axis (< 1 mm inside)
 
 #: end-exhale phase (fraction of the cycle) of a phantom patient: uniform in this range.  The low end is DIR-Lab's
@@ -411,9 +412,12 @@ class Phantom:
             self.landmark_kind.append("nodule")
 
         # extra landmarks: on ribs/spine (outside lungs) and random lung points near the base
-        for _ in range(16):  # in the chest wall, 10-18 % of the cavity radius outside it (ribs, muscle)
-            a = rng.uniform(-math.pi * 0.9, -math.pi * 0.1)
-            rr = rng.uniform(1.10, 1.18)
+        # in the lateral chest walls (ribs, muscle; thick enough to hold a landmark beyond the sliding margin),
+        # 8 a side, outside the cavity by 55-100 % of the wall's depth (up to 18 % of the cavity radius and
+        # SKIN_DEPTH_MM under the skin)
+        for i in range(16):
+            a = rng.uniform(-math.pi * 0.3, math.pi * 0.3) + math.pi * (i % 2)
+            rr = 1.0 + rng.uniform(0.55, 1.0) * min(0.18, self._chest_wall_radius(a) - 1.0)
             pt = np.array([rng.uniform(-40, 50), rr * p.body_ay * p.cavity_scale * math.sin(a) - 0.08 * p.body_ay,
                            rr * p.body_ax * p.cavity_scale * math.cos(a)])
             self.landmarks_ref.append(pt)
@@ -433,6 +437,19 @@ class Phantom:
             self.landmarks_ref.append(np.array([zz, yy, xx]))
             self.landmark_kind.append("below_diaphragm")
         self.reference_fine = img
+
+    def _chest_wall_radius(self, angle: float) -> float:
+        """Largest cavity radius (in cavity radii, along ``angle`` from the cavity's centre, as the chest-wall
+        landmarks are placed) that stays :data:`SKIN_DEPTH_MM` inside the body surface: a landmark beyond the skin
+        would lie in air, where no image tells where it moved."""
+        p = self.p
+        u = p.cavity_scale * math.cos(angle)  # x / body_ax per cavity radius
+        v = p.cavity_scale * math.sin(angle)  # (y - yc) / body_ay per cavity radius
+        w = -0.08  # yc / body_ay
+        t = 1.0 - SKIN_DEPTH_MM / min(p.body_ax, p.body_ay)  # body radius to stay within
+        # (r u)^2 + (r v + w)^2 = t^2, the positive root
+        a2, b = u * u + v * v, v * w
+        return float((-b + math.sqrt(b * b - a2 * (w * w - t * t))) / a2)
 
     def _inside_lung(self, c: np.ndarray, margin: float = 0.0) -> bool:
         offs = np.array([[0, 0, 0], [margin, 0, 0], [-margin, 0, 0], [0, margin, 0], [0, -margin, 0], [0, 0, margin], [0, 0, -margin]])
