@@ -48,7 +48,7 @@ from respmotion.core.ops import resample_array
 from respmotion.evaluation.landmarks import landmark_error
 from respmotion.io.atomic import read_json
 from respmotion.io.layout import StudyDir
-from respmotion.registration.bspline import ControlGrid, dense_tensor
+from respmotion.registration.bspline import ControlGrid, blend_weight, dense_tensor
 from respmotion.registration.ffd import FFDSettings, register, sliding_region
 
 DEFAULT_PAIRS = ("ref_50", "step_20", "step_70")
@@ -200,7 +200,8 @@ def run_ours(fixed, moving, geom, device, settings: FFDSettings | None = None) -
     s = settings or FFDSettings()
     t0 = time.perf_counter()
     body = np.stack([body_mask(f) for f in fixed])
-    lung = np.stack([sliding_region(f, b, geom, s) for f, b in zip(fixed, body)]) if s.sliding else None
+    lung = (np.stack([blend_weight(sliding_region(f, b, geom, s), geom.spacing, s.sliding_ramp_mm)
+                      for f, b in zip(fixed, body)]) if s.sliding else None)
     to = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
     coef, log = register(to(np.stack(fixed)), to(np.stack(moving)), to(body), geom.spacing, s,
                          lung=None if lung is None else to(lung))
@@ -412,9 +413,10 @@ def acceptance(ours: dict, deepali: dict) -> dict[str, Any]:
 
 
 def _before_outside_fix(s: FFDSettings) -> FFDSettings:
-    """``s`` with the stride, iterations and bending schedule of the defaults before issue 19's outside-the-lung
-    tuning (docs/registration.md)."""
-    return replace(s, stride=(3.0, 8.0, 8.0), iterations=(150, 100, 50), bending_scale=())
+    """``s`` with the stride, iterations, bending weight and schedule and the hard blend of the defaults before
+    issue 19's outside-the-lung tuning (docs/registration.md)."""
+    return replace(s, stride=(3.0, 8.0, 8.0), iterations=(150, 100, 50), bending_scale=(), bending_weight=30.0,
+                   sliding_ramp_mm=0.0)
 
 
 def _on_before_outside_fix(**changes: Any) -> Callable[[FFDSettings], FFDSettings]:
@@ -458,6 +460,12 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "iterations_250_200_50": _on_before_outside_fix(iterations=(250, 200, 50)),
     "iterations_150_100_75": _on_before_outside_fix(iterations=(150, 100, 75)),
     "iterations_150_100_100": _on_before_outside_fix(iterations=(150, 100, 100)),
+    # issue 19, third pass (docs/registration.md): the blend ramp outside the sliding region and the bending weight
+    "ramp_0_bending_30": lambda s: replace(s, sliding_ramp_mm=0.0, bending_weight=30.0),  # the defaults before
+    "ramp_0_bending_50": lambda s: replace(s, sliding_ramp_mm=0.0),
+    "ramp_6_bending_30": lambda s: replace(s, bending_weight=30.0),
+    "ramp_4": lambda s: replace(s, sliding_ramp_mm=4.0),
+    "ramp_8": lambda s: replace(s, sliding_ramp_mm=8.0),
 }
 
 

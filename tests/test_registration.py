@@ -19,7 +19,7 @@ from respmotion.core import DisplacementField, Geometry, Volume
 from respmotion.core import warp as W
 from respmotion.io.layout import PHASES, StudyDir
 from respmotion.registration.bspline import (Basis, BSplineField, ControlGrid, bending_energy, bending_energy_knots,
-                                             dense_field, dense_tensor, jacobian_determinant, jacobian_knots, load_bspline,
+                                             blend_weight, dense_field, dense_tensor, jacobian_determinant, jacobian_knots, load_bspline,
                                              save_bspline)
 from respmotion.registration.ffd import FFDSettings, _Level, register, repair_folding
 from respmotion.anatomy import body_mask, lung_mask
@@ -89,6 +89,39 @@ def test_stored_control_points_equal_optimiser_field(tmp_path):
     back = load_bspline(save_bspline(BSplineField(coef2[0].numpy(), grid, geom, {}, lung), tmp_path / "s.npz"))
     np.testing.assert_array_equal(back.lung, lung)
     np.testing.assert_allclose(at(dense_field(back).array, pts_s), u2.numpy(), atol=1e-5)
+    # with a blend ramp the file keeps the mask and the ramp; loading blends with the optimiser's weight
+    region = np.zeros(shape, np.uint8)
+    region[..., 3:7, 6:14, 5:15] = 1
+    weight = blend_weight(region, SPACING, 4.0)
+    lev_r = _Level(img, img, torch.ones_like(img), (1, 1, 1), grid, SPACING, "cpu", torch.float32,
+                   lung=torch.as_tensor(weight)[None])
+    pts_r = lev_r.points((0, 0, 0), (1, 1, 1))  # a point set carries its level's weight
+    u3 = lev_r.displacement(coef2, pts_r)[0]
+    back = load_bspline(save_bspline(BSplineField(coef2[0].numpy(), grid, geom, {}, region, 4.0), tmp_path / "r.npz"))
+    assert back.ramp_mm == 4.0
+    np.testing.assert_allclose(at(dense_field(back).array, pts_r), u3.numpy(), atol=1e-5)
+    hard = _Level(img, img, torch.ones_like(img), (1, 1, 1), grid, SPACING, "cpu", torch.float32,
+                  lung=torch.as_tensor(region)[None])
+    assert not np.allclose(u3.numpy(), hard.displacement(coef2, hard.points((0, 0, 0), (1, 1, 1)))[0].numpy())
+
+
+def test_blend_weight_is_one_in_the_region_and_falls_to_zero_over_the_ramp_in_mm():
+    region = np.zeros((6, 40, 40), np.uint8)
+    region[:, :, :20] = 1  # boundary between x index 19 and 20: distance of x index i >= 20 is (i - 19) * 1.5 mm
+    w = blend_weight(region, (3.0, 1.0, 1.5), 6.0)
+    assert w.dtype == np.float32 and np.all(w[:, :, :20] == 1.0)
+    d = (np.arange(20, 40) - 19) * 1.5
+    np.testing.assert_allclose(w[2, 7, 20:], np.where(d < 6.0, 0.5 * (1 + np.cos(np.pi * d / 6.0)), 0.0), atol=1e-6)
+    assert w[0, 0, 21] == pytest.approx(0.5)  # 3 mm out: half way
+    np.testing.assert_array_equal(blend_weight(region, (3.0, 1.0, 1.5), 0.0), region.astype(np.float32))
+    # the crop to the region's box does not change the values: a small region far from the edges
+    small = np.zeros((20, 30, 30), np.uint8)
+    small[8:12, 12:18, 10:16] = 1
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(~small.astype(bool), sampling=(2.0, 1.0, 1.0))
+    full = np.where(dist < 5.0, 0.5 * (1 + np.cos(np.pi * np.minimum(dist, 5.0) / 5.0)), 0.0)
+    np.testing.assert_allclose(blend_weight(small, (2.0, 1.0, 1.0), 5.0), full, atol=1e-6)
 
 
 def test_knot_regularisers_match_dense_derivatives():

@@ -14,17 +14,20 @@ Public API (what later stages call):
 Use::
 
     from respmotion.registration import FFDSettings, dense_field, register
-    coef, log = register(fixed, moving, body, spacing_zyx_mm, FFDSettings(), lung=lung)  # (B, Z, Y, X) tensors
+    s = FFDSettings()
+    # the inside field's weight: the sliding region (ffd.sliding_region) with its ramp (bspline.blend_weight)
+    lung = blend_weight(sliding_region(hu, body, geometry, s), spacing_zyx_mm, s.sliding_ramp_mm)
+    coef, log = register(fixed, moving, body, spacing_zyx_mm, s, lung=lung)  # (B, Z, Y, X) tensors
     u = dense_field("<out>/<patient>/<study>/ref_50.npz")  # DisplacementField (3, z, y, x) mm, pull
 
 :class:`~.ffd.FFDSettings` holds the optimiser settings (defaults: the measured best); the measurements behind
 the engine and its defaults are in ``docs/registration.md``.
 """
 
-from .bspline import BSplineField, ControlGrid, dense_field, load_bspline, save_bspline
+from .bspline import BSplineField, ControlGrid, blend_weight, dense_field, load_bspline, save_bspline
 from .config import RegisterConfig
-from .ffd import FFDSettings, register
+from .ffd import FFDSettings, register, sliding_region
 from .pipeline import load_pair_field, run_registration
 
-__all__ = ["BSplineField", "ControlGrid", "dense_field", "load_bspline", "save_bspline", "RegisterConfig",
-           "FFDSettings", "register", "load_pair_field", "run_registration"]
+__all__ = ["BSplineField", "ControlGrid", "blend_weight", "dense_field", "load_bspline", "save_bspline",
+           "RegisterConfig", "FFDSettings", "register", "sliding_region", "load_pair_field", "run_registration"]

@@ -320,14 +320,37 @@ def knot_regulariser(coef_mm: torch.Tensor, grid: ControlGrid, spacing: Sequence
                                   float(bending_weight), float(jacobian_weight), float(jacobian_min))
 
 
+def blend_weight(region: np.ndarray, spacing: Sequence[float], ramp_mm: float) -> np.ndarray:
+    """Weight of the inside field of a sliding pair, float32 ``(z, y, x)``: 1 in the binary ``region``, falling
+    outside it as ``(1 + cos(pi d / ramp_mm)) / 2`` with the distance ``d`` (mm, ``spacing`` (z, y, x)) to the
+    region, 0 from ``ramp_mm`` on (``ramp_mm`` 0: the region itself).  Tissue just outside a threshold lung mask
+    still follows the lung (the mask stops short of the pleura; docs/registration.md)."""
+    region = np.asarray(region) > 0
+    if ramp_mm <= 0 or not region.any():
+        return region.astype(np.float32)
+    from scipy import ndimage
+
+    # the distance is only needed up to ramp_mm: crop to the region's box grown by that much (same values)
+    nz = np.argwhere(region)
+    grow = np.ceil(float(ramp_mm) / np.asarray(spacing, dtype=float)).astype(int) + 1
+    lo = np.maximum(nz.min(0) - grow, 0)
+    hi = np.minimum(nz.max(0) + 1 + grow, region.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    d = ndimage.distance_transform_edt(~region[box], sampling=tuple(float(v) for v in spacing))
+    out = np.zeros(region.shape, np.float32)
+    out[box] = np.where(d < ramp_mm, 0.5 * (1.0 + np.cos(np.pi * np.minimum(d, ramp_mm) / ramp_mm)), 0.0)
+    return out
+
+
 # ----------------------------------------------------------------------------- storage
 @dataclass
 class BSplineField:
     """Stored registration result on the fixed image's grid (pull, mm, components z, y, x).
 
     ``coef``: control points ``(3, Kz, Ky, Kx)`` in mm, or ``(2, 3, Kz, Ky, Kx)`` for a sliding pair: field 0
-    applies inside ``lung`` (fixed-phase lung mask ``(z, y, x)``, 0/1), field 1 outside.  ``meta`` (pair,
-    quality record, settings) is saved as JSON.
+    applies inside ``lung`` (the fixed phase's sliding region ``(z, y, x)``, 0/1), field 1 outside, blended over
+    ``ramp_mm`` outside the region (:func:`blend_weight`).  ``meta`` (pair, quality record, settings) is saved as
+    JSON.
     """
 
     coef: np.ndarray
@@ -335,6 +358,7 @@ class BSplineField:
     geometry: Geometry
     meta: dict[str, Any] = field(default_factory=dict)
     lung: np.ndarray | None = None
+    ramp_mm: float = 0.0
 
     def __post_init__(self) -> None:
         k = tuple(self.grid.shape)
@@ -352,7 +376,12 @@ class BSplineField:
     def header(self) -> dict[str, Any]:
         return {"format": FORMAT, "convention": "pull; control points (3,z,y,x) mm along array axes",
                 "geometry": self.geometry.to_dict(), "control_grid": self.grid.to_dict(),
-                "sliding": self.sliding, "dtype": str(self.coef.dtype), "meta": self.meta}
+                "sliding": self.sliding, "sliding_ramp_mm": float(self.ramp_mm), "dtype": str(self.coef.dtype),
+                "meta": self.meta}
+
+    def weight(self) -> np.ndarray | None:
+        """The inside field's weight ``(z, y, x)`` float32 (:func:`blend_weight`), or None for one field."""
+        return None if self.lung is None else blend_weight(self.lung, self.geometry.spacing, self.ramp_mm)
 
 
 def dense_tensor(coef: torch.Tensor, grid: ControlGrid, lung: torch.Tensor | None = None) -> torch.Tensor:
@@ -373,7 +402,8 @@ def dense_field(stored: BSplineField | str | os.PathLike, device: str | torch.de
     if not isinstance(stored, BSplineField):
         stored = load_bspline(stored)
     coef = torch.as_tensor(stored.coef.astype(np.float32), device=device)[None]
-    lung = None if stored.lung is None else torch.as_tensor(stored.lung.astype(np.float32), device=device)[None]
+    weight = stored.weight()
+    lung = None if weight is None else torch.as_tensor(weight, device=device)[None]
     u = dense_tensor(coef, stored.grid, lung)[0]
     return DisplacementField(u.cpu().numpy().astype(np.float32), stored.geometry, dict(stored.meta))
 
@@ -414,7 +444,8 @@ def load_bspline(path: str | os.PathLike) -> BSplineField:
             if bits.size * 8 < n:
                 raise ValueError(f"lung mask has {bits.size * 8} bits for {n} voxels")
             lung = np.unpackbits(bits, count=n).reshape(geometry.shape)
-        return BSplineField(coef, ControlGrid.from_dict(head["control_grid"]), geometry, head.get("meta", {}), lung)
+        return BSplineField(coef, ControlGrid.from_dict(head["control_grid"]), geometry, head.get("meta", {}), lung,
+                            float(head.get("sliding_ramp_mm", 0.0)))  # files written before the ramp: none
     except (KeyError, ValueError) as exc:
         raise ValueError(f"{path}: inconsistent B-spline record ({exc})") from exc
 

@@ -27,7 +27,9 @@ Sliding (``sliding=True``, default): two fields, one used inside a mask of the f
 with its own regulariser, so the lungs may slide along the chest wall.  The mask (:func:`sliding_region`) is the
 thoracic cavity around the lung mask (``sliding_region="cavity"``, :func:`sliding_mask`: lungs, mediastinum and
 the abdomen under the diaphragm move with the inside field; chest wall and spine with the outside field) or the
-lung mask alone (``"lung"``).
+lung mask alone (``"lung"``).  The inside field's weight is 1 in the region and falls to 0 over
+``sliding_ramp_mm`` outside it (:func:`~respmotion.registration.bspline.blend_weight`): the threshold lung mask
+stops short of the pleura, and the tissue in between still moves with the lung.
 
 On a CPU the pairs of a batch are split over ``workers`` single-threaded workers (one per core).
 
@@ -61,7 +63,7 @@ class FFDSettings:
     iterations: tuple[int, ...] = (150, 100, 100)
     lr_mm: tuple[float, ...] = (1.0, 0.5, 0.25)  # Adam step, mm
     subsample: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (1, 2, 2))  # voxel stride per level
-    bending_weight: float = 30.0
+    bending_weight: float = 50.0
     bending_weight_outside: float | None = None  # sliding: the outside field's bending weight (None: bending_weight)
     # both bending weights times this per level, aligned at the finest level (last entry: finest; levels coarser
     # than the tuple reaches take its first entry; empty: 1): stiff coarse levels keep texture-poor regions
@@ -74,6 +76,7 @@ class FFDSettings:
     body_margin_mm: float = 0.0  # similarity weight: the fixed body mask dilated by this many mm (box, per axis)
     sliding: bool = True
     sliding_region: str = "cavity"  # cavity | lung: the inside field's region (see sliding_region)
+    sliding_ramp_mm: float = 6.0  # the inside field's weight falls to 0 over this distance outside the region
     repair_folding: bool = True  # after the last level: remove every det <= 0 voxel (see repair_folding)
     # early stop of a level: every `stop_window` iterations, stop when no pair's mean loss over the window fell by
     # more than `stop_tol` x its (1 - NCC) since the previous window (0: run every iteration)
@@ -493,7 +496,8 @@ def register(
     """Register B pairs: ``fixed``, ``moving`` ``(B, Z, Y, X)`` HU, ``body`` fixed body mask ``(B, Z, Y, X)``.
 
     Returns control points ``(B, 3, Kz, Ky, Kx)`` mm (or ``(B, 2, 3, Kz, Ky, Kx)`` inside/outside with
-    ``settings.sliding``, blended by ``lung``, the fixed mask of :func:`sliding_region`) and a log dict (seconds,
+    ``settings.sliding``, blended by ``lung``, the inside field's weight in [0, 1]: ``blend_weight`` of the fixed
+    image's :func:`sliding_region` with ``settings.sliding_ramp_mm``) and a log dict (seconds,
     final NCC per level).  On a CPU the pairs are split over ``settings.workers`` single-threaded workers (the
     pairs do not interact); ``callback(level, coef)`` (or
     ``callback(level, coef, pair_indices)`` with workers) runs after each level.

@@ -24,7 +24,7 @@ from ..anatomy import body_mask
 from ..core.geometry import Geometry
 from ..io.atomic import TMP_PREFIX, file_sha256, write_json, write_npy
 from ..io.layout import StudyDir, iter_studies
-from .bspline import BSplineField, ControlGrid, dense_tensor, load_bspline, save_bspline
+from .bspline import BSplineField, ControlGrid, blend_weight, dense_tensor, load_bspline, save_bspline
 from .config import RegisterConfig
 from .ffd import register, sliding_region
 from .pairs import Pair, resolve_rank, shard, study_pairs
@@ -155,9 +155,11 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
     body = np.stack([cache.body_mask(p.fixed) for p in batch])
     lung = np.stack([cache.sliding_mask(p.fixed) for p in batch]) if cfg.ffd.sliding else None
     geom = cache.geometry
+    ramp = cfg.ffd.sliding_ramp_mm
+    weight = None if lung is None else np.stack([blend_weight(m, geom.spacing, ramp) for m in lung])
     to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     coef, opt_log = register(to(fixed), to(moving), to(body), geom.spacing, cfg.ffd,
-                             lung=None if lung is None else to(lung))
+                             lung=None if weight is None else to(weight))
     seconds = (time.perf_counter() - t0) / len(batch)
     grid = ControlGrid(geom.shape, cfg.ffd.stride)
     if cfg.write_masks:  # before the pairs: a pair on disk means its fixed phase's mask is too
@@ -166,7 +168,7 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
     for b, pair in enumerate(batch):
         stored_coef = coef[b].cpu().numpy().astype(cfg.coef_dtype)
         u = dense_tensor(torch.as_tensor(stored_coef.astype(np.float32))[None], grid,
-                         None if lung is None else torch.as_tensor(lung[b:b + 1]))[0]
+                         None if weight is None else torch.as_tensor(weight[b:b + 1]))[0]
         q = quality_record(torch.as_tensor(fixed[b]), torch.as_tensor(moving[b]), torch.as_tensor(body[b]), u,
                            geom.spacing)
         meta = {"patient": pair.study.patient, "study": pair.study.study, "names": list(pair.names),
@@ -177,7 +179,7 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
                               "folding_repair": opt_log["repair"]["pairs"][b] if "repair" in opt_log else None},
                 "settings": _settings_dict(cfg),
                 "inputs": (inputs or {}).get(pair) or pair_inputs(pair)}
-        stored = BSplineField(stored_coef, grid, geom, meta, None if lung is None else lung[b])
+        stored = BSplineField(stored_coef, grid, geom, meta, None if lung is None else lung[b], ramp)
         for path in pair.paths(out):
             save_bspline(stored, path)
         for path in pair.paths(out):
