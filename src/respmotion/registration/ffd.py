@@ -122,9 +122,9 @@ def sliding_mask(lung: np.ndarray, superior: float = 1.0, hu: np.ndarray | None 
     and below the lungs the upper abdomen that follows the diaphragm, inside the rib cage's footprint).  With
     the CT ``hu``, bone inside that hull (the vertebral bodies, which do not move) and ``bone_margin_mm`` around it
     (in-plane, ``spacing`` mm (z, y, x)) are left out.  ``superior`` is +1 when array z increases towards superior
-    (:meth:`respmotion.core.Geometry.superior_sign`).  Returns uint8 ``(z, y, x)``; use it as the ``lung``
-    argument of :func:`register` and :func:`~respmotion.registration.bspline.dense_tensor` (inside field in it,
-    outside field elsewhere)."""
+    (:meth:`respmotion.core.Geometry.superior_sign`).  Returns uint8 ``(z, y, x)``: the region of the inside field
+    (its weight for :func:`register` and :func:`~respmotion.registration.bspline.dense_tensor` is
+    :func:`~respmotion.registration.bspline.blend_weight` of it)."""
     lung = np.asarray(lung) > 0
     out = np.zeros(lung.shape, bool)
     acc = np.zeros(lung.shape[1:], bool)
@@ -149,7 +149,8 @@ def sliding_region(hu: np.ndarray, body: np.ndarray, geometry, settings: "FFDSet
                    lung_threshold_hu: float = -400.0) -> np.ndarray:
     """The fixed image's mask for the sliding blend, uint8 ``(z, y, x)``: the HU-threshold lung mask
     (``settings.sliding_region == "lung"``) or the thoracic cavity around it (``"cavity"``, :func:`sliding_mask`).
-    ``hu``, ``body`` ``(z, y, x)``; ``geometry`` a :class:`respmotion.core.Geometry` (spacing, superior axis)."""
+    ``hu``, ``body`` ``(z, y, x)``; ``geometry`` a :class:`respmotion.core.Geometry` (spacing, superior axis).
+    The blend's weight is ``blend_weight(region, geometry.spacing, settings.sliding_ramp_mm)``."""
     from ..anatomy import lung_mask
 
     lung = lung_mask(hu, body, lung_threshold_hu)
