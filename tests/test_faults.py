@@ -270,7 +270,9 @@ def test_kill_latent_encoding_and_rerun(tmp_path):
             a = np.load(m.parent / name, allow_pickle=False)
             assert list(a.shape) == shape and np.isfinite(a).all()
             assert shape[1:] == [16, 16, 16] and shape[0] == (3 if name.startswith("image") else 9)
-            np.testing.assert_allclose(a, np.load(ref / m.parent.relative_to(out) / name), rtol=1e-5, atol=1e-6)
+            # a resumed run encodes the missing files in other batches of 4, and float32 convolutions round
+            # differently with the batch's make-up (a busy-machine CI run saw 5e-6): equal up to that rounding
+            np.testing.assert_allclose(a, np.load(ref / m.parent.relative_to(out) / name), rtol=1e-4, atol=2e-5)
     assert not tmp_files(out), f"temporary files left: {tmp_files(out)}"
 
 
