@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -428,3 +429,22 @@ def test_body_margin_dilates_the_similarity_weight_by_a_box_in_mm():
     assert half == [1, 2, 2]
     assert int(out.sum()) == 3 * 5 * 5
     assert bool((out[3:6, 5:10, 5:10] == 1).all())
+
+
+def test_blend_weight_is_made_once_per_fixed_phase_not_per_pair(tmp_path, monkeypatch):
+    """``ref_XX`` and ``step_(XX-10)`` share fixed phase XX: its distance transform runs once (18 times before)."""
+    from respmotion.registration import pipeline
+    from respmotion.registration.config import RegisterConfig
+    from respmotion.registration.ffd import FFDSettings
+
+    calls = []
+    real = pipeline.blend_weight
+    monkeypatch.setattr(pipeline, "blend_weight", lambda *a: calls.append(1) or real(*a))
+    _write_tiny_study(tmp_path / "data")
+    ffd = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((1, 1, 1),), iterations=(2,), lr_mm=(0.3,),
+                      subsample=((1, 1, 1),))
+    cfg = RegisterConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), pairs="both", threads=1,
+                         body_threshold_hu=-3000.0, ffd=ffd)
+    summary = pipeline.run_registration(cfg)
+    fixed = {json.loads(p.read_text())["fixed_phase"] for p in (tmp_path / "out" / "p0" / "s0").glob("*.json")}
+    assert summary["registered"] == 18 and len(calls) == len(fixed) == 10

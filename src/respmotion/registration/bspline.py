@@ -338,7 +338,7 @@ def blend_weight(region: np.ndarray, spacing: Sequence[float], ramp_mm: float) -
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     d = ndimage.distance_transform_edt(~region[box], sampling=tuple(float(v) for v in spacing))
     out = np.zeros(region.shape, np.float32)
-    out[box] = np.where(d < ramp_mm, 0.5 * (1.0 + np.cos(np.pi * np.minimum(d, ramp_mm) / ramp_mm)), 0.0)
+    out[box] = 0.5 * (1.0 + np.cos(np.pi * np.minimum(d, ramp_mm) / ramp_mm))  # cos(pi) = -1: 0 from ramp_mm on
     return out
 
 

@@ -111,13 +111,14 @@ def _device(name: str) -> torch.device:
 
 
 class _StudyCache:
-    """Phases, body masks and lung masks of one study, loaded once."""
+    """Phases, body masks, sliding regions and their blend weights of one study, each made once per phase."""
 
     def __init__(self, study: StudyDir, cfg: RegisterConfig):
         self.study, self.cfg = study, cfg
         self.images: dict[int, np.ndarray] = {}
         self.body: dict[int, np.ndarray] = {}
         self.lung: dict[int, np.ndarray] = {}
+        self.weight: dict[int, np.ndarray] = {}
         self.geometry: Geometry | None = None
 
     def image(self, k: int) -> np.ndarray:
@@ -142,6 +143,13 @@ class _StudyCache:
                                           self.cfg.lung_threshold_hu)
         return self.lung[k]
 
+    def blend_weight(self, k: int) -> np.ndarray:
+        """Phase ``k``'s inside-field weight (:func:`blend_weight` of :meth:`sliding_mask`): a distance transform,
+        so made once per fixed phase, not per pair (``ref_XX`` and ``step_(XX-10)`` share fixed phase XX)."""
+        if k not in self.weight:
+            self.weight[k] = blend_weight(self.sliding_mask(k), self.geometry.spacing, self.cfg.ffd.sliding_ramp_mm)
+        return self.weight[k]
+
 
 def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, out: Path,
                    device: torch.device, mask_owner: set[int], inputs: dict[Pair, dict[str, str]] | None = None
@@ -154,9 +162,9 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
     moving = np.stack([cache.image(p.moving) for p in batch])
     body = np.stack([cache.body_mask(p.fixed) for p in batch])
     lung = np.stack([cache.sliding_mask(p.fixed) for p in batch]) if cfg.ffd.sliding else None
+    weight = np.stack([cache.blend_weight(p.fixed) for p in batch]) if cfg.ffd.sliding else None
     geom = cache.geometry
     ramp = cfg.ffd.sliding_ramp_mm
-    weight = None if lung is None else np.stack([blend_weight(m, geom.spacing, ramp) for m in lung])
     to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     coef, opt_log = register(to(fixed), to(moving), to(body), geom.spacing, cfg.ffd,
                              lung=None if weight is None else to(weight))
