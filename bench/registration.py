@@ -7,6 +7,7 @@ phantom patients have breathing amplitudes outside the tuning patients' range an
     python -m bench.registration --set tune --tune --methods deepali   # the same for the deepali baseline
     python -m bench.registration --set heldout              # every method on the held-out set (the acceptance)
     python -m bench.registration --set real                 # real-texture lung CT pair, 51 landmarks
+    python -m bench.registration --set native --methods ours --pairs ref_50   # time and memory at 141x512x512
     python -m bench.registration --set phantom --seed 0     # one phantom (``--pairs``; what `python -m bench` runs)
 
 Common flags: ``--shape 50,256,256`` (phantom grid; develop at 32,128,128), ``--methods ours,deepali,elastix,
@@ -15,7 +16,8 @@ elastix and ConvexAdam once), ``--device cpu|cuda``.
 
 Sets (:data:`SETS`): *tune* = phantom seeds 5, 6, 9 (mean superior lung motion at end-exhale 6.8-7.6 mm), pairs
 ``ref_50``, ``step_20``; *heldout* = seeds 0 (12.2 mm) and 4 (3.5 mm), pairs ``ref_50``, ``step_70``; *real* =
-the small real lung CT of ``shared/data/elastix-lung-ct-small`` (:func:`real_case`).  POPI is never used.
+the small real lung CT of ``shared/data/elastix-lung-ct-small`` (:func:`real_case`); *native* = the phantom
+``--seed``'s ``--pairs`` resampled to 141x512x512 (:func:`native_cases`).  POPI is never used.
 
 Per method and pair: seconds (each repeat, median, spread), lung DVF error (mean / p95 mm on the fixed phase's true
 lung voxels, against the exact pull field), landmark TRE (reference landmarks moved with the inverse of the pull),
@@ -57,6 +59,7 @@ SETS = {
     "tune": {"seeds": (5, 6, 9), "pairs": ("ref_50", "step_20")},
     "heldout": {"seeds": (0, 4), "pairs": ("ref_50", "step_70")},
 }
+NATIVE_SHAPE = (141, 512, 512)  # a clinical thoracic CT's grid (POPI: 512x512x141)
 BANDS_MM = (5.0, 15.0)  # landmark bins by distance to the lung boundary: < 5, 5-15, > 15 mm
 REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "elastix-lung-ct-small"
 
@@ -107,6 +110,21 @@ def phantom_cases(shape: Sequence[int], seed: int, pairs: Sequence[str]) -> list
                           np.asarray(lm["phases"][f"{mk:02d}"]), np.asarray(lm["phases"][f"{fk:02d}"]),
                           np.asarray(lm["in_lung"], bool), {"motion": sd.info().get("motion"), "seed": seed}))
     return cases
+
+
+def native_cases(shape: Sequence[int], seed: int, pairs: Sequence[str],
+                 native: Sequence[int] = NATIVE_SHAPE) -> list[Case]:
+    """:func:`phantom_cases` resampled to a clinical CT's grid (same field of view, :meth:`Geometry.resized`):
+    images and truth linearly (the truth in mm is unchanged by resampling), the lung mask by nearest neighbour;
+    landmarks are world points and stay.  What it measures is time and memory at the size users have; accuracy is
+    that of the smoother resampled images (no new anatomy at the finer grid)."""
+    out = []
+    for c in phantom_cases(shape, seed, pairs):
+        big = lambda a: resample_array(a, native)  # noqa: E731
+        out.append(replace(c, name=f"{c.name}_native", fixed=big(c.fixed), moving=big(c.moving),
+                           geom=c.geom.resized(native), gt=big(c.gt), lung=resample_array(c.lung, native, order=0),
+                           info={**c.info, "resampled_from": list(c.geom.shape)}))
+    return out
 
 
 def _rbf(points: np.ndarray, centres: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
@@ -352,7 +370,10 @@ def _timing(seconds: list[float]) -> dict[str, Any]:
 def evaluate(cases: Sequence[Case], methods: Sequence[str], device: str = "cpu", threads: int = 2,
              repeats: int = 1, settings: FFDSettings | None = None,
              deepali_settings: DeepaliSettings | None = None) -> dict[str, Any]:
-    """Run ``methods`` on ``cases``; ours and deepali are timed ``repeats`` times (metrics of the last run)."""
+    """Run ``methods`` on ``cases``; ours and deepali are timed ``repeats`` times (metrics of the last run; ours's
+    batch also records its peak resident memory, ``rss_peak_mb``, of the last run)."""
+    from bench.common import PeakRSS
+
     out: dict[str, Any] = {"cases": {c.name: {"info": c.info, "shape": list(c.geom.shape),
                                               "spacing_mm": list(c.geom.spacing),
                                               "no_registration": metrics(np.zeros_like(c.gt), c)} for c in cases},
@@ -364,12 +385,14 @@ def evaluate(cases: Sequence[Case], methods: Sequence[str], device: str = "cpu",
                 sub = [c for c in cases if c.group == group]
                 times = []
                 for _ in range(max(1, repeats)):
-                    fields, per_pair, log = run_ours([c.fixed for c in sub], [c.moving for c in sub], sub[0].geom,
-                                                     device, settings)
+                    with PeakRSS() as mem:
+                        fields, per_pair, log = run_ours([c.fixed for c in sub], [c.moving for c in sub],
+                                                         sub[0].geom, device, settings)
                     times.append(per_pair)
                 rec.setdefault("log", {})[group] = {"level_seconds": [round(lv["seconds"], 2) for lv in log["levels"]],
                                                     "level_iterations": [lv.get("iterations") for lv in log["levels"]],
-                                                    "repair": log.get("repair")}
+                                                    "repair": log.get("repair"), "pairs_in_batch": len(sub),
+                                                    **mem.to_dict()}
                 for c, u in zip(sub, fields):
                     rec["pairs"][c.name] = {**_timing(times), **metrics(u, c)}
         else:
@@ -528,6 +551,8 @@ def cases_for(set_name: str, shape: Sequence[int], seed: int = 0, pairs: Sequenc
         return [real_case()]
     if set_name == "phantom":
         return phantom_cases(shape, seed, pairs)
+    if set_name == "native":
+        return native_cases(shape, seed, pairs)
     spec = SETS[set_name]
     return [c for s in spec["seeds"] for c in phantom_cases(shape, s, spec["pairs"])]
 
@@ -557,7 +582,7 @@ def run(device: str = "cpu", shape: Sequence[int] = (50, 256, 256), pairs: Seque
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.registration", description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="phantom", choices=("phantom", "tune", "heldout", "real"))
+    ap.add_argument("--set", default="phantom", choices=("phantom", "tune", "heldout", "real", "native"))
     ap.add_argument("--tune", action="store_true",
                     help="score the tuning candidates of --methods ours or deepali on the set")
     ap.add_argument("--candidates", default="", help="with --tune: a comma-separated subset of the candidates")

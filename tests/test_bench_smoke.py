@@ -55,3 +55,22 @@ def test_deepali_baseline_recovers_a_known_translation():
     assert u.shape == (3, *shape)
     inner = u[:, 6:-6, 10:-10, 10:-10].reshape(3, -1)
     np.testing.assert_allclose(np.median(inner, axis=1), t_mm, atol=0.3)
+
+
+def test_native_registration_cases_keep_world_landmarks_and_the_truth_in_mm(tmp_path, monkeypatch):
+    """bench.registration --set native: the phantom pair resampled to a finer grid still carries its truth, so
+    the resampled exact field moves the landmarks onto their targets as well as the original one does."""
+    import numpy as np
+
+    from bench import registration as B
+
+    monkeypatch.setenv("RESPMOTION_BENCH_CACHE", str(tmp_path))
+    small = B.phantom_cases((16, 48, 48), 3, ("ref_50",))[0]
+    big = B.native_cases((16, 48, 48), 3, ("ref_50",), native=(32, 96, 80))[0]
+    assert big.fixed.shape == big.moving.shape == big.lung.shape == (32, 96, 80) and big.gt.shape == (3, 32, 96, 80)
+    assert np.allclose(np.asarray(big.geom.spacing) * (32, 96, 80), np.asarray(small.geom.spacing) * (16, 48, 48))
+    assert abs(big.lung.mean() - small.lung.mean()) < 0.02  # the same lungs, not shifted or scaled
+    tre_small = B.metrics(small.gt, small)["landmark_error_mm"]
+    tre_big = B.metrics(big.gt, big)["landmark_error_mm"]
+    moved = B.metrics(np.zeros_like(big.gt), big)["landmark_error_mm"]
+    assert moved > 1.0 and tre_big < 0.1 * moved and tre_big < tre_small + 0.2, (moved, tre_small, tre_big)
