@@ -223,7 +223,7 @@ def run_ours(fixed, moving, geom, device, settings: FFDSettings | None = None) -
     to = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
     coef, log = register(to(np.stack(fixed)), to(np.stack(moving)), to(body), geom.spacing, s,
                          lung=None if lung is None else to(lung))
-    grid = ControlGrid(geom.shape, s.stride)
+    grid = ControlGrid(geom.shape, s.for_shape(geom.shape).stride)
     u = [dense_tensor(coef[b:b + 1], grid, None if lung is None else to(lung[b:b + 1]))[0].cpu().numpy()
          for b in range(len(fixed))]
     dt = time.perf_counter() - t0
@@ -489,6 +489,12 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "ramp_6_bending_30": lambda s: replace(s, bending_weight=30.0),
     "ramp_4": lambda s: replace(s, sliding_ramp_mm=4.0),
     "ramp_8": lambda s: replace(s, sliding_ramp_mm=8.0),
+    # issue 19, fourth pass: the finest level's precision (every voxel, smaller steps, more iterations)
+    "fine_every_voxel": lambda s: replace(s, subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1))),
+    "fine_lr_0125": lambda s: replace(s, lr_mm=(1.0, 0.5, 0.125)),
+    "fine_150": lambda s: replace(s, iterations=(150, 100, 150)),
+    "fine_every_voxel_lr_0125": lambda s: replace(s, subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1)),
+                                                  lr_mm=(1.0, 0.5, 0.125)),
 }
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -448,3 +449,35 @@ def test_blend_weight_is_made_once_per_fixed_phase_not_per_pair(tmp_path, monkey
     summary = pipeline.run_registration(cfg)
     fixed = {json.loads(p.read_text())["fixed_phase"] for p in (tmp_path / "out" / "p0" / "s0").glob("*.json")}
     assert summary["registered"] == 18 and len(calls) == len(fixed) == 10
+
+
+def test_settings_scale_to_an_image_larger_than_their_reference_grid(tmp_path):
+    """stride and levels count voxels of ``reference_shape``: a larger image gets both scaled per axis, the
+    optimiser and the stored field use that grid, and a known translation is still found."""
+    from respmotion.registration.config import RegisterConfig
+    from respmotion.registration.pipeline import run_registration
+
+    s = replace(FAST, reference_shape=(8, 24, 24))
+    big = s.for_shape((16, 48, 36))
+    assert big.stride == (4.0, 8.0, 6.0) and big.levels == ((4.0, 4.0, 3.0), (2.0, 2.0, 1.5))
+    assert big.for_shape((16, 48, 36)) == big
+    small = s.for_shape((8, 20, 24))
+    assert small.stride == s.stride and small.levels == tuple(tuple(map(float, lv)) for lv in s.levels)
+
+    shape = (16, 48, 48)
+    moving = torch.as_tensor(texture(shape))[None]
+    t_mm = torch.tensor([2.0, -3.0, 4.0])
+    fixed = W.warp(moving[:, None], t_mm.view(1, 3, 1, 1, 1).expand(1, 3, *shape), SPACING)[:, 0]
+    coef, log = register(fixed, moving, torch.ones_like(fixed), SPACING, s)
+    grid = ControlGrid(shape, s.for_shape(shape).stride)
+    assert tuple(coef.shape[2:]) == grid.shape and log["levels"][-1]["shape"] == [8, 24, 24]
+    est = Basis.full(grid).field(coef)[0]
+    np.testing.assert_allclose(est[:, 4:-4, 12:-12, 12:-12].mean(dim=(1, 2, 3)).numpy(), t_mm.numpy(), atol=0.25)
+
+    _write_tiny_study(tmp_path / "data")  # 8x24x24 phases, registered as 2x a 4x12x12 reference
+    ffd = FFDSettings(stride=(1.0, 2.0, 2.0), levels=((1, 1, 1),), iterations=(2,), lr_mm=(0.3,),
+                      subsample=((1, 1, 1),), reference_shape=(4, 12, 12))
+    run_registration(RegisterConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), pairs="ref",
+                                    threads=1, body_threshold_hu=-3000.0, ffd=ffd))
+    stored = load_bspline(tmp_path / "out" / "p0" / "s0" / "ref_50.npz")
+    assert stored.grid.stride == (2.0, 4.0, 4.0) and dense_field(stored).array.shape == (3, 8, 24, 24)

@@ -58,8 +58,10 @@ from .bspline import Basis, ControlGrid, evaluate, evaluate_points, knot_regular
 class FFDSettings:
     """Optimiser settings (defaults: the measured best; see docs/registration.md)."""
 
+    # stride and levels are in voxels of a `reference_shape` grid over the image's field of view (see for_shape)
     stride: tuple[float, float, float] = (3.0, 12.0, 12.0)  # control point spacing, full-res voxels (z, y, x)
-    levels: tuple[tuple[int, int, int], ...] = ((4, 4, 4), (2, 2, 2), (1, 1, 1))  # downsampling per level
+    levels: tuple[tuple[float, float, float], ...] = ((4, 4, 4), (2, 2, 2), (1, 1, 1))  # downsampling per level
+    reference_shape: tuple[int, int, int] | None = (50, 256, 256)  # None: voxels of the image itself
     iterations: tuple[int, ...] = (150, 100, 100)
     lr_mm: tuple[float, ...] = (1.0, 0.5, 0.25)  # Adam step, mm
     subsample: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (1, 2, 2))  # voxel stride per level
@@ -86,6 +88,28 @@ class FFDSettings:
     # worker per core, no OpenMP barriers between cores (docs/registration.md)
     workers: int = 0
     seed: int = 0
+
+    def for_shape(self, shape: Sequence[int]) -> "FFDSettings":
+        """These settings for an image of ``shape`` (z, y, x) voxels.
+
+        ``stride`` and ``levels`` count voxels of a ``reference_shape`` grid (the defaults were chosen at
+        50x256x256).  Along an axis where the image has more voxels, both are multiplied by
+        ``shape / reference_shape``: the pyramid's finest level then has about the reference's voxels and the
+        control points the same spacing relative to the field of view; the field is still evaluated at every voxel
+        of the image.  (Unscaled, the defaults fail at a native 141x512x512 CT: docs/registration.md.)  Axes with
+        fewer voxels, ``reference_shape`` None, and a result of this method are left as they are.
+
+        Use::
+
+            s = FFDSettings().for_shape((141, 512, 512))  # stride (8.46, 24, 24), levels (11.28, 8, 8) ... (2.82, 2, 2)
+            grid = ControlGrid(shape, s.stride)
+        """
+        if self.reference_shape is None:
+            return self
+        r = [max(1.0, n / m) for n, m in zip(shape, self.reference_shape)]
+        return replace(self, stride=tuple(float(a * v) for a, v in zip(self.stride, r)),
+                       levels=tuple(tuple(float(f * v) for f, v in zip(lv, r)) for lv in self.levels),
+                       reference_shape=None)
 
     def check(self) -> None:
         n = len(self.levels)
@@ -496,14 +520,14 @@ def register(
 ) -> tuple[torch.Tensor, dict]:
     """Register B pairs: ``fixed``, ``moving`` ``(B, Z, Y, X)`` HU, ``body`` fixed body mask ``(B, Z, Y, X)``.
 
-    Returns control points ``(B, 3, Kz, Ky, Kx)`` mm (or ``(B, 2, 3, Kz, Ky, Kx)`` inside/outside with
-    ``settings.sliding``, blended by ``lung``, the inside field's weight in [0, 1]: ``blend_weight`` of the fixed
-    image's :func:`sliding_region` with ``settings.sliding_ramp_mm``) and a log dict (seconds,
-    final NCC per level).  On a CPU the pairs are split over ``settings.workers`` single-threaded workers (the
+    Returns control points ``(B, 3, Kz, Ky, Kx)`` mm on ``ControlGrid((Z, Y, X), s.stride)`` with
+    ``s = settings.for_shape((Z, Y, X))`` (or ``(B, 2, 3, Kz, Ky, Kx)`` inside/outside with ``settings.sliding``,
+    blended by ``lung``, the inside field's weight in [0, 1]: ``blend_weight`` of the fixed image's
+    :func:`sliding_region` with ``settings.sliding_ramp_mm``) and a log dict (seconds, final NCC per level).  On a CPU the pairs are split over ``settings.workers`` single-threaded workers (the
     pairs do not interact); ``callback(level, coef)`` (or
     ``callback(level, coef, pair_indices)`` with workers) runs after each level.
     """
-    s = settings or FFDSettings()
+    s = (settings or FFDSettings()).for_shape(fixed.shape[1:])
     s.check()
     nb = fixed.shape[0]
     workers = min(nb, s.workers or torch.get_num_threads())

@@ -169,7 +169,7 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
     coef, opt_log = register(to(fixed), to(moving), to(body), geom.spacing, cfg.ffd,
                              lung=None if weight is None else to(weight))
     seconds = (time.perf_counter() - t0) / len(batch)
-    grid = ControlGrid(geom.shape, cfg.ffd.stride)
+    grid = ControlGrid(geom.shape, cfg.ffd.for_shape(geom.shape).stride)
     if cfg.write_masks:  # before the pairs: a pair on disk means its fixed phase's mask is too
         _write_masks(cache, {p.fixed for p in batch} & mask_owner, out)
     records = []
