@@ -481,3 +481,23 @@ def test_settings_scale_to_an_image_larger_than_their_reference_grid(tmp_path):
                                     threads=1, body_threshold_hu=-3000.0, ffd=ffd))
     stored = load_bspline(tmp_path / "out" / "p0" / "s0" / "ref_50.npz")
     assert stored.grid.stride == (2.0, 4.0, 4.0) and dense_field(stored).array.shape == (3, 8, 24, 24)
+
+
+def test_batch_size_0_takes_as_many_pairs_as_half_the_free_memory_holds(tmp_path, monkeypatch):
+    """A study's 9 ref pairs (8x24x24, 100 bytes a voxel each) in batches that fit the memory a machine has."""
+    from respmotion.registration import pipeline
+    from respmotion.registration.config import RegisterConfig
+    from respmotion.registration.ffd import FFDSettings
+
+    pair = 8 * 24 * 24 * pipeline.PAIR_BYTES_PER_VOXEL
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * 4 * pair + 1)  # half holds 4 pairs
+    cpu = torch.device("cpu")
+    assert pipeline.auto_batch_size(9, (8, 24, 24), cpu) == 4 and pipeline.auto_batch_size(3, (8, 24, 24), cpu) == 3
+    assert pipeline.auto_batch_size(9, (141, 512, 512), cpu) == 1
+    _write_tiny_study(tmp_path / "data")
+    ffd = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((1, 1, 1),), iterations=(2,), lr_mm=(0.3,),
+                      subsample=((1, 1, 1),))
+    pipeline.run_registration(RegisterConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), pairs="ref",
+                                             threads=1, body_threshold_hu=-3000.0, ffd=ffd))
+    sizes = [json.loads(p.read_text())["quality"]["batch_size"] for p in (tmp_path / "out" / "p0" / "s0").glob("*.json")]
+    assert sorted(sizes) == [1] + [4] * 8

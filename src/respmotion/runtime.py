@@ -3,6 +3,7 @@
 * :func:`quiet_openmp_waits` -- call before torch is first imported (the CLI and ``python -m bench`` do):
   OpenMP workers sleep instead of spinning between parallel regions (``OMP_WAIT_POLICY=PASSIVE``
   unless the user set it), so a busy neighbour is not starved by our idle threads and vice versa.
+* :func:`available_memory` -- bytes a new allocation can take now (Linux ``MemAvailable``).
 * :func:`use_threads` ``(n)`` -- ``torch.set_num_threads(n)``, with ``n = 0`` meaning the CPUs this
   process may run on (``os.sched_getaffinity``: a container or ``taskset`` may grant fewer than
   ``os.cpu_count()``, which is what torch assumes by default).
@@ -18,6 +19,18 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass  # not Linux: fall back to the physical memory size
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def quiet_openmp_waits() -> None:

@@ -44,6 +44,7 @@ from ..core.geometry import Geometry
 from ..core.types import DisplacementField, Volume
 from ..io.atomic import clean_stale_tmp, write_json, write_npy
 from ..io.layout import PHASES, StudyDir, next_phase
+from ..runtime import available_memory
 
 FOV_MM = (150.0, 358.4, 358.4)  # z, y, x field of view
 DEFAULT_SHAPE = (50, 256, 256)
@@ -663,18 +664,6 @@ def check_request(shape: Sequence[int], noise_hu: float, patients: int = 1, seed
     if seed < 0:
         raise ValueError(f"phantom seed must be >= 0, got {seed}")
     return shape  # type: ignore[return-value]
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux MemAvailable; else physical memory)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass  # not Linux: fall back to the physical memory size
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_memory(shape: Sequence[int], parallel: int) -> None:

@@ -20,7 +20,7 @@ class RegisterConfig:
     rank: Optional[int] = None  # shard index; default torchrun's RANK or 0
     world_size: Optional[int] = None  # number of shards; default torchrun's WORLD_SIZE or 1
     device: str = "cpu"  # cpu | cuda (cuda:<LOCAL_RANK> under torchrun)
-    batch_size: int = 0  # pairs per optimiser batch (0: all of a study's pairs in one tensor)
+    batch_size: int = 0  # pairs per optimiser batch (0: as many of a study's pairs as fit in memory, auto_batch_size)
     threads: int = 0  # torch CPU threads (0: torch's default)
     body_threshold_hu: float = -500.0
     lung_threshold_hu: float = -400.0  # lung masks for sliding (computed when the study has none)
