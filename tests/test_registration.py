@@ -501,3 +501,8 @@ def test_batch_size_0_takes_as_many_pairs_as_half_the_free_memory_holds(tmp_path
                                              threads=1, body_threshold_hu=-3000.0, ffd=ffd))
     sizes = [json.loads(p.read_text())["quality"]["batch_size"] for p in (tmp_path / "out" / "p0" / "s0").glob("*.json")]
     assert sorted(sizes) == [1] + [4] * 8
+
+
+def test_reference_shape_of_zero_voxels_is_refused():
+    with pytest.raises(ValueError, match="reference_shape"):
+        FFDSettings(reference_shape=(0, 256, 256)).check()

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--rank", type=int, help="shard index (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, dest="world_size", help="number of shards (default: $WORLD_SIZE or 1)")
     p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="pairs per batch (0: as many of a study's as fit in memory)")
+    p.add_argument("--batch-size", type=int, dest="batch_size",
+                   help="pairs per batch (0: as many of a study's as fit in memory)")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: default)")
     p.add_argument("--overwrite", action="store_true", help="take over an --out registered with other settings "
                    "(its pairs are redone; default: refuse)")

@@ -115,6 +115,9 @@ class FFDSettings:
         n = len(self.levels)
         if not (len(self.iterations) == len(self.lr_mm) == len(self.subsample) == n):
             raise ValueError(f"levels ({n}), iterations, lr_mm and subsample need one entry per level")
+        if self.reference_shape is not None and (len(self.reference_shape) != 3 or min(self.reference_shape) < 1):
+            raise ValueError(f"reference_shape must be 3 voxel counts >= 1 (z, y, x) or None, "
+                             f"got {self.reference_shape}")
         if self.sliding_region not in ("cavity", "lung"):
             raise ValueError(f"sliding_region must be cavity or lung, got {self.sliding_region!r}")
 
@@ -523,12 +526,13 @@ def register(
     Returns control points ``(B, 3, Kz, Ky, Kx)`` mm on ``ControlGrid((Z, Y, X), s.stride)`` with
     ``s = settings.for_shape((Z, Y, X))`` (or ``(B, 2, 3, Kz, Ky, Kx)`` inside/outside with ``settings.sliding``,
     blended by ``lung``, the inside field's weight in [0, 1]: ``blend_weight`` of the fixed image's
-    :func:`sliding_region` with ``settings.sliding_ramp_mm``) and a log dict (seconds, final NCC per level).  On a CPU the pairs are split over ``settings.workers`` single-threaded workers (the
-    pairs do not interact); ``callback(level, coef)`` (or
-    ``callback(level, coef, pair_indices)`` with workers) runs after each level.
+    :func:`sliding_region` with ``settings.sliding_ramp_mm``) and a log dict (seconds, final NCC per level).  On
+    a CPU the pairs are split over ``settings.workers`` single-threaded workers (the pairs do not interact);
+    ``callback(level, coef)`` (or ``callback(level, coef, pair_indices)`` with workers) runs after each level.
     """
-    s = (settings or FFDSettings()).for_shape(fixed.shape[1:])
+    s = settings or FFDSettings()
     s.check()
+    s = s.for_shape(fixed.shape[1:])
     nb = fixed.shape[0]
     workers = min(nb, s.workers or torch.get_num_threads())
     if fixed.device.type != "cpu" or workers <= 1:
