@@ -15,7 +15,8 @@ convexadam``, ``--threads 2``, ``--repeats 3`` (ours and deepali are timed this 
 elastix and ConvexAdam once), ``--device cpu|cuda``.
 
 Sets (:data:`SETS`): *tune* = phantom seeds 5, 6, 9 (mean superior lung motion at end-exhale 6.8-7.6 mm), pairs
-``ref_50``, ``step_20``; *heldout* = seeds 0 (12.2 mm) and 4 (3.5 mm), pairs ``ref_50``, ``step_70``; *real* =
+``ref_50``, ``step_20``; *tune_small* = the same seeds' pairs ``step_00``, ``step_60`` (0.3-1.4 mm lung mean:
+the small-motion regime); *heldout* = seeds 0 (12.2 mm) and 4 (3.5 mm), pairs ``ref_50``, ``step_70``; *real* =
 the small real lung CT of ``shared/data/elastix-lung-ct-small`` (:func:`real_case`); *native* = the phantom
 ``--seed``'s ``--pairs`` resampled to 141x512x512 (:func:`native_cases`).  POPI is never used.
 
@@ -58,6 +59,7 @@ STUDY_PAIRS = tuple(f"ref_{k}" for k in range(10, 100, 10)) + tuple(f"step_{k:02
 SETS = {
     "tune": {"seeds": (5, 6, 9), "pairs": ("ref_50", "step_20")},
     "heldout": {"seeds": (0, 4), "pairs": ("ref_50", "step_70")},
+    "tune_small": {"seeds": (5, 6, 9), "pairs": ("step_00", "step_60")},  # 0.3-1.4 mm lung mean: small motion
 }
 NATIVE_SHAPE = (141, 512, 512)  # a clinical thoracic CT's grid (POPI: 512x512x141)
 BANDS_MM = (5.0, 15.0)  # landmark bins by distance to the lung boundary: < 5, 5-15, > 15 mm
@@ -495,6 +497,9 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "fine_150": lambda s: replace(s, iterations=(150, 100, 150)),
     "fine_every_voxel_lr_0125": lambda s: replace(s, subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1)),
                                                   lr_mm=(1.0, 0.5, 0.125)),
+    # issue 19, fifth pass: small motion (set tune_small) against large; with bending_100 above
+    "bending_70": lambda s: replace(s, bending_weight=70.0),
+    "outside_field_100": lambda s: replace(s, bending_weight_outside=100.0),
 }
 
 
@@ -588,7 +593,7 @@ def run(device: str = "cpu", shape: Sequence[int] = (50, 256, 256), pairs: Seque
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.registration", description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="phantom", choices=("phantom", "tune", "heldout", "real", "native"))
+    ap.add_argument("--set", default="phantom", choices=("phantom", *SETS, "real", "native"))
     ap.add_argument("--tune", action="store_true",
                     help="score the tuning candidates of --methods ours or deepali on the set")
     ap.add_argument("--candidates", default="", help="with --tune: a comma-separated subset of the candidates")
