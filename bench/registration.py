@@ -441,12 +441,23 @@ def _before_outside_fix(s: FFDSettings) -> FFDSettings:
     """``s`` with the stride, iterations, bending weight and schedule and the hard blend of the defaults before
     issue 19's outside-the-lung tuning (docs/registration.md)."""
     return replace(s, stride=(3.0, 8.0, 8.0), iterations=(150, 100, 50), bending_scale=(), bending_weight=30.0,
-                   sliding_ramp_mm=0.0)
+                   sliding_ramp_mm=0.0, bending_texture=(), texture_lung_hu=None)
 
 
 def _on_before_outside_fix(**changes: Any) -> Callable[[FFDSettings], FFDSettings]:
     """A tuning candidate: :func:`_before_outside_fix` with ``changes`` on top."""
     return lambda s: replace(_before_outside_fix(s), **changes)
+
+
+def _before_texture(s: FFDSettings) -> FFDSettings:
+    """``s`` with one bending weight everywhere: the defaults before issue 19's sixth pass (docs/registration.md);
+    the candidates of the third to sixth passes were measured on top of it."""
+    return replace(s, bending_texture=(), texture_lung_hu=None)
+
+
+def _on_before_texture(**changes: Any) -> Callable[[FFDSettings], FFDSettings]:
+    """A tuning candidate: :func:`_before_texture` with ``changes`` on top."""
+    return lambda s: replace(_before_texture(s), **changes)
 
 
 TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
@@ -486,20 +497,37 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     "iterations_150_100_75": _on_before_outside_fix(iterations=(150, 100, 75)),
     "iterations_150_100_100": _on_before_outside_fix(iterations=(150, 100, 100)),
     # issue 19, third pass (docs/registration.md): the blend ramp outside the sliding region and the bending weight
-    "ramp_0_bending_30": lambda s: replace(s, sliding_ramp_mm=0.0, bending_weight=30.0),  # the defaults before
-    "ramp_0_bending_50": lambda s: replace(s, sliding_ramp_mm=0.0),
-    "ramp_6_bending_30": lambda s: replace(s, bending_weight=30.0),
-    "ramp_4": lambda s: replace(s, sliding_ramp_mm=4.0),
-    "ramp_8": lambda s: replace(s, sliding_ramp_mm=8.0),
+    "ramp_0_bending_30": _on_before_texture(sliding_ramp_mm=0.0, bending_weight=30.0),  # the defaults before
+    "ramp_0_bending_50": _on_before_texture(sliding_ramp_mm=0.0),
+    "ramp_6_bending_30": _on_before_texture(bending_weight=30.0),
+    "ramp_4": _on_before_texture(sliding_ramp_mm=4.0),
+    "ramp_8": _on_before_texture(sliding_ramp_mm=8.0),
     # issue 19, fourth pass: the finest level's precision (every voxel, smaller steps, more iterations)
-    "fine_every_voxel": lambda s: replace(s, subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1))),
-    "fine_lr_0125": lambda s: replace(s, lr_mm=(1.0, 0.5, 0.125)),
-    "fine_150": lambda s: replace(s, iterations=(150, 100, 150)),
-    "fine_every_voxel_lr_0125": lambda s: replace(s, subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1)),
-                                                  lr_mm=(1.0, 0.5, 0.125)),
+    "fine_every_voxel": _on_before_texture(subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1))),
+    "fine_lr_0125": _on_before_texture(lr_mm=(1.0, 0.5, 0.125)),
+    "fine_150": _on_before_texture(iterations=(150, 100, 150)),
+    "fine_every_voxel_lr_0125": _on_before_texture(subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1)),
+                                                   lr_mm=(1.0, 0.5, 0.125)),
     # issue 19, fifth pass: small motion (set tune_small) against large; with bending_100 above
-    "bending_70": lambda s: replace(s, bending_weight=70.0),
-    "outside_field_100": lambda s: replace(s, bending_weight_outside=100.0),
+    "bending_70": _on_before_texture(bending_weight=70.0),
+    "outside_field_100": _on_before_texture(bending_weight_outside=100.0),
+    # issue 19, sixth pass: bending weight per knot from the fixed image's local texture (texture_poverty); the
+    # chosen one (texture_tissue_fine_30) is the default now
+    "before_texture": _before_texture,
+    "texture_3": _on_before_texture(bending_texture=(3.0,)),
+    "texture_10": _on_before_texture(bending_texture=(10.0,)),
+    "texture_30": _on_before_texture(bending_texture=(30.0,)),
+    "texture_fine_10": _on_before_texture(bending_texture=(0.0, 0.0, 10.0)),
+    "texture_fine_30": _on_before_texture(bending_texture=(0.0, 0.0, 30.0)),
+    "texture_0_10_10": _on_before_texture(bending_texture=(0.0, 10.0, 10.0)),
+    "texture_outside_10": _on_before_texture(bending_texture=(10.0,), texture_fields="outside"),
+    "texture_outside_30": _on_before_texture(bending_texture=(30.0,), texture_fields="outside"),
+    "texture_outside_100": _on_before_texture(bending_texture=(100.0,), texture_fields="outside"),
+    "texture_tissue_10": _on_before_texture(bending_texture=(10.0,), texture_lung_hu=-500.0),
+    "texture_tissue_30": _on_before_texture(bending_texture=(30.0,), texture_lung_hu=-500.0),
+    "texture_tissue_fine_30": _on_before_texture(bending_texture=(0.0, 0.0, 30.0), texture_lung_hu=-500.0),
+    "texture_tissue_fine_100": _on_before_texture(bending_texture=(0.0, 0.0, 100.0), texture_lung_hu=-500.0),
+    "texture_tissue_0_10_30": _on_before_texture(bending_texture=(0.0, 10.0, 30.0), texture_lung_hu=-500.0),
 }
 
 

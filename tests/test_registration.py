@@ -296,6 +296,50 @@ def test_knot_regulariser_value_and_gradient_match_autograd():
     torch.testing.assert_close(g_new, g_ref)
 
 
+def test_knot_regulariser_per_knot_bending_weight_matches_autograd():
+    """A tensor bending weight weighs each interior knot's bending energy (value and hand-written gradient)."""
+    from respmotion.registration.bspline import _SECOND, knot_derivatives, knot_regulariser
+
+    grid = ControlGrid((12, 30, 26), (3.0, 6.0, 5.0))
+    rng = np.random.default_rng(5)
+    c = torch.as_tensor(rng.normal(size=(2, 3, *grid.shape))).requires_grad_(True)
+    w = torch.as_tensor(rng.random((2, 1, *[k - 2 for k in grid.shape])) * 3.0 + 0.5)
+    new = knot_regulariser(c, grid, SPACING, w, 0.0, 0.2)
+    d2 = knot_derivatives(c, grid, _SECOND)  # (B, 3, 6, K-2...)
+    scale = torch.tensor([1 / W.step_mm(SPACING, (a, b)) ** 2 * (1.0 if a == b else 2.0) for a, b in
+                          [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]], dtype=c.dtype)
+    ref = (w * (d2**2 * scale.view(1, 1, 6, 1, 1, 1)).sum((1, 2), keepdim=False)[:, None]).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(new, ref)
+    (g_new,) = torch.autograd.grad(new.sum(), c)
+    (g_ref,) = torch.autograd.grad(ref.sum(), c)
+    torch.testing.assert_close(g_new, g_ref)
+    # a constant tensor is the float
+    torch.testing.assert_close(knot_regulariser(c, grid, SPACING, torch.full_like(w, 7.0), 100.0, 0.2),
+                               knot_regulariser(c, grid, SPACING, 7.0, 100.0, 0.2))
+
+
+def test_texture_poverty_is_one_in_flat_tissue_and_zero_in_texture():
+    """Knots in a flat region get 1, knots in textured body tissue 0; with lung_hu, flat lung-density knots 0."""
+    from respmotion.registration.ffd import texture_poverty
+
+    grid = ControlGrid((16, 48, 48), (2.0, 6.0, 6.0))
+    rng = np.random.default_rng(7)
+    img = torch.zeros(1, 1, 16, 48, 48, dtype=torch.float64)
+    img[..., :24] = torch.as_tensor(rng.normal(size=(16, 48, 24))) * 300.0  # textured left half, flat right half
+    body = torch.ones_like(img)
+    w = texture_poverty(img, body, grid, SPACING)
+    assert w.shape == (1, 1, *[k - 2 for k in grid.shape])
+    x = torch.as_tensor(grid.positions(2)[1:-1])
+    assert float(w[..., x <= 12].max()) == 0.0
+    torch.testing.assert_close(w[..., x >= 36], torch.ones_like(w[..., x >= 36]))
+    # the flat half at lung density: excepted with lung_hu, as flat as before without it
+    lung = img.clone()
+    lung[..., 24:] = -850.0
+    far = texture_poverty(lung, body, grid, SPACING)[..., x >= 36]
+    torch.testing.assert_close(far, torch.ones_like(far))
+    assert float(texture_poverty(lung, body, grid, SPACING, lung_hu=-500.0)[..., x >= 36].max()) == 0.0
+
+
 def test_ncc_with_precomputed_fixed_statistics_matches_weighted_ncc():
     from respmotion.registration.ffd import _FixedStats
     from respmotion.registration.quality import masked_ncc
@@ -417,6 +461,32 @@ def test_bending_scale_is_aligned_at_the_finest_level_and_weights_each_field():
     # level 0 of the default: bending (quadratic in the control points, linear in its weight) 10x
     torch.testing.assert_close(_regulariser(grid, coef, SPACING, _level_settings(s, 0)), 10.0 * both)
     assert _level_settings(s, 2) is s
+
+
+def test_texture_weights_multiply_the_chosen_fields_bending_per_level():
+    """bending_texture: per level (aligned at the finest level), per knot, on both fields or the outside only;
+    settings check rejects bad values."""
+    from dataclasses import replace
+
+    from respmotion.registration.ffd import _per_level, _regulariser
+
+    s = FFDSettings(jacobian_weight=0.0)
+    assert [_per_level((0.0, 0.0, 30.0), 3, i, 0.0) for i in range(3)] == [0.0, 0.0, 30.0]
+    assert _per_level((), 3, 1, 0.0) == 0.0
+    grid = ControlGrid((12, 24, 24), (3.0, 6.0, 6.0))
+    coef = torch.randn(2, 2, 3, *grid.shape, generator=torch.Generator().manual_seed(1))
+    ones = torch.ones(2, 1, *[k - 2 for k in grid.shape])
+    both = _regulariser(grid, coef, SPACING, s)
+    torch.testing.assert_close(_regulariser(grid, coef, SPACING, s, ones), both)
+    torch.testing.assert_close(_regulariser(grid, coef, SPACING, s, 3.0 * ones), 3.0 * both)
+    only_in, only_out = coef.clone(), coef.clone()
+    only_in[:, 1], only_out[:, 0] = 0.0, 0.0
+    outside = replace(s, texture_fields="outside")
+    torch.testing.assert_close(_regulariser(grid, coef, SPACING, outside, 3.0 * ones),
+                               _regulariser(grid, only_in, SPACING, s) + 3.0 * _regulariser(grid, only_out, SPACING, s))
+    for bad in (replace(s, texture_fields="lung"), replace(s, bending_texture=(0.0, -1.0))):
+        with pytest.raises(ValueError):
+            bad.check()
 
 
 def test_body_margin_dilates_the_similarity_weight_by_a_box_in_mm():

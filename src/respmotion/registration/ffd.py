@@ -71,6 +71,12 @@ class FFDSettings:
     # than the tuple reaches take its first entry; empty: 1): stiff coarse levels keep texture-poor regions
     # (abdomen below the diaphragm, chest wall) from taking a wrong large-scale motion (docs/registration.md)
     bending_scale: tuple[float, ...] = (10.0, 3.0, 1.0)
+    # per level (aligned at the finest level like bending_scale; empty: 0): the bending weight per knot times
+    # 1 + strength * relu(1 - g / median g over the body's knots), g the fixed image's gradient magnitude blurred
+    # over a control cell (0: one weight everywhere; see texture_poverty)
+    bending_texture: tuple[float, ...] = (0.0, 0.0, 30.0)
+    texture_fields: str = "both"  # sliding: both | outside (the inside field keeps one weight everywhere)
+    texture_lung_hu: float | None = -500.0  # knots whose blurred HU is below this keep one weight (None: none do)
     jacobian_weight: float = 1.0e2
     jacobian_min: float = 0.2
     clip_hu: tuple[float, float] = HU_WINDOW
@@ -118,6 +124,10 @@ class FFDSettings:
         if self.reference_shape is not None and (len(self.reference_shape) != 3 or min(self.reference_shape) < 1):
             raise ValueError(f"reference_shape must be 3 voxel counts >= 1 (z, y, x) or None, "
                              f"got {self.reference_shape}")
+        if self.texture_fields not in ("both", "outside"):
+            raise ValueError(f"texture_fields must be both or outside, got {self.texture_fields!r}")
+        if any(v < 0 for v in self.bending_texture):
+            raise ValueError(f"bending_texture must be >= 0 per level, got {self.bending_texture}")
         if self.sliding_region not in ("cavity", "lung"):
             raise ValueError(f"sliding_region must be cavity or lung, got {self.sliding_region!r}")
 
@@ -368,11 +378,17 @@ class _Level:
         return warped[:, 0]
 
 
+def _per_level(values: tuple[float, ...], n_levels: int, li: int, empty: float) -> float:
+    """Level ``li``'s entry of a per-level tuple aligned at the finest level (its last entry; levels coarser than
+    the tuple reaches take its first entry; empty: ``empty``)."""
+    if not values:
+        return empty
+    return float(values[max(0, len(values) - (n_levels - li))])
+
+
 def bending_factor(s: FFDSettings, li: int) -> float:
     """Level ``li``'s factor on the bending weights (``s.bending_scale`` aligned at the finest level)."""
-    if not s.bending_scale:
-        return 1.0
-    return float(s.bending_scale[max(0, len(s.bending_scale) - (len(s.levels) - li))])
+    return _per_level(s.bending_scale, len(s.levels), li, 1.0)
 
 
 def _level_settings(s: FFDSettings, li: int) -> FFDSettings:
@@ -384,15 +400,47 @@ def _level_settings(s: FFDSettings, li: int) -> FFDSettings:
     return replace(s, bending_weight=s.bending_weight * k, bending_weight_outside=out)
 
 
-def _regulariser(grid: ControlGrid, coef: torch.Tensor, spacing, s: FFDSettings) -> torch.Tensor:
+def texture_poverty(fixed: torch.Tensor, body: torch.Tensor, grid: ControlGrid, spacing,
+                    lung_hu: float | None = None) -> torch.Tensor:
+    """Lack of texture per interior knot ``(B, 1, Kz-2, Ky-2, Kx-2)`` in [0, 1]: ``relu(1 - g / g_body)``;
+    a level's bending factor per knot is ``1 + strength * this``.
+
+    ``g`` is the gradient magnitude (intensity per mm) of ``fixed`` ``(B, 1, Z, Y, X)`` blurred with a Gaussian
+    of half a control spacing and read at the knot's voxel; ``g_body`` its median over the knots inside ``body``
+    ``(B, 1, Z, Y, X)``.  Knots in texture-poor tissue (abdomen, chest wall, air) get up to ``1 + strength``
+    times the bending weight (``FFDSettings.bending_texture``): the image cannot place them, so their neighbours
+    should.  With ``lung_hu``, knots where ``fixed`` (HU) blurred the same way is below it get 0 (lung
+    parenchyma keeps the one weight)."""
+    g = torch.stack(torch.gradient(fixed, spacing=[float(v) for v in spacing], dim=(2, 3, 4)), 0)
+    g = gaussian_blur(g.pow(2).sum(0).sqrt(), [0.5 * v for v in grid.stride])
+    idx = [torch.as_tensor(np.rint(grid.positions(ax)[1:-1]).astype(np.int64), device=fixed.device).clamp(
+        0, fixed.shape[2 + ax] - 1) for ax in range(3)]
+    at = lambda x: x[:, :, idx[0]][:, :, :, idx[1]][:, :, :, :, idx[2]]  # noqa: E731
+    gk, inside = at(g), at(body) > 0
+    ref = torch.stack([gk[b][inside[b]].median() if bool(inside[b].any()) else gk[b].median()
+                       for b in range(gk.shape[0])]).clamp_min(1e-6)
+    poor = F.relu(1.0 - gk / ref.view(-1, 1, 1, 1, 1))
+    if lung_hu is not None:
+        poor = poor * (at(gaussian_blur(fixed, [0.5 * v for v in grid.stride])) >= float(lung_hu))
+    return poor
+
+
+def _regulariser(grid: ControlGrid, coef: torch.Tensor, spacing, s: FFDSettings,
+                 knot_w: torch.Tensor | None = None) -> torch.Tensor:
     """Bending energy plus Jacobian penalty at the interior control points, per pair ``(B,)``; ``coef``
-    ``(B, 3, K...)`` or sliding ``(B, 2, 3, K...)`` (the outside field with ``bending_weight_outside``)."""
-    if coef.ndim == 5 or s.bending_weight_outside is None:
+    ``(B, 3, K...)`` or sliding ``(B, 2, 3, K...)`` (the outside field with ``bending_weight_outside``);
+    ``knot_w`` ``(B, 1, K-2...)`` multiplies the bending weights per knot (:func:`texture_poverty`)."""
+    if knot_w is None and (coef.ndim == 5 or s.bending_weight_outside is None):
         reg = knot_regulariser(coef.reshape(-1, 3, *grid.shape), grid, spacing, s.bending_weight,
                                s.jacobian_weight, s.jacobian_min)
         return reg.view(coef.shape[0], -1).sum(1)
-    return sum(knot_regulariser(coef[:, k], grid, spacing, w, s.jacobian_weight, s.jacobian_min)
-               for k, w in ((0, s.bending_weight), (1, s.bending_weight_outside)))
+    if coef.ndim == 5:
+        return knot_regulariser(coef, grid, spacing, s.bending_weight * knot_w, s.jacobian_weight, s.jacobian_min)
+    out = s.bending_weight if s.bending_weight_outside is None else s.bending_weight_outside
+    inside_w = None if s.texture_fields == "outside" else knot_w
+    return sum(knot_regulariser(coef[:, k], grid, spacing, w if kw is None else w * kw,
+                                s.jacobian_weight, s.jacobian_min)
+               for k, w, kw in ((0, s.bending_weight, inside_w), (1, out, knot_w)))
 
 
 class _FoldingProbe:
@@ -584,11 +632,15 @@ def _register(fixed, moving, body, spacing, s: FFDSettings, lung, callback):
     ncoef = (nb, 2, 3, *grid.shape) if sliding else (nb, 3, *grid.shape)
     coef = torch.zeros(ncoef, dtype=dtype, device=device, requires_grad=True)
     gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
+    poor = (texture_poverty(fx, body.to(dtype)[:, None], grid, spacing, s.texture_lung_hu)
+            if any(s.bending_texture) else None)
     log: dict = {"levels": []}
     for li, factor in enumerate(s.levels):
         t0 = time.perf_counter()
         lev = _Level(fx, mv, wt, factor, grid, spacing, device, dtype, lung=lung if sliding else None)
         sl = _level_settings(s, li)
+        strength = _per_level(s.bending_texture, len(s.levels), li, 0.0)
+        knot_w = 1.0 + strength * poor if strength else None
         opt = torch.optim.Adam([coef], lr=float(s.lr_mm[li]))
         step = s.subsample[li]
         ncc_val = None
@@ -603,7 +655,7 @@ def _register(fixed, moving, body, spacing, s: FFDSettings, lung, callback):
             n_points = pts.size
             opt.zero_grad(set_to_none=True)
             warped = lev.sample(coef, pts)
-            reg = _regulariser(grid, coef, spacing, sl)
+            reg = _regulariser(grid, coef, spacing, sl, knot_w)
             ncc = pts.stats.ncc(warped)
             loss = ((1.0 - ncc) + reg).sum()
             loss.backward()
