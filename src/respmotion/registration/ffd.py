@@ -411,18 +411,27 @@ def texture_poverty(fixed: torch.Tensor, body: torch.Tensor, grid: ControlGrid, 
     times the bending weight (``FFDSettings.bending_texture``): the image cannot place them, so their neighbours
     should.  With ``lung_hu``, knots where ``fixed`` (HU) blurred the same way is below it get 0 (lung
     parenchyma keeps the one weight)."""
-    g = torch.stack(torch.gradient(fixed, spacing=[float(v) for v in spacing], dim=(2, 3, 4)), 0)
-    g = gaussian_blur(g.pow(2).sum(0).sqrt(), [0.5 * v for v in grid.stride])
+    sigma = [0.5 * v for v in grid.stride]
     idx = [torch.as_tensor(np.rint(grid.positions(ax)[1:-1]).astype(np.int64), device=fixed.device).clamp(
         0, fixed.shape[2 + ax] - 1) for ax in range(3)]
     at = lambda x: x[:, :, idx[0]][:, :, :, idx[1]][:, :, :, :, idx[2]]  # noqa: E731
-    gk, inside = at(g), at(body) > 0
-    ref = torch.stack([gk[b][inside[b]].median() if bool(inside[b].any()) else gk[b].median()
-                       for b in range(gk.shape[0])]).clamp_min(1e-6)
-    poor = F.relu(1.0 - gk / ref.view(-1, 1, 1, 1, 1))
-    if lung_hu is not None:
-        poor = poor * (at(gaussian_blur(fixed, [0.5 * v for v in grid.stride])) >= float(lung_hu))
-    return poor
+    out = []
+    for b in range(fixed.shape[0]):  # one pair and one axis at a time: a native CT's transients stay ~4 images
+        f = fixed[b:b + 1]
+        g2 = None
+        for ax in range(3):
+            d = torch.gradient(f, spacing=float(spacing[ax]), dim=2 + ax)[0].square_()
+            g2 = d if g2 is None else g2.add_(d)
+            del d
+        gk = at(gaussian_blur(g2.sqrt_(), sigma))
+        del g2
+        inside = at(body[b:b + 1]) > 0
+        ref = (gk[inside].median() if bool(inside.any()) else gk.median()).clamp_min(1e-6)
+        poor = F.relu(1.0 - gk / ref)
+        if lung_hu is not None:
+            poor = poor * (at(gaussian_blur(f, sigma)) >= float(lung_hu))
+        out.append(poor)
+    return torch.cat(out)
 
 
 def _regulariser(grid: ControlGrid, coef: torch.Tensor, spacing, s: FFDSettings,
