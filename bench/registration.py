@@ -440,13 +440,8 @@ def acceptance(ours: dict, deepali: dict) -> dict[str, Any]:
 def _before_outside_fix(s: FFDSettings) -> FFDSettings:
     """``s`` with the stride, iterations, bending weight and schedule and the hard blend of the defaults before
     issue 19's outside-the-lung tuning (docs/registration.md)."""
-    return replace(s, stride=(3.0, 8.0, 8.0), iterations=(150, 100, 50), bending_scale=(), bending_weight=30.0,
-                   sliding_ramp_mm=0.0, bending_texture=(), texture_lung_hu=None)
-
-
-def _on_before_outside_fix(**changes: Any) -> Callable[[FFDSettings], FFDSettings]:
-    """A tuning candidate: :func:`_before_outside_fix` with ``changes`` on top."""
-    return lambda s: replace(_before_outside_fix(s), **changes)
+    return _before_texture(replace(s, stride=(3.0, 8.0, 8.0), iterations=(150, 100, 50), bending_scale=(),
+                                   bending_weight=30.0, sliding_ramp_mm=0.0))
 
 
 def _before_texture(s: FFDSettings) -> FFDSettings:
@@ -455,9 +450,9 @@ def _before_texture(s: FFDSettings) -> FFDSettings:
     return replace(s, bending_texture=(), texture_lung_hu=None)
 
 
-def _on_before_texture(**changes: Any) -> Callable[[FFDSettings], FFDSettings]:
-    """A tuning candidate: :func:`_before_texture` with ``changes`` on top."""
-    return lambda s: replace(_before_texture(s), **changes)
+def _on(base: Callable[[FFDSettings], FFDSettings], **changes: Any) -> Callable[[FFDSettings], FFDSettings]:
+    """A tuning candidate: ``base`` (e.g. :func:`_before_texture`) with ``changes`` on top."""
+    return lambda s: replace(base(s), **changes)
 
 
 TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
@@ -472,62 +467,62 @@ TUNING_CANDIDATES: dict[str, Callable[[FFDSettings], FFDSettings]] = {
     # issue 19, outside-the-lung landmarks (docs/registration.md): each on the settings before that work
     # (`before_outside_fix`); the chosen combination is the default now
     "before_outside_fix": _before_outside_fix,
-    "bending_50": _on_before_outside_fix(bending_weight=50.0),
-    "outside_100": _on_before_outside_fix(bending_weight_outside=100.0),
-    "outside_300": _on_before_outside_fix(bending_weight_outside=300.0),
-    "inside_100": _on_before_outside_fix(bending_weight=100.0, bending_weight_outside=30.0),
-    "body_margin_5": _on_before_outside_fix(body_margin_mm=5.0),
-    "stride_3_12_12": _on_before_outside_fix(stride=(3.0, 12.0, 12.0)),
-    "bending_scale_3_1_1": _on_before_outside_fix(bending_scale=(3.0, 1.0, 1.0)),
-    "bending_scale_10_1_1": _on_before_outside_fix(bending_scale=(10.0, 1.0, 1.0)),
-    "bending_scale_3_3_1": _on_before_outside_fix(bending_scale=(3.0, 3.0, 1.0)),
-    "bending_scale_10_3_1": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0)),
-    "bending_scale_30_10_1": _on_before_outside_fix(bending_scale=(30.0, 10.0, 1.0)),
-    "scale_10_3_1_fine_75": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75)),
-    "scale_10_3_1_fine_100": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 100)),
-    "scale_10_3_1_stride_12": _on_before_outside_fix(bending_scale=(10.0, 3.0, 1.0), stride=(3.0, 12.0, 12.0)),
-    "scale_10_3_1_fine_75_stride_12": _on_before_outside_fix(
+    "bending_50": _on(_before_outside_fix, bending_weight=50.0),
+    "outside_100": _on(_before_outside_fix, bending_weight_outside=100.0),
+    "outside_300": _on(_before_outside_fix, bending_weight_outside=300.0),
+    "inside_100": _on(_before_outside_fix, bending_weight=100.0, bending_weight_outside=30.0),
+    "body_margin_5": _on(_before_outside_fix, body_margin_mm=5.0),
+    "stride_3_12_12": _on(_before_outside_fix, stride=(3.0, 12.0, 12.0)),
+    "bending_scale_3_1_1": _on(_before_outside_fix, bending_scale=(3.0, 1.0, 1.0)),
+    "bending_scale_10_1_1": _on(_before_outside_fix, bending_scale=(10.0, 1.0, 1.0)),
+    "bending_scale_3_3_1": _on(_before_outside_fix, bending_scale=(3.0, 3.0, 1.0)),
+    "bending_scale_10_3_1": _on(_before_outside_fix, bending_scale=(10.0, 3.0, 1.0)),
+    "bending_scale_30_10_1": _on(_before_outside_fix, bending_scale=(30.0, 10.0, 1.0)),
+    "scale_10_3_1_fine_75": _on(_before_outside_fix, bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75)),
+    "scale_10_3_1_fine_100": _on(_before_outside_fix, bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 100)),
+    "scale_10_3_1_stride_12": _on(_before_outside_fix, bending_scale=(10.0, 3.0, 1.0), stride=(3.0, 12.0, 12.0)),
+    "scale_10_3_1_fine_75_stride_12": _on(_before_outside_fix, 
         bending_scale=(10.0, 3.0, 1.0), iterations=(150, 100, 75), stride=(3.0, 12.0, 12.0)),
-    "scale_30_10_1_fine_100_stride_12": _on_before_outside_fix(
+    "scale_30_10_1_fine_100_stride_12": _on(_before_outside_fix, 
         bending_scale=(30.0, 10.0, 1.0), iterations=(150, 100, 100), stride=(3.0, 12.0, 12.0)),
-    "smooth_0_1_1": _on_before_outside_fix(smooth_vox=(0.0, 1.0, 1.0)),
-    "smooth_05_1_1": _on_before_outside_fix(smooth_vox=(0.5, 1.0, 1.0)),
-    "iterations_150_200_50": _on_before_outside_fix(iterations=(150, 200, 50)),
-    "iterations_250_200_50": _on_before_outside_fix(iterations=(250, 200, 50)),
-    "iterations_150_100_75": _on_before_outside_fix(iterations=(150, 100, 75)),
-    "iterations_150_100_100": _on_before_outside_fix(iterations=(150, 100, 100)),
+    "smooth_0_1_1": _on(_before_outside_fix, smooth_vox=(0.0, 1.0, 1.0)),
+    "smooth_05_1_1": _on(_before_outside_fix, smooth_vox=(0.5, 1.0, 1.0)),
+    "iterations_150_200_50": _on(_before_outside_fix, iterations=(150, 200, 50)),
+    "iterations_250_200_50": _on(_before_outside_fix, iterations=(250, 200, 50)),
+    "iterations_150_100_75": _on(_before_outside_fix, iterations=(150, 100, 75)),
+    "iterations_150_100_100": _on(_before_outside_fix, iterations=(150, 100, 100)),
     # issue 19, third pass (docs/registration.md): the blend ramp outside the sliding region and the bending weight
-    "ramp_0_bending_30": _on_before_texture(sliding_ramp_mm=0.0, bending_weight=30.0),  # the defaults before
-    "ramp_0_bending_50": _on_before_texture(sliding_ramp_mm=0.0),
-    "ramp_6_bending_30": _on_before_texture(bending_weight=30.0),
-    "ramp_4": _on_before_texture(sliding_ramp_mm=4.0),
-    "ramp_8": _on_before_texture(sliding_ramp_mm=8.0),
+    "ramp_0_bending_30": _on(_before_texture, sliding_ramp_mm=0.0, bending_weight=30.0),  # the defaults before
+    "ramp_0_bending_50": _on(_before_texture, sliding_ramp_mm=0.0),
+    "ramp_6_bending_30": _on(_before_texture, bending_weight=30.0),
+    "ramp_4": _on(_before_texture, sliding_ramp_mm=4.0),
+    "ramp_8": _on(_before_texture, sliding_ramp_mm=8.0),
     # issue 19, fourth pass: the finest level's precision (every voxel, smaller steps, more iterations)
-    "fine_every_voxel": _on_before_texture(subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1))),
-    "fine_lr_0125": _on_before_texture(lr_mm=(1.0, 0.5, 0.125)),
-    "fine_150": _on_before_texture(iterations=(150, 100, 150)),
-    "fine_every_voxel_lr_0125": _on_before_texture(subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1)),
+    "fine_every_voxel": _on(_before_texture, subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1))),
+    "fine_lr_0125": _on(_before_texture, lr_mm=(1.0, 0.5, 0.125)),
+    "fine_150": _on(_before_texture, iterations=(150, 100, 150)),
+    "fine_every_voxel_lr_0125": _on(_before_texture, subsample=((1, 1, 1), (1, 2, 2), (1, 1, 1)),
                                                    lr_mm=(1.0, 0.5, 0.125)),
     # issue 19, fifth pass: small motion (set tune_small) against large; with bending_100 above
-    "bending_70": _on_before_texture(bending_weight=70.0),
-    "outside_field_100": _on_before_texture(bending_weight_outside=100.0),
+    "bending_70": _on(_before_texture, bending_weight=70.0),
+    "outside_field_100": _on(_before_texture, bending_weight_outside=100.0),
     # issue 19, sixth pass: bending weight per knot from the fixed image's local texture (texture_poverty); the
     # chosen one (texture_tissue_fine_30) is the default now
     "before_texture": _before_texture,
-    "texture_3": _on_before_texture(bending_texture=(3.0,)),
-    "texture_10": _on_before_texture(bending_texture=(10.0,)),
-    "texture_30": _on_before_texture(bending_texture=(30.0,)),
-    "texture_fine_10": _on_before_texture(bending_texture=(0.0, 0.0, 10.0)),
-    "texture_fine_30": _on_before_texture(bending_texture=(0.0, 0.0, 30.0)),
-    "texture_0_10_10": _on_before_texture(bending_texture=(0.0, 10.0, 10.0)),
-    "texture_outside_10": _on_before_texture(bending_texture=(10.0,), texture_fields="outside"),
-    "texture_outside_30": _on_before_texture(bending_texture=(30.0,), texture_fields="outside"),
-    "texture_outside_100": _on_before_texture(bending_texture=(100.0,), texture_fields="outside"),
-    "texture_tissue_10": _on_before_texture(bending_texture=(10.0,), texture_lung_hu=-500.0),
-    "texture_tissue_30": _on_before_texture(bending_texture=(30.0,), texture_lung_hu=-500.0),
-    "texture_tissue_fine_30": _on_before_texture(bending_texture=(0.0, 0.0, 30.0), texture_lung_hu=-500.0),
-    "texture_tissue_fine_100": _on_before_texture(bending_texture=(0.0, 0.0, 100.0), texture_lung_hu=-500.0),
-    "texture_tissue_0_10_30": _on_before_texture(bending_texture=(0.0, 10.0, 30.0), texture_lung_hu=-500.0),
+    "texture_3": _on(_before_texture, bending_texture=(3.0,)),
+    "texture_10": _on(_before_texture, bending_texture=(10.0,)),
+    "texture_30": _on(_before_texture, bending_texture=(30.0,)),
+    "texture_fine_10": _on(_before_texture, bending_texture=(0.0, 0.0, 10.0)),
+    "texture_fine_30": _on(_before_texture, bending_texture=(0.0, 0.0, 30.0)),
+    "texture_0_10_10": _on(_before_texture, bending_texture=(0.0, 10.0, 10.0)),
+    "texture_outside_10": _on(_before_texture, bending_texture=(10.0,), texture_fields="outside"),
+    "texture_outside_30": _on(_before_texture, bending_texture=(30.0,), texture_fields="outside"),
+    "texture_outside_100": _on(_before_texture, bending_texture=(100.0,), texture_fields="outside"),
+    "texture_tissue_10": _on(_before_texture, bending_texture=(10.0,), texture_lung_hu=-500.0),
+    "texture_tissue_30": _on(_before_texture, bending_texture=(30.0,), texture_lung_hu=-500.0),
+    "texture_tissue_fine_30": _on(_before_texture, bending_texture=(0.0, 0.0, 30.0), texture_lung_hu=-500.0),
+    "texture_tissue_fine_100": _on(_before_texture, bending_texture=(0.0, 0.0, 100.0), texture_lung_hu=-500.0),
+    "texture_tissue_0_10_30": _on(_before_texture, bending_texture=(0.0, 10.0, 30.0), texture_lung_hu=-500.0),
 }
 
 
