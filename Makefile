@@ -31,7 +31,7 @@ bench: bench-setup
 # measured breathing-motion reference (DIR-Lab landmarks) shipped inside the package; docs/motion.md
 DIRLAB ?= ../shared/data/dirlab-4dct-landmarks
 motion-reference: setup
-	$(BIN)/python -m respmotion.data.motion_reference --data $(DIRLAB) \
+	$(BIN)/python -m respmotion.data.motion_reference_fit --data $(DIRLAB) \
 		--out src/respmotion/data/motion_reference.json --plot docs/motion_reference.png --phantom 8
 
 # the default motion model (synthesize without --model): for now the population prior alone, i.e. that JSON

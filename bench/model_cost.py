@@ -42,7 +42,7 @@ from typing import Any, Sequence
 from bench.common import environment
 
 LATENT = (50, 32, 32)
-#: UNet widths timed: the default before issue 23, 3/4 and 1/2 of its channels, and 1/2 with one res block per level
+#: UNet widths timed: 64-128-256 channels, 3/4 and 1/2 of them, and 1/2 with one res block per level
 UNET_CANDIDATES: dict[str, dict[str, Any]] = {
     "64-128-256": dict(channels=(64, 128, 256), num_res_blocks=2),
     "48-96-192": dict(channels=(48, 96, 192), norm_num_groups=16, num_res_blocks=2),

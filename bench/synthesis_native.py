@@ -14,7 +14,7 @@ A spherical GTV (radius 15 mm) on the input goes through every phase: one RTSTRU
 its ITV.  Recorded: wall seconds of :func:`respmotion.synthesis.pipeline.synthesize`, peak resident
 memory (``rss_peak_mb``; ``python -m bench`` adds the process's ``peak_rss_mb``), bytes and files
 written, torch threads (default: the CPUs this process may run on, ``os.sched_getaffinity``).
-Targets (issue 23, 2 cores): <= 180 s wall and <= 4 GB peak RSS.
+Targets (2 cores): <= 180 s wall and <= 4 GB peak RSS.
 
 ``--hog N`` runs N busy-looping processes beside the synthesis (load ~N on top of ours), to measure
 the slowdown on a busy machine against a run without (target <= 3x at load 4).  OpenMP's

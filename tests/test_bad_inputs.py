@@ -295,6 +295,21 @@ def test_empty_folder_register(cli, tmp_path):
                     [out], allowed=("register_config.yaml",)))
 
 
+def test_norm_groups_that_do_not_divide_the_channels_refused(cli, cohort, tmp_path):
+    run = tmp_path / "run"
+    check(cli, Case(["train", "autoencoder", "--kind", "image", "--data", cohort, "--run-dir", run, "--device", "cpu",
+                     "model.base_channels=8", "model.norm_groups=3"], "model.norm_groups=3", r"does not divide",
+                    [run]))
+
+
+def test_bundle_folder_without_checkpoints_refused(cli, cohort, tmp_path):
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    bundle.mkdir()
+    (bundle / "config.yaml").write_text("model: {}\n")
+    check(cli, Case(["synthesize", study_of(cohort) / "phase_00.npy", "--model", bundle, "--out", out], str(bundle),
+                    r"not a model bundle", [out]))
+
+
 def test_empty_folder_train(cli, tmp_path):
     registered("train")
     (tmp_path / "empty").mkdir()
@@ -553,9 +568,15 @@ def test_shape_with_a_zero(cli, tmp_path, argv):
     check(cli, Case([*argv, "--out", out], "shape", r"positive", [out]))
 
 
-def test_shape_too_large_for_memory(cli, tmp_path):
-    out = tmp_path / "ph"
-    check(cli, Case(["phantom", "--out", out, "--shape", "5000,5000,5000", "--patients", "1"], "5000x5000x5000",
+@pytest.mark.parametrize("argv", [["phantom", "--patients", "1"], ["data", "import", "CT"],
+                                  ["data", "prepare", "--src", "SRC", "--workers", "1"]])
+def test_shape_too_large_for_memory(cli, nifti_ct, tmp_path, argv):
+    """One allocation estimate (runtime.check_allocation) refuses a shape before anything is read or written."""
+    (tmp_path / "src").mkdir()
+    out = tmp_path / "out"
+    argv = [nifti_ct if a == "CT" else tmp_path / "src" if a == "SRC" else a for a in argv]
+    target = out / "ct.npy" if "import" in argv else out
+    check(cli, Case([*argv, "--out", target, "--shape", "5000,5000,5000"], "5000x5000x5000",
                     r"needs about [\d,.]+ GiB.*available", [out]))
 
 
@@ -699,7 +720,7 @@ def test_two_phantoms_into_one_folder_at_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "respmotion.cli", "phantom", "--out", str(out), "--patients",
                                "2", "--shape", TINY, "--seed", str(seed)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for seed in (1, 2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    results = [(p.wait(timeout=1800), p.stderr.read()) for p in procs]
     codes = sorted(rc for rc, _ in results)
     if codes == [0, 0]:  # the second started after the first finished: it must then have been refused... or equal
         pytest.fail(f"both runs succeeded into one folder: {results}")
@@ -862,3 +883,182 @@ def test_example_rtstruct_reads_on_its_ct():
     data = Path(__file__).resolve().parents[1] / "examples" / "data"
     masks = read_rtstruct(data / "nodule_rtstruct.dcm", SeriesRef.from_folder(data / "ct" / "phase_00"))
     assert list(masks) == ["GTV"] and masks["GTV"].sum() > 0
+
+
+# ============================================================================ inputs checked before writing
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def _trace(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def _rtstruct(tmp_path: Path, how: str) -> Path:
+    """The example RTSTRUCT cut to a third / with a NaN contour coordinate / without any ROI."""
+    import warnings
+
+    import pydicom
+
+    src, out = EXAMPLES / "nodule_rtstruct.dcm", tmp_path / f"rtstruct_{how}.dcm"
+    if how == "cut":
+        data = src.read_bytes()
+        out.write_bytes(data[: len(data) // 3])
+        return out
+    ds = pydicom.dcmread(src)
+    if how == "nan":
+        contour = ds.ROIContourSequence[0].ContourSequence[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the NaN it is asked to store
+            contour.ContourData = ["NaN", *list(contour.ContourData)[1:]]
+    else:
+        del ds.ROIContourSequence, ds.StructureSetROISequence
+    ds.save_as(out)
+    return out
+
+
+def _nifti_raw(tmp_path: Path, name: str, arr_zyx: np.ndarray, z_pixdim: float | None = None) -> Path:
+    """A NIfTI file of ``arr_zyx``; ``z_pixdim`` overwrites the stored z voxel size (nibabel would fix it on save)."""
+    import struct
+
+    import nibabel as nib
+
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(arr_zyx.transpose(2, 1, 0)).astype(np.float32), None), str(path))
+    if z_pixdim is not None:
+        raw = bytearray(path.read_bytes())
+        raw[88:92] = struct.pack("<f", z_pixdim)  # pixdim[3] of the NIfTI-1 header
+        path.write_bytes(bytes(raw))
+    return path
+
+
+BREATHS = "".join(f"{t * 0.5:g},{np.cos(np.pi * t / 4):.3f}\n" for t in range(24))
+BEFORE_WRITING = {  # case -> (extra argv of `synthesize STUDY --model gt --out OUT --no-render`, names, problem)
+    "samples_0": (["--samples", "0"], "--samples", r"must be >= 1"),
+    "samples_negative": (["--samples", "-2"], "--samples", r"must be >= 1"),
+    "threads_negative": (["--threads", "-2"], "--threads", r"must be >= 0"),
+    "si_amplitude_0": (["--si-amplitude-mm", "0"], "--si-amplitude-mm", r"no motion"),
+    "si_amplitude_huge": (["--si-amplitude-mm=1e9"], "--si-amplitude-mm", r"larger than any breathing"),
+    "two_amplitudes": (["--si-amplitude-mm", "5", "--excursion-mm", "10"], "--si-amplitude-mm", r"give one"),
+    "names_without_structures": (["--structure-names", "GTV"], "--structure-names", r"--structures"),
+    "formats_empty": (["--formats", ","], "--formats", r"no format given"),
+    "seed_without_folder": (["--model", "seed:"], "seed:", r"names no folder"),
+    "trace_empty": (["--trace", ("empty.csv", "")], "empty.csv", r"at least 3 samples"),
+    "trace_header_only": (["--trace", ("header.csv", "time,amplitude\n")], "header.csv", r"at least 3 samples"),
+    "trace_one_row": (["--trace", ("one.csv", "0,1\n")], "one.csv", r"at least 3 samples"),
+    "trace_nan": (["--trace", ("nan.csv", "0,1\n1,nan\n2,0\n")], "nan.csv", r"finite"),
+    "trace_flat": (["--trace", ("flat.csv", "0,1\n1,1\n2,1\n3,1\n")], "flat.csv", r"no full breath"),
+    "trace_time_back": (["--trace", ("back.csv", "0,1\n1,0\n0.5,1\n")], "back.csv", r"does not increase"),
+    "trace_semicolons": (["--trace", ("semi.csv", "0;1\n1;0\n2;1\n")], "semi.csv", r"expected 'time, amplitude'"),
+    "trace_binary": (["--trace", ("binary.csv", bytes(range(128, 256)) * 8)], "binary.csv", r"not a text CSV"),
+    "trace_missing": (["--trace", "missing.csv"], "missing.csv", r"cannot read"),
+    "trace_folder": (["--trace", "FOLDER"], "folder", r"cannot read.*directory"),
+    "trace_too_long_for_disk": (["--trace", ("long.csv", BREATHS)], "long.csv", r"GiB .*free"),
+    "rtstruct_cut": (["--structures", "RT:cut"], "rtstruct_cut.dcm", r"cut short|not a readable|no ROI"),
+    "rtstruct_nan": (["--structures", "RT:nan"], "rtstruct_nan.dcm", r"NaN"),
+    "rtstruct_no_roi": (["--structures", "RT:none"], "rtstruct_none.dcm", r"no ROI"),
+    "ct_z_pixdim_0": (["CT:pixdim0"], "pixdim0.nii", r"pixdim.* z is 0"),
+    "ct_not_hu": (["CT:huge"], "huge.nii", r"not Hounsfield"),
+    "ct_is_a_mask": (["CT:mask"], "mask.nii", r"mask"),
+    "ct_one_slice": (["CT:slice"], "slice.nii", r"not a 3D CT"),
+}
+
+
+@pytest.mark.parametrize("case", list(BEFORE_WRITING))
+def test_inputs_checked_before_anything_is_written(cli, cohort, tmp_path, monkeypatch, case):
+    """Bad settings, trace files, structure sets and CTs are refused in one line naming the flag or file
+    before ``--out`` is touched (a refused run leaves no folder that looks finished)."""
+    extra, names, problem = BEFORE_WRITING[case]
+    ct: Path = study_of(cohort)
+    model = ["--model", "gt"]
+    argv = []
+    for a in extra:
+        if isinstance(a, tuple):
+            argv.append(_trace(tmp_path, *a))
+        elif a == "FOLDER":
+            (tmp_path / "folder").mkdir()
+            argv.append(tmp_path / "folder")
+        elif a.startswith("RT:"):  # the example CT and its structure set, with the default motion model
+            ct, model = EXAMPLES / "ct" / "phase_00", []
+            argv.append(_rtstruct(tmp_path, a[3:]))
+        elif a.startswith("CT:"):
+            arr = ct_array(4).astype(np.float32)
+            arr = {"pixdim0": arr, "huge": np.where(arr > 0, 1e30, arr), "mask": (arr > 0).astype(np.float32),
+                   "slice": arr[:1]}[a[3:]]
+            ct, model = _nifti_raw(tmp_path, f"{a[3:]}.nii", arr, 0.0 if a == "CT:pixdim0" else None), []
+        else:
+            argv.append(a)
+    if case == "trace_too_long_for_disk":
+        import shutil as sh
+
+        monkeypatch.setattr("respmotion.synthesis.checks.shutil.disk_usage", lambda p: sh._ntuple_diskusage(1, 1, 0))
+    out = tmp_path / "out"
+    check(cli, Case(["synthesize", ct, *model, "--out", out, "--no-render", *argv], names, problem, [out]))
+    assert not out.exists(), f"{case}: a refused run left {out}"
+
+
+# ---------------------------------------------------------------------------- truncated files, every reader
+def _registered_fields(cli, cohort: Path, tmp_path: Path) -> Path:
+    cfg = tmp_path / "reg.yaml"
+    cfg.write_text(REG_YAML)
+    out = tmp_path / "reg"
+    rc, lines = cli(["register", "--data", cohort, "--out", out, "--config", cfg])
+    assert rc == 0, lines
+    return out
+
+
+@pytest.mark.parametrize("reader", ["latents_registration_npz", "latents_gt_npy", "synthesize_phase_npy",
+                                    "register_pair_npz"])
+def test_truncated_file_named_by_every_reader(cli, cohort, checkpoints, tmp_path, reader):
+    """A file cut short is named ("cut short") by whatever reads it, before the reader writes anything,
+    through the one archive helper (``io.atomic.read_npy`` / ``read_npz``)."""
+    from respmotion.io.atomic import read_npz
+
+    data = copy_cohort(cohort, tmp_path / "cohort")
+    study = study_of(data)
+    out = tmp_path / "out"
+    latents = ["latents", "--data", data, "--image-ae", checkpoints["image"], "--dvf-ae", checkpoints["dvf"],
+               "--out", out, "--device", "cpu"]
+    if reader in ("latents_registration_npz", "register_pair_npz"):
+        reg = _registered_fields(cli, data, tmp_path)
+        victim = next(reg.glob("*/*/ref_50.npz"))
+        victim.write_bytes(victim.read_bytes()[:100])
+        if reader == "register_pair_npz":  # the library reader the rerun relies on
+            with pytest.raises(ValueError, match=r"ref_50\.npz: not a readable \.npz archive \(cut short"):
+                read_npz(victim)
+            return
+        argv = [*latents, "--fields", f"reg_ref@{reg}"]
+    elif reader == "latents_gt_npy":
+        victim = study / "gt" / "dvf_ref_50.npy"
+        victim.write_bytes(victim.read_bytes()[:300])
+        argv = latents
+    else:
+        victim = study / "phase_00.npy"
+        victim.write_bytes(victim.read_bytes()[:300])
+        argv = ["synthesize", study, "--model", "gt", "--out", out, "--no-render"]
+    check(cli, Case(argv, victim.name, r"cut short", [out]))
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- one rank validator
+@pytest.mark.parametrize("command", ["register", "latents", "train"])
+@pytest.mark.parametrize("bad", ["world_size_flag", "rank_env"])
+def test_ranks_validated_the_same_way_in_every_sharded_command(cli, cohort, checkpoints, tmp_path, monkeypatch,
+                                                               command, bad):
+    """``--world-size -1`` and ``RANK=abc`` are refused by every sharded command in one line naming the flag
+    or variable, before the output folder is made (``runtime.resolve_rank``)."""
+    out = tmp_path / "out"
+    argv = {"register": ["register", "--data", cohort, "--out", out],
+            "latents": ["latents", "--data", cohort, "--image-ae", checkpoints["image"], "--dvf-ae",
+                        checkpoints["dvf"], "--out", out, "--device", "cpu"],
+            "train": _argv("train", out, cohort, cohort)}[command]
+    if bad == "rank_env":
+        monkeypatch.setenv("RANK", "abc")
+        check(cli, Case(argv, "RANK", r"not an integer", [out]))
+    elif command == "train":  # torchrun's variables are train's only shard settings
+        monkeypatch.setenv("WORLD_SIZE", "-1")
+        check(cli, Case(argv, "WORLD_SIZE", r"must be >= 1", [out]))
+    else:
+        check(cli, Case([*argv, "--world-size", "-1"], "--world-size", r"must be >= 1", [out]))
+    assert not out.exists()

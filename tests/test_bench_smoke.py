@@ -30,7 +30,7 @@ def test_sampling_bench_record(tmp_path):
 
 
 def test_deepali_baseline_recovers_a_known_translation():
-    """bench.registration.run_deepali returns the pull field in mm, components (z, y, x): a moving image that is
+    """bench.registration_methods.run_deepali returns the pull field in mm, components (z, y, x): a moving image that is
     the fixed one shifted by t mm (moving(p) = fixed(p - t)) gives u = +t inside the image (tiny grid, anisotropic
     voxels so a swapped axis or voxel units would show)."""
     pytest.importorskip("deepali.spatial")
@@ -38,7 +38,7 @@ def test_deepali_baseline_recovers_a_known_translation():
     import torch
     from scipy import ndimage
 
-    from bench.registration import DeepaliSettings, run_deepali
+    from bench.registration_methods import DeepaliSettings, run_deepali
     from respmotion.core import Geometry
 
     shape, spacing = (24, 40, 40), (3.0, 1.5, 1.5)
@@ -62,15 +62,49 @@ def test_native_registration_cases_keep_world_landmarks_and_the_truth_in_mm(tmp_
     the resampled exact field moves the landmarks onto their targets as well as the original one does."""
     import numpy as np
 
-    from bench import registration as B
+    from bench import registration_cases as C
+    from bench.registration_metrics import metrics
 
     monkeypatch.setenv("RESPMOTION_BENCH_CACHE", str(tmp_path))
-    small = B.phantom_cases((16, 48, 48), 3, ("ref_50",))[0]
-    big = B.native_cases((16, 48, 48), 3, ("ref_50",), native=(32, 96, 80))[0]
+    small = C.phantom_cases((16, 48, 48), 3, ("ref_50",))[0]
+    big = C.native_cases((16, 48, 48), 3, ("ref_50",), native=(32, 96, 80))[0]
     assert big.fixed.shape == big.moving.shape == big.lung.shape == (32, 96, 80) and big.gt.shape == (3, 32, 96, 80)
     assert np.allclose(np.asarray(big.geom.spacing) * (32, 96, 80), np.asarray(small.geom.spacing) * (16, 48, 48))
     assert abs(big.lung.mean() - small.lung.mean()) < 0.02  # the same lungs, not shifted or scaled
-    tre_small = B.metrics(small.gt, small)["landmark_error_mm"]
-    tre_big = B.metrics(big.gt, big)["landmark_error_mm"]
-    moved = B.metrics(np.zeros_like(big.gt), big)["landmark_error_mm"]
+    tre_small = metrics(small.gt, small)["landmark_error_mm"]
+    tre_big = metrics(big.gt, big)["landmark_error_mm"]
+    moved = metrics(np.zeros_like(big.gt), big)["landmark_error_mm"]
     assert moved > 1.0 and tre_big < 0.1 * moved and tre_big < tre_small + 0.2, (moved, tre_small, tre_big)
+
+
+def test_registration_candidates_file_builds_every_candidate():
+    """bench/registration_candidates.yaml: every candidate of each method is a valid settings object; ours'
+    ``default`` is FFDSettings() itself and ``before_texture`` turns the texture weighting off."""
+    from bench.registration_candidates import SETTINGS, load_candidates
+    from respmotion.registration.config import FFDSettings
+
+    for method, cls in SETTINGS.items():
+        table = load_candidates(method)
+        assert table and all(isinstance(s, cls) for s in table.values())
+    ours = load_candidates("ours")
+    assert ours["default"] == FFDSettings()
+    assert ours["before_texture"].bending_texture == () and ours["before_texture"].texture_lung_hu is None
+    for s in ours.values():
+        s.check()
+
+
+def test_deepali_anchor_is_loaded_from_its_path(tmp_path):
+    """The bench's ``deepali`` method calls ``register_deepali(fixed, moving, spacing)`` of the anchor file, loaded
+    from its path; a missing file is one clear error."""
+    import numpy as np
+    import pytest
+
+    from bench.registration_methods import load_anchor
+
+    anchor = tmp_path / "deepali_ffd.py"
+    anchor.write_text("import numpy as np\n\ndef register_deepali(fixed, moving, spacing):\n"
+                      "    return np.full((3, *fixed.shape), float(spacing[0]), np.float32)\n")
+    u = load_anchor(anchor)(np.zeros((2, 3, 4)), np.zeros((2, 3, 4)), (3.0, 1.5, 1.5))
+    assert u.shape == (3, 2, 3, 4) and float(u[0, 0, 0, 0]) == 3.0
+    with pytest.raises(FileNotFoundError, match="deepali-example"):
+        load_anchor(tmp_path / "missing.py")

@@ -42,7 +42,7 @@ def test_two_process_ddp_matches_one_process(cohort, tmp_path):
                         "--kind", "image", "--data", str(cohort), "--run-dir", str(ddp_dir), "--steps", str(STEPS),
                         "--batch-size", "1", "--device", "cpu", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = load_checkpoint(ddp_dir / checkpoint_name(STEPS))
     assert len(ddp["rng"]) == 2  # both ranks' RNG states are kept

@@ -89,7 +89,7 @@ class Proc:
         return self.log.with_suffix(".err").read_text()[-3000:]
 
 
-def kill_when(proc: Proc, ready: Callable[[], bool], delay: float, timeout: float = 60.0) -> bool:
+def kill_when(proc: Proc, ready: Callable[[], bool], delay: float, timeout: float = 600.0) -> bool:
     """Wait until ``ready()`` (the command is producing output), sleep ``delay``, SIGKILL; True if killed mid-run."""
     t0 = time.monotonic()
     while not ready():
@@ -105,7 +105,7 @@ def kill_when(proc: Proc, ready: Callable[[], bool], delay: float, timeout: floa
     return proc.kill()
 
 
-def run_ok(cmd: list[str], log: Path, timeout: float = 120.0) -> Proc:
+def run_ok(cmd: list[str], log: Path, timeout: float = 1800.0) -> Proc:
     proc = Proc(cmd, log)
     rc = proc.wait(timeout)
     assert rc == 0, f"{' '.join(cmd)} exited {rc}:\n{proc.stderr()}"
@@ -329,7 +329,7 @@ def test_kill_phantom_and_rerun(tmp_path):
                        random.Random(12).uniform(0.0, 0.5))
     assert killed, "phantom finished before the kill: make it longer"
     other = Proc(cmd(out, seed=4), tmp_path / "ph1")
-    assert other.wait(120) == 2 and "--overwrite" in other.stderr(), other.stderr()  # the killed run still owns it
+    assert other.wait(1800) == 2 and "--overwrite" in other.stderr(), other.stderr()  # the killed run still owns it
     run_ok(cmd(out), tmp_path / "ph2")
     run_ok(cmd(tmp_path / "clean"), tmp_path / "ph3")
     assert files(out) == files(tmp_path / "clean"), "the resumed phantom differs from an uninterrupted one"

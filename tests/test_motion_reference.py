@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from respmotion.data import motion_reference as MR
+from respmotion.data import motion_reference_fit as MRF
 
 
 def test_packaged_reference_is_the_one_make_builds(shared_data):
     """The JSON inside the package equals what ``make motion-reference`` computes from the data now."""
-    built = MR.build_reference(shared_data / "dirlab-4dct-landmarks")
+    built = MRF.build_reference(shared_data / "dirlab-4dct-landmarks")
     shipped = MR.load_reference()
     np.testing.assert_allclose(built["spatial_model"]["coef"], shipped["spatial_model"]["coef"], atol=1e-9)
     assert built["phase_curve"]["n"] == shipped["phase_curve"]["n"]
@@ -58,6 +59,6 @@ def test_phase_curve_is_zero_at_inhale_one_at_the_peak_and_loops():
 
 def test_missing_data_is_one_line_and_exit_2(tmp_path, capsys):
     out = tmp_path / "ref.json"
-    assert MR.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert MRF.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nowhere" in err and not out.exists()

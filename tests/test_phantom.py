@@ -116,7 +116,7 @@ def test_threads_do_not_change_the_files(tmp_path):
 
 def test_motion_is_calibrated_to_the_dirlab_reference():
     """Phantom statistics within stated tolerances of the measured reference (docs/motion.md table)."""
-    from respmotion.data.motion_reference import phantom_comparison
+    from respmotion.data.motion_reference_fit import phantom_comparison
 
     cmp = phantom_comparison(8, (16, 64, 64))
     pa, ra = cmp["amplitude_mm"]["phantom"], cmp["amplitude_mm"]["reference"]

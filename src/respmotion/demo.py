@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config, save_config
-from .registration.ffd import FFDSettings
+from .registration.config import FFDSettings
 
 log = logging.getLogger("respmotion")
 

@@ -4,6 +4,10 @@
   OpenMP workers sleep instead of spinning between parallel regions (``OMP_WAIT_POLICY=PASSIVE``
   unless the user set it), so a busy neighbour is not starved by our idle threads and vice versa.
 * :func:`available_memory` -- bytes a new allocation can take now (Linux ``MemAvailable``).
+* :func:`check_allocation` -- refuse, before allocating, a request the machine's memory cannot hold
+  (the one estimate every command that sizes volumes from user input goes through).
+* :func:`resolve_rank` -- this process's shard ``(rank, world size)`` from flags or torchrun's
+  environment, validated the same way for every sharded command.
 * :func:`use_threads` ``(n)`` -- ``torch.set_num_threads(n)``, with ``n = 0`` meaning the CPUs this
   process may run on (``os.sched_getaffinity``: a container or ``taskset`` may grant fewer than
   ``os.cpu_count()``, which is what torch assumes by default).
@@ -11,7 +15,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Sequence
 
 
 def available_cpus() -> int:
@@ -33,6 +39,57 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def check_allocation(what: str, shape: Sequence[int], bytes_per_voxel: float, detail: str = "") -> None:
+    """Raise ``MemoryError`` naming ``what`` and the numbers when ``prod(shape) * bytes_per_voxel`` bytes
+    exceed :func:`available_memory`; call it before allocating.  ``shape``: voxels ``(z, y, x)``;
+    ``bytes_per_voxel``: the peak memory per voxel of the whole request (every copy held at once);
+    ``detail``: what the estimate counts, shown in parentheses (e.g. "2 phases at once")."""
+    dims = "x".join(str(int(s)) for s in shape)
+    need = math.prod(int(s) for s in shape) * bytes_per_voxel
+    have = available_memory()
+    if need > have:
+        extra = f" ({detail})" if detail else ""
+        raise MemoryError(f"a {dims} {what} needs about {need / 2**30:,.1f} GiB of memory{extra}, "
+                          f"{have / 2**30:,.1f} GiB are available")
+
+
+def _env_int(name: str) -> int | None:
+    """An integer environment variable (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), or None if unset."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer (torchrun sets it to a "
+                         f"process's place; unset it or give a number)") from None
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``--rank`` / ``--world-size`` when given (not None), else
+    torchrun's ``RANK`` / ``WORLD_SIZE``, else rank 0 of 1.  A world size below 1 or a rank outside
+    ``0 .. world size - 1`` raises a one-line ``ValueError`` naming where the value came from."""
+    world_src = "--world-size" if world_size is not None else "WORLD_SIZE"
+    rank_src = "--rank" if rank is not None else "RANK"
+    world = int(world_size) if world_size is not None else _env_int("WORLD_SIZE")
+    r = int(rank) if rank is not None else _env_int("RANK")
+    world = 1 if world is None else world
+    r = 0 if r is None else r
+    if world < 1:
+        raise ValueError(f"{world_src} {world}: the number of workers must be >= 1")
+    if not 0 <= r < world:
+        raise ValueError(f"{rank_src} {r}: outside 0..{world - 1} ({world_src} {world})")
+    return r, world
+
+
+def local_rank() -> int:
+    """torchrun's ``LOCAL_RANK`` (this process's device index on its machine), 0 when unset; >= 0."""
+    n = _env_int("LOCAL_RANK")
+    if n is not None and n < 0:
+        raise ValueError(f"environment variable LOCAL_RANK={n} must be >= 0")
+    return 0 if n is None else n
+
+
 def quiet_openmp_waits() -> None:
     """Let OpenMP threads sleep while waiting (only effective before torch loads; a user's setting wins)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -42,6 +99,8 @@ def use_threads(requested: int = 0) -> int:
     """Set torch's intra-op threads to ``requested`` (0: :func:`available_cpus`); returns the number set."""
     import torch
 
+    if requested < 0:
+        raise ValueError(f"--threads {requested}: must be >= 0 (0: the CPUs this process may run on)")
     n = requested if requested > 0 else available_cpus()
     torch.set_num_threads(n)
     return n

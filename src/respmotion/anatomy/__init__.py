@@ -1,8 +1,10 @@
-"""Anatomy of a CT, below registration, synthesis and evaluation: body and lung masks (HU thresholds).
+"""Anatomy of a CT, below registration, synthesis and evaluation: body, lung and sliding-region masks (HU thresholds).
 
-``from respmotion.anatomy import body_mask, lung_mask``; both take a ``(z, y, x)`` HU array and return a uint8 mask.
+``from respmotion.anatomy import body_mask, lung_mask, sliding_region``; each takes a ``(z, y, x)`` HU array and
+returns a uint8 mask on the same grid.
 """
 
 from .masks import body_mask, lung_mask
+from .sliding import sliding_mask, sliding_region
 
-__all__ = ["body_mask", "lung_mask"]
+__all__ = ["body_mask", "lung_mask", "sliding_mask", "sliding_region"]

@@ -92,6 +92,7 @@ def run_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # pydicom logs warnings about files it then fails on (or reads anyway); our errors name the file
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("nibabel").setLevel(logging.ERROR)  # e.g. "pixdim ... setting 0 dims to 1": refused in one line
     prefix = f"respmotion {args.command}: error:"
     try:
         rc = args.func(args)

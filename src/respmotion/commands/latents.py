@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..diffusion.config import LatentsConfig
-    from ..diffusion.latents import build_latent_set, resolve_rank
+    from ..diffusion.latents import build_latent_set
+    from ..runtime import resolve_rank
     from ._common import UserError
 
     cfg = resolve_config(LatentsConfig, args, {

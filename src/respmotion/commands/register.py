@@ -40,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..io.layout import iter_studies
     from ..io.ownership import claim
     from ..registration.pipeline import result_settings, run_registration
+    from ..runtime import resolve_rank
 
     flags = {k: getattr(args, k) for k in ("data", "out", "pairs", "reference", "rank", "world_size", "device",
                                            "batch_size", "threads")}
@@ -50,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{cfg.data}: dataset folder not found")
     if next(iter_studies(cfg.data), None) is None:
         raise UserError(f"{cfg.data}: no complete study (study.json) found")
+    resolve_rank(cfg.rank, cfg.world_size)  # a bad shard is refused before --out is claimed
     # the shards of one run share --out; a run with other result settings is refused (or, with
     # --overwrite, takes over: its pairs are redone)
     with claim(cfg.out, "register", {"settings": result_settings(cfg)}, overwrite=args.overwrite, shared=True):

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--si-amplitude-mm", type=float, help="breathing amplitude: the lungs' mean superior motion "
                    "at 50 %% in mm (e.g. the mean SI landmark displacement of a 4D-CT); each sample is scaled to it")
     p.add_argument("--trace", help="CSV breathing trace (time, amplitude): writes a sequence following it")
+    p.add_argument("--intensity", help="lung intensities: mass (default: the lungs' density follows their volume "
+                   "change, mass kept, as in a real 4D-CT) or warp (intensities only moved)")
+    p.add_argument("--input-phase", help="breathing state of the input CT: a phase percent 0, 10, ..., 90 "
+                   "(default 0 = end-inhale; 50 = end-exhale) or mid (a mid-position / average CT)")
     p.add_argument("--dicom", action="store_true", default=None, help="add dicom to --formats")
     p.add_argument("--structures", nargs="+", help="RTSTRUCT file and/or mask files on the input CT")
     p.add_argument("--structure-names", nargs="+", help="structures to take from the RTSTRUCT (default: all)")
@@ -70,16 +74,19 @@ def run(args: argparse.Namespace) -> int:
         "sampler": args.sampler, "steps": args.steps, "delta_t": args.delta_t,
         "formats": args.formats.split(",") if args.formats else None, "device": args.device, "threads": args.threads,
         "amplitude": args.amplitude,
-        "excursion_mm": args.excursion_mm, "si_amplitude_mm": args.si_amplitude_mm, "trace": args.trace, "dicom": args.dicom, "structures": args.structures,
+        "excursion_mm": args.excursion_mm, "si_amplitude_mm": args.si_amplitude_mm, "trace": args.trace,
+        "intensity": args.intensity, "input_phase": args.input_phase, "dicom": args.dicom, "structures": args.structures,
         "structure_names": args.structure_names, "render": args.render, "heatmap": args.heatmap, "fps": args.fps,
         "num_slices": args.num_slices})
     if not cfg.ct:
         raise UserError("no input CT given")
     from ..io.ownership import claim
     from ..runtime import use_threads
+    from ..synthesis.checks import check_settings
     from ..synthesis.run import output_identity, run_synthesis
 
     use_threads(cfg.threads)
+    check_settings(cfg)  # before --out is claimed: a refused run leaves --out as it was
     with claim(cfg.out, "synthesize", output_identity(cfg), overwrite=args.overwrite):
         summary = run_synthesis(cfg)
         save_resolved(cfg, cfg.out)

@@ -204,6 +204,47 @@ def exp_velocity(velocity_mm: torch.Tensor, spacing: Spacing, steps: int = 7) ->
     return u
 
 
+def invert(dvf_mm: torch.Tensor, spacing: Spacing, iterations: int = 200, tol_mm: float = 1e-3) -> torch.Tensor:
+    """Inverse ``v`` of a pull field ``u`` ``(B, 3, Z, Y, X)`` mm: ``compose(u, v) ~= 0`` (and ``compose(v, u) ~= 0``).
+
+    ``p -> p + v(p)`` is the inverse map of ``p -> p + u(p)``: if ``u`` pulls image A into frame B, ``v`` pulls
+    B back into A.  Fixed-point iteration ``v <- -u o (id + v)`` (what ``compose(u, v) = 0`` says), from
+    ``v = -u``, until the largest change is below ``tol_mm`` or after ``iterations`` rounds; it converges
+    where ``|grad u| < 1`` (no folding).  Sampling is trilinear with border padding (as :func:`compose`), so
+    where ``p + v(p)`` leaves the grid the edge value of ``u`` is used.  Returns ``v`` in mm, same shape.
+    """
+    v = -dvf_mm
+    for _ in range(iterations):
+        v_new = -warp(dvf_mm, v, spacing, padding="border")
+        done = float((v_new - v).abs().max()) < tol_mm
+        v = v_new
+        if done:
+            break
+    return v
+
+
+#: HU range of the mass-preserving intensities (what a CT stores: air -1024 .. 12-bit bone 3071)
+HU_RANGE = (-1024.0, 3071.0)
+
+
+def mass_preserving_hu(hu: torch.Tensor, det_pull: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Lung intensities that keep the tissue's mass through a motion: ``HU' = (HU + 1000) * det_pull - 1000``.
+
+    ``hu``: the image already pulled into the output frame (``hu(p) = moving(p + u(p))``); ``det_pull``: the
+    Jacobian determinant of the pull map ``p -> p + u(p)`` at the same output voxels (:func:`jacobian_determinant`
+    of the field the warp used).  ``det_pull`` is the inverse of the tissue's own volume change, so this is the
+    law ``HU' = (HU + 1000) / det J - 1000`` with ``J`` the Jacobian of the tissue's (push) motion: a region
+    squeezed to 92 % of its volume gets ``(HU + 1000) / 0.92``.  Density ``HU + 1000`` is taken proportional to
+    mass per volume.  ``weight`` (0..1, e.g. the pulled lung occupancy) blends the law in (1) and keeps the
+    warped HU (0); none = everywhere.  Folding (``det_pull <= 0``) counts as 0 (air); the law's values are clipped
+    to :data:`HU_RANGE` (where ``weight`` is 0 the warped HU is kept as it is).  Any shapes that broadcast; float
+    tensors.
+    """
+    det = torch.clamp(det_pull.to(hu.dtype), min=0.0)
+    law = torch.clamp((hu + 1000.0) * det - 1000.0, *HU_RANGE)
+    return law if weight is None else hu + weight.to(hu.dtype) * (law - hu)
+
+
 def to_tensor(array: np.ndarray, device: str | torch.device = "cpu", dtype=torch.float32) -> torch.Tensor:
     """numpy ``(C, Z, Y, X)`` or ``(Z, Y, X)`` -> batched tensor ``(1, C, Z, Y, X)``."""
     t = torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=device)

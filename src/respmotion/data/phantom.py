@@ -44,7 +44,7 @@ from ..core.geometry import Geometry
 from ..core.types import DisplacementField, Volume
 from ..io.atomic import clean_stale_tmp, write_json, write_npy
 from ..io.layout import PHASES, StudyDir, next_phase
-from ..runtime import available_memory
+from ..runtime import check_allocation
 
 FOV_MM = (150.0, 358.4, 358.4)  # z, y, x field of view
 DEFAULT_SHAPE = (50, 256, 256)
@@ -548,11 +548,42 @@ class Phantom:
         s, h = self.states(percent)
         return np.array([s, h, h], np.float32)[:, None, None, None] * self._unit_field()
 
+    def _unit_slopes(self) -> np.ndarray:
+        """Diagonal Jacobian entries of the field at s = h = 1 on the base grid ``(3, Z, Y, X)``: ``du_z/dz``,
+        ``du_y/dy``, ``du_x/dx`` (mm per mm, analytic; cached).  The Jacobian matrix is triangular (module doc),
+        so phase k's determinant is the product of ``1 + (s_k, h_k, h_k) * slope``."""
+        if not hasattr(self, "_slopes"):
+            p = self.p
+            Z, Y, X = self.base_coords()
+            zd, amp = self._uz_parts(Y, X)
+            duz = amp * self._g_dg(Z, zd)[1]
+            y_ant, y_post = -p.body_ay, 0.75 * p.body_ay
+            t = (y_post - self.ys) / (y_post - y_ant)
+            duy = np.where((t > 0) & (t < 1), 1.5 * p.amp_ap * np.sqrt(np.clip(t, 0.0, 1.0)) / (y_post - y_ant), 0.0)
+            dux = np.where(np.abs(self.xs / p.body_ax) < 1.2, p.amp_lr / p.body_ax, 0.0)
+            self._slopes = np.stack(np.broadcast_arrays(duz, duy[None, :, None], dux[None, None, :])).astype(np.float32)
+        return self._slopes
+
+    def jacobian(self, percent: float) -> np.ndarray:
+        """Exact Jacobian determinant ``(Z, Y, X)`` of the pull map ``p -> p + u_k(p)`` of one phase on the base
+        grid (> 0; > 1 where the tissue is squeezed, e.g. the lungs at exhale)."""
+        s, h = self.states(percent)
+        d = self._unit_slopes()
+        return (1.0 + s * d[0]) * (1.0 + h * d[1]) * (1.0 + h * d[2])
+
     def phase(self, percent: int) -> dict[str, np.ndarray]:
-        """Image (HU), lung/body masks and exact field of one phase on the base grid."""
+        """Image (HU), lung/body masks and exact field of one phase on the base grid.
+
+        The reference is pulled through the exact field; inside the lungs (weighted by the pulled lung
+        occupancy) the density follows the motion's exact Jacobian, keeping the lungs' mass
+        (:func:`respmotion.core.warp.mass_preserving_hu`, the law synthesis applies); then the noise is added."""
+        from ..core.warp import mass_preserving_hu
+
         Z, Y, X = self._base32()
         u = self.field(percent)
         img, lung = self._sample_fine(self._fine_stack(), Z + u[0], Y + u[1], X + u[2])
+        img = mass_preserving_hu(torch.from_numpy(img), torch.from_numpy(self.jacobian(percent)),
+                                 torch.from_numpy(lung)).numpy()
         if self.noise_hu > 0:
             img += np.random.default_rng([self.seed, percent]).normal(0.0, self.noise_hu, img.shape).astype(np.float32)
         body = img > -500.0
@@ -668,11 +699,7 @@ def check_request(shape: Sequence[int], noise_hu: float, patients: int = 1, seed
 
 def check_memory(shape: Sequence[int], parallel: int) -> None:
     """Refuse (``MemoryError`` with the numbers) a request the machine cannot hold, before allocating."""
-    need = math.prod(shape) * BYTES_PER_VOXEL_THREAD * parallel
-    have = available_memory()
-    if need > have:
-        raise MemoryError(f"a {'x'.join(map(str, shape))} phantom needs about {need / 2**30:,.1f} GiB of memory "
-                          f"({parallel} phase(s) at once), {have / 2**30:,.1f} GiB are available")
+    check_allocation("phantom", shape, BYTES_PER_VOXEL_THREAD * parallel, f"{parallel} phase(s) at once")
 
 
 def write_patient(out: str | Path, patient_id: str, seed: int, shape: Sequence[int] = DEFAULT_SHAPE,

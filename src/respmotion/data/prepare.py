@@ -39,6 +39,7 @@ from ..core.ops import resample_volume
 from ..io.atomic import write_json
 from ..io.dicom import DicomError, SeriesFiles, list_dicom_files, read_series_files, scan_series
 from ..io.layout import PHASES, StudyDir
+from .importer import check_target_shape
 from .intensity import HU_WINDOW
 
 log = logging.getLogger(__name__)
@@ -239,9 +240,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareReport:
         raise FileNotFoundError(f"{src}: DICOM source folder not found")
     if cfg.workers < 1:
         raise ValueError(f"workers must be >= 1, got {cfg.workers}")
-    shape = tuple(int(s) for s in cfg.shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape must be 3 positive numbers (z, y, x), got {cfg.shape}")
+    shape = check_target_shape(cfg.shape, cfg.workers)
     out.mkdir(parents=True, exist_ok=True)
     if n := _clean_stale(out):
         log.info("removed %d unfinished study folder(s) of an earlier run", n)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -48,6 +52,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except OSError as exc:
         if exc.filename is None and exc.errno is not None:  # e.g. ENOSPC inside a writer: name the target
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if exc.filename is None:  # numpy's short write ("N requested and M written") carries no errno
+            raise OSError(None, f"write cut short ({exc}); is the disk full?", str(path)) from exc
         raise
     finally:
         if tmp_path.exists():
@@ -74,13 +80,55 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def read_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """The array of an ``.npy`` file (memory-mapped read-only with ``mmap``); a missing file raises
+    ``FileNotFoundError``, a truncated or foreign one a ``ValueError`` naming it (and, when cut short,
+    how many of its bytes are there)."""
     path = Path(path)
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file") from exc
-        raise ValueError(f"{path}: not a readable .npy array ({exc})") from exc
+        raise ValueError(f"{path}: not a readable .npy array ({_npy_cut_short(path) or exc})") from exc
+
+
+def _npy_cut_short(path: Path) -> str:
+    """``"cut short: N of M bytes"`` when an ``.npy`` file's header promises more data than it holds, else ""."""
+    with open(path, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = header(fh)
+        except (ValueError, EOFError, SyntaxError):
+            return ""
+        want = fh.tell() + math.prod(shape) * dtype.itemsize
+    have = path.stat().st_size
+    return f"cut short: {have} of {want} bytes" if have < want else ""
+
+
+def read_npz(path: str | os.PathLike, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` (default: all) of an ``.npz`` archive, as ``{name: array}``.
+
+    ``keys=()`` reads only the archive's index: a cheap check that the file is whole (a truncated
+    archive loses its index, which sits at the end).  A missing file raises ``FileNotFoundError``;
+    a truncated, damaged or foreign file, or a missing key, a one-line ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("an .npy array, not an .npz archive")
+            wanted = z.files if keys is None else list(keys)
+            missing = [k for k in wanted if k not in z.files]
+            if missing:
+                raise ValueError(f"no array {missing[0]!r} (has {', '.join(z.files) or 'none'})")
+            return {k: np.array(z[k]) for k in wanted}
+    except (zipfile.BadZipFile, zlib.error, EOFError, SyntaxError, tokenize.TokenError) as exc:
+        # damaged bytes inside a member: numpy fails while parsing its header or inflating its data
+        raise ValueError(f"{path}: not a readable .npz archive (cut short or damaged: {exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a readable .npz archive ({exc})") from exc
 
 
 def _json_default(obj: Any) -> Any:

@@ -6,7 +6,7 @@ A command that fills a folder calls :func:`claim` (a context manager) before wri
         ...write...
 
 * ``<folder>/owner.json`` (the manifest) records the command and its *identity*: the settings and
-  input fingerprints (:func:`fingerprint`) that decide what the folder holds.  A later run with the
+  input fingerprints that decide what the folder holds.  A later run with the
   same identity resumes (finished parts are skipped by the stage); another identity is refused with
   one line naming the first differing key and ``--overwrite`` (and ``--resume`` where the command
   has it).  ``overwrite=True`` empties a folder that holds our manifest and takes it over; a
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -42,12 +41,6 @@ _OURS = {MANIFEST, LOCK, CHECK_LOCK}
 
 class OwnershipError(ValueError):
     """The folder belongs to another run or is being written by another process."""
-
-
-def fingerprint(obj: Any) -> str:
-    """Short SHA-256 of a JSON-able value (sorted keys): equal settings give equal fingerprints."""
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def holds_data(folder: Path) -> bool:
@@ -147,9 +140,3 @@ def claim(folder: str | os.PathLike, command: str, identity: dict[str, Any], *, 
     finally:
         os.close(lock_fd)
         os.close(check_fd)
-
-
-def owner_of(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The folder's manifest (``command``, ``identity``), or None when it has none."""
-    path = Path(folder) / MANIFEST
-    return read_json(path) if path.exists() else None

@@ -101,14 +101,26 @@ def _fill_polygon(shape_yx: tuple[int, int], poly_yx: np.ndarray) -> np.ndarray:
     return out
 
 
+def _roi_number(path: Path, item, keyword: str, where: str) -> int:
+    """The integer ``keyword`` (``ROINumber``, ``ReferencedROINumber``) of a sequence item; an
+    :class:`RTStructError` naming the file and ``where`` when it is missing or not a number."""
+    value = item.get(keyword)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise RTStructError(f"{path}: {where} has no valid {keyword} ({str(value or '')!r}; the file is cut short "
+                            f"or damaged)") from None
+
+
 def _roi_names(path: Path, ds) -> dict[int, str]:
     names: dict[int, str] = {}
-    for roi in ds.get("StructureSetROISequence", []):
-        name = str(roi.get("ROIName", "")).strip() or f"ROI {roi.ROINumber}"
+    for j, roi in enumerate(ds.get("StructureSetROISequence", [])):
+        number = _roi_number(path, roi, "ROINumber", f"StructureSetROISequence item {j + 1}")
+        name = str(roi.get("ROIName", "")).strip() or f"ROI {number}"
         base, n = name, 2
         while name in names.values():  # duplicate names get a suffix
             name, n = f"{base} ({n})", n + 1
-        names[int(roi.ROINumber)] = name
+        names[number] = name
     return names
 
 
@@ -128,6 +140,8 @@ def read_rtstruct(
     path = Path(path)
     try:
         ds = pydicom.dcmread(str(path))
+        for _ in ds.iterall():  # parse every element now (pydicom defers it): a file cut short fails here
+            pass
     except Exception as exc:  # pydicom raises many types; re-raised typed with the file name
         raise RTStructError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     if str(ds.get("Modality", "")) != "RTSTRUCT" and str(ds.get("SOPClassUID", "")) != RT_STRUCTURE_SET_STORAGE:
@@ -135,8 +149,8 @@ def read_rtstruct(
     geom = _check_reference(path, ds, reference)
     roi_names = _roi_names(path, ds)
     masks: dict[str, np.ndarray] = {}
-    for rc in ds.get("ROIContourSequence", []):
-        number = int(rc.ReferencedROINumber)
+    for j, rc in enumerate(ds.get("ROIContourSequence", [])):
+        number = _roi_number(path, rc, "ReferencedROINumber", f"ROIContourSequence item {j + 1}")
         name = roi_names.get(number, f"ROI {number}")
         if names is not None and name not in names:
             continue
@@ -145,7 +159,12 @@ def read_rtstruct(
         for i, c in enumerate(rc.get("ContourSequence", [])):
             if str(c.get("ContourGeometricType", "")) != "CLOSED_PLANAR":
                 continue
+            if c.get("ContourData") is None:
+                raise RTStructError(f"{path}: ROI '{name}' contour {i + 1} has no ContourData (the file is cut short "
+                                    f"or damaged)")
             pts = np.asarray([float(v) for v in c.ContourData], dtype=np.float64)
+            if not np.isfinite(pts).all():
+                raise RTStructError(f"{path}: ROI '{name}' contour {i + 1} has coordinates that are NaN or infinite")
             if pts.size < 9 or pts.size % 3:
                 raise RTStructError(
                     f"{path}: ROI '{name}' contour {i + 1} has {pts.size} coordinates (need 3 per point, >= 3 points)")

@@ -101,6 +101,22 @@ def check_finite(array: np.ndarray, where: str | os.PathLike) -> np.ndarray:
     return array
 
 
+def _check_nifti_spacing(path: Path, img) -> None:
+    """Refuse a NIfTI file whose voxel size along an axis is 0 or not finite: in the stored ``pixdim``
+    (nibabel silently reads a 0 as 1 mm) when no sform gives the geometry, or in the affine in use."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as fh:
+        raw = img.header_class.from_fileobj(fh, check=False)
+    sizes = list(np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0))
+    if int(raw["sform_code"]) == 0:
+        sizes = [min(a, float(z)) for a, z in zip(sizes, raw["pixdim"][1:4])]
+    bad = [(axis, z) for axis, z in zip("xyz", sizes) if not 0 < z < np.inf]
+    if bad:
+        raise ValueError(f"{path}: voxel size (pixdim) along {bad[0][0]} is {bad[0][1]:g} mm; the file does not "
+                         f"say how far apart its voxels are")
+
+
 # ---------------------------------------------------------------- volumes
 def save_volume(volume: Volume, path: str | os.PathLike) -> Path:
     """Write ``volume`` atomically; format from the file name (see module docstring)."""
@@ -154,6 +170,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
             raise ValueError(f"{path}: not a readable NIfTI file ({exc})") from exc
         if data.ndim != 3:
             raise ValueError(f"{path}: expected a 3D NIfTI volume, got shape {data.shape}")
+        _check_nifti_spacing(path, img)
         arr = check_finite(np.ascontiguousarray(data.transpose(2, 1, 0)), path)
         return Volume(arr, Geometry.from_affine(img.affine, arr.shape, ras=True), {"source": str(path)})
     if kind == "sitk":

@@ -101,6 +101,10 @@ class AutoencoderNetConfig:
         kind = self.kind if kind is None else kind
         if kind not in KINDS:
             raise ValueError(f"autoencoder kind must be one of {KINDS}, got {kind!r}")
+        g, c = self.norm_groups, self.base_channels
+        if g < 1 or c < 1 or (c % g and g % c):  # a multiple of c: each level takes gcd(its channels, g) groups
+            raise ValueError(f"model.norm_groups={g} does not divide model.base_channels={c}: GroupNorm splits a "
+                             f"level's channels into equal groups; choose a divisor of {c} (or a multiple of it)")
         filled = {k: v for k, v in KIND_DEFAULTS[kind].items() if getattr(self, k) is None}
         if "coarse_levels" in filled:
             filled["coarse_levels"] = min(filled["coarse_levels"], len(self.channel_mults))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..core import warp as W
 from ..core.geometry import Geometry
 from ..core.types import DisplacementField
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, read_npz
 
 FORMAT = "respmotion.bspline/1"
 
@@ -390,13 +390,13 @@ class BSplineField:
         return None if self.lung is None else blend_weight(self.lung, self.geometry.spacing, self.ramp_mm)
 
 
-def dense_tensor(coef: torch.Tensor, grid: ControlGrid, lung: torch.Tensor | None = None) -> torch.Tensor:
+def dense_tensor(coef: torch.Tensor, grid: ControlGrid, inside_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Dense field ``(B, 3, Z, Y, X)`` mm from control points ``(B, 3, K...)`` or sliding ``(B, 2, 3, K...)``
-    (then ``lung`` ``(B, Z, Y, X)`` blends inside/outside)."""
+    (then ``inside_weight`` ``(B, Z, Y, X)`` in [0, 1] blends inside/outside)."""
     basis = Basis.full(grid, coef.device, coef.dtype)
     if coef.ndim == 5:
         return basis.field(coef)
-    w = lung.to(coef.dtype)[:, None]
+    w = inside_weight.to(coef.dtype)[:, None]
     return w * basis.field(coef[:, 0]) + (1.0 - w) * basis.field(coef[:, 1])
 
 
@@ -431,17 +431,16 @@ def save_bspline(stored: BSplineField, path: str | os.PathLike) -> Path:
 def load_bspline(path: str | os.PathLike) -> BSplineField:
     """Read a stored B-spline field; a damaged or foreign file raises ``ValueError`` naming it."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+    z = read_npz(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            coef = np.array(z["coef"])
-            head = json.loads(bytes(z["header"]).decode())
-            bits = np.array(z["lung_bits"]) if "lung_bits" in z.files else None
-    except (ValueError, OSError, KeyError, EOFError, json.JSONDecodeError) as exc:
+        coef = z["coef"]
+        head = json.loads(bytes(z["header"]).decode())
+    except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable B-spline field ({type(exc).__name__}: {exc})") from exc
-    if head.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {head.get('format')!r} (expected {FORMAT})")
+    bits = z.get("lung_bits")
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        found = head.get("format") if isinstance(head, dict) else type(head).__name__
+        raise ValueError(f"{path}: unknown format {found!r} (expected {FORMAT})")
     try:
         geometry = Geometry.from_dict(head["geometry"])
         lung = None

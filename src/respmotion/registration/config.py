@@ -1,11 +1,96 @@
-"""Typed configuration of ``respmotion register`` (see :mod:`respmotion.config` for loading/overrides)."""
+"""Settings of registration: the optimiser's (:class:`FFDSettings`) and the ``respmotion register`` stage's
+(:class:`RegisterConfig`, which holds an ``FFDSettings`` as ``ffd``).  Loading and ``key=value`` overrides:
+:mod:`respmotion.config`.  What each setting does and when to change it: ``docs/registration.md``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
 
-from .ffd import FFDSettings
+from ..anatomy.sliding import REGIONS
+from ..data.intensity import HU_WINDOW
+
+
+@dataclass
+class FFDSettings:
+    """Settings of :func:`respmotion.registration.ffd.register` (defaults: the tuned ones, docs/registration.md).
+
+    Voxel counts (``stride``, ``levels``) are voxels of a ``reference_shape`` grid over the image's field of view
+    (:meth:`for_shape`), axes in array order (z, y, x).  Per-level tuples run from the coarsest level to the
+    finest; ``bending_scale`` and ``bending_texture`` are aligned at the finest level (their last entry; levels
+    coarser than the tuple reaches take its first entry).
+    """
+
+    stride: tuple[float, float, float] = (3.0, 12.0, 12.0)  # control point spacing, voxels (z, y, x)
+    levels: tuple[tuple[float, float, float], ...] = ((4, 4, 4), (2, 2, 2), (1, 1, 1))  # downsampling per level
+    reference_shape: tuple[int, int, int] | None = (50, 256, 256)  # None: voxels of the image itself
+    iterations: tuple[int, ...] = (150, 100, 100)  # Adam steps per level
+    lr_mm: tuple[float, ...] = (1.0, 0.5, 0.25)  # Adam step per level, mm
+    subsample: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (1, 2, 2))  # similarity voxel stride per level
+    bending_weight: float = 50.0  # bending energy (mm^-2) weight
+    bending_weight_outside: float | None = None  # sliding: the outside field's bending weight (None: bending_weight)
+    # both bending weights times this per level: stiff coarse levels keep texture-poor regions (abdomen below the
+    # diaphragm, chest wall) from taking a wrong large-scale motion (empty: 1 everywhere)
+    bending_scale: tuple[float, ...] = (10.0, 3.0, 1.0)
+    # per level: each knot's bending weight times 1 + strength * (its lack of texture in [0, 1],
+    # respmotion.registration.texture.texture_poverty) (empty or 0: one weight everywhere)
+    bending_texture: tuple[float, ...] = (0.0, 0.0, 30.0)
+    texture_fields: str = "both"  # sliding: both | outside (the inside field keeps one weight everywhere)
+    texture_lung_hu: float | None = -500.0  # knots whose blurred HU is below this keep one weight (None: none do)
+    jacobian_weight: float = 1.0e2  # penalty on Jacobian determinants below jacobian_min at the knots
+    jacobian_min: float = 0.2
+    clip_hu: tuple[float, float] = HU_WINDOW  # both images clipped to this HU window before the similarity
+    smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (voxels) on both images
+    body_margin_mm: float = 0.0  # similarity weight: the fixed body mask dilated by this many mm (box, per axis)
+    sliding: bool = True  # two fields, inside and outside the sliding region, each with its own regulariser
+    sliding_region: str = "cavity"  # cavity | lung: the inside field's region (respmotion.anatomy.sliding_region)
+    sliding_ramp_mm: float = 6.0  # the inside field's weight falls to 0 over this distance outside the region
+    repair_folding: bool = True  # after the last level: remove every det <= 0 voxel (registration.folding)
+    # early stop of a level: every `stop_window` iterations, stop when no pair's mean loss over the window fell by
+    # more than `stop_tol` x its (1 - NCC) since the previous window (0: run every iteration)
+    stop_tol: float = 0.0
+    stop_window: int = 10
+    # CPU: pairs of a batch split over this many single-threaded workers (0: torch.get_num_threads()): one
+    # worker per core, no OpenMP barriers between cores
+    workers: int = 0
+    seed: int = 0  # the similarity's voxel subset offsets are drawn from this
+
+    def for_shape(self, shape: Sequence[int]) -> "FFDSettings":
+        """These settings for an image of ``shape`` (z, y, x) voxels.
+
+        ``stride`` and ``levels`` count voxels of a ``reference_shape`` grid (the defaults were chosen at
+        50x256x256).  Along an axis where the image has more voxels, both are multiplied by
+        ``shape / reference_shape``: the pyramid's finest level then has about the reference's voxels and the
+        control points the same spacing relative to the field of view; the field is still evaluated at every voxel
+        of the image.  Axes with fewer voxels, ``reference_shape`` None, and a result of this method are left as
+        they are.
+
+        Use::
+
+            s = FFDSettings().for_shape((141, 512, 512))  # stride (8.46, 24, 24), levels (11.28, 8, 8) ... (2.82, 2, 2)
+        """
+        if self.reference_shape is None:
+            return self
+        r = [max(1.0, n / m) for n, m in zip(shape, self.reference_shape)]
+        return replace(self, stride=tuple(float(a * v) for a, v in zip(self.stride, r)),
+                       levels=tuple(tuple(float(f * v) for f, v in zip(lv, r)) for lv in self.levels),
+                       reference_shape=None)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent setting."""
+        n = len(self.levels)
+        if not (len(self.iterations) == len(self.lr_mm) == len(self.subsample) == n):
+            raise ValueError(f"levels ({n}), iterations, lr_mm and subsample need one entry per level")
+        if self.reference_shape is not None and (len(self.reference_shape) != 3 or min(self.reference_shape) < 1):
+            raise ValueError(f"reference_shape must be 3 voxel counts >= 1 (z, y, x) or None, "
+                             f"got {self.reference_shape}")
+        if self.texture_fields not in ("both", "outside"):
+            raise ValueError(f"texture_fields must be both or outside, got {self.texture_fields!r}")
+        if any(v < 0 for v in self.bending_texture):
+            raise ValueError(f"bending_texture must be >= 0 per level, got {self.bending_texture}")
+        if self.sliding_region not in REGIONS:
+            raise ValueError(f"sliding_region must be one of {', '.join(REGIONS)}, got {self.sliding_region!r}")
 
 
 @dataclass

@@ -59,19 +59,6 @@ def study_pairs(study: StudyDir, kinds: str = "both", reference: int = 0) -> lis
     return [Pair(study, f, m, tuple(n)) for (f, m), n in wanted.items()]
 
 
-def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit ``rank``/``world_size``, else torchrun's ``RANK``/``WORLD_SIZE``, else (0, 1)."""
-    if rank is None and "RANK" in os.environ:
-        rank = int(os.environ["RANK"])
-    if world_size is None and "WORLD_SIZE" in os.environ:
-        world_size = int(os.environ["WORLD_SIZE"])
-    rank = 0 if rank is None else int(rank)
-    world_size = 1 if world_size is None else int(world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world size {world_size}")
-    return rank, world_size
-
-
 def shard(pairs: list[Pair], rank: int, world_size: int) -> list[Pair]:
     """Round-robin share of ``pairs`` for ``rank`` (every pair goes to exactly one rank)."""
     return [p for i, p in enumerate(pairs) if i % world_size == rank]

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import time
-import zipfile
 from itertools import groupby
 from pathlib import Path
 from typing import Sequence
@@ -22,15 +21,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..anatomy import body_mask
+from ..anatomy import body_mask, sliding_region
 from ..core.geometry import Geometry
 from ..io.atomic import TMP_PREFIX, file_sha256, write_json, write_npy
 from ..io.layout import StudyDir, iter_studies
-from ..runtime import available_memory
-from .bspline import BSplineField, ControlGrid, blend_weight, dense_tensor, load_bspline, save_bspline
+from ..runtime import available_memory, local_rank, resolve_rank
+from .bspline import BSplineField, blend_weight, dense_tensor, load_bspline, save_bspline
 from .config import RegisterConfig
-from .ffd import register, sliding_region
-from .pairs import Pair, resolve_rank, shard, study_pairs
+from .ffd import register
+from .pairs import Pair, shard, study_pairs
 from .quality import quality_record
 
 log = logging.getLogger("respmotion.register")
@@ -66,7 +65,7 @@ def pair_done(pair: Pair, out: str | os.PathLike, inputs: dict[str, str] | None 
             try:
                 good = load_bspline(p)
                 break
-            except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            except ValueError as exc:
                 log.warning("%s: unreadable (%s), will redo", p, type(exc).__name__)
                 p.unlink()
     if good is None:
@@ -107,7 +106,7 @@ def _device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("--device cuda requested but torch sees no CUDA device")
         if name == "cuda" and "LOCAL_RANK" in os.environ:
-            return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+            return torch.device(f"cuda:{local_rank()}")
     elif name != "cpu":
         raise ValueError(f"device must be cpu or cuda, got {name!r}")
     return torch.device(name)
@@ -153,8 +152,8 @@ class _StudyCache:
     def sliding_mask(self, k: int) -> np.ndarray:
         """Phase ``k``'s region for the sliding blend (``cfg.ffd.sliding_region``: lung mask or thoracic cavity)."""
         if k not in self.lung:
-            self.lung[k] = sliding_region(self.image(k), self.body_mask(k), self.geometry, self.cfg.ffd,
-                                          self.cfg.lung_threshold_hu)
+            self.lung[k] = sliding_region(self.image(k), self.body_mask(k), self.geometry,
+                                          self.cfg.ffd.sliding_region, self.cfg.lung_threshold_hu)
         return self.lung[k]
 
     def blend_weight(self, k: int) -> np.ndarray:
@@ -175,20 +174,20 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
     fixed = np.stack([cache.image(p.fixed) for p in batch])
     moving = np.stack([cache.image(p.moving) for p in batch])
     body = np.stack([cache.body_mask(p.fixed) for p in batch])
-    lung = np.stack([cache.sliding_mask(p.fixed) for p in batch]) if cfg.ffd.sliding else None
+    region = np.stack([cache.sliding_mask(p.fixed) for p in batch]) if cfg.ffd.sliding else None
     weight = np.stack([cache.blend_weight(p.fixed) for p in batch]) if cfg.ffd.sliding else None
     geom = cache.geometry
     ramp = cfg.ffd.sliding_ramp_mm
     to = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-    coef, opt_log = register(to(fixed), to(moving), to(body), geom.spacing, cfg.ffd,
-                             lung=None if weight is None else to(weight))
+    field, opt_log = register(to(fixed), to(moving), to(body), geom.spacing, cfg.ffd,
+                              inside_weight=None if weight is None else to(weight))
     seconds = (time.perf_counter() - t0) / len(batch)
-    grid = ControlGrid(geom.shape, cfg.ffd.for_shape(geom.shape).stride)
+    grid = field.grid
     if cfg.write_masks:  # before the pairs: a pair on disk means its fixed phase's mask is too
         _write_masks(cache, {p.fixed for p in batch} & mask_owner, out)
     records = []
     for b, pair in enumerate(batch):
-        stored_coef = coef[b].cpu().numpy().astype(cfg.coef_dtype)
+        stored_coef = field.coef[b].cpu().numpy().astype(cfg.coef_dtype)
         u = dense_tensor(torch.as_tensor(stored_coef.astype(np.float32))[None], grid,
                          None if weight is None else torch.as_tensor(weight[b:b + 1]))[0]
         q = quality_record(torch.as_tensor(fixed[b]), torch.as_tensor(moving[b]), torch.as_tensor(body[b]), u,
@@ -201,7 +200,7 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
                               "folding_repair": opt_log["repair"]["pairs"][b] if "repair" in opt_log else None},
                 "settings": _settings_dict(cfg),
                 "inputs": (inputs or {}).get(pair) or pair_inputs(pair)}
-        stored = BSplineField(stored_coef, grid, geom, meta, None if lung is None else lung[b], ramp)
+        stored = BSplineField(stored_coef, grid, geom, meta, None if region is None else region[b], ramp)
         for path in pair.paths(out):
             save_bspline(stored, path)
         for path in pair.paths(out):

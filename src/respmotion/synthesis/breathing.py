@@ -37,7 +37,7 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,10 @@ class TraceError(ValueError):
 
 # ---------------------------------------------------------------------------- log / exp
 def _steps_for(v: torch.Tensor, spacing) -> int:
+    """Scaling-and-squaring steps for velocity ``v`` (mm): one step moves at most :data:`MAX_STEP_VOXELS`."""
     vmax = float(W.mm_to_voxels(v, spacing).abs().max()) if v.numel() else 0.0
+    if not math.isfinite(vmax):
+        raise ValueError("the scaled motion is not finite (an amplitude far beyond breathing)")
     return max(MIN_STEPS, int(math.ceil(math.log2(max(vmax, 1e-6) / MAX_STEP_VOXELS))))
 
 
@@ -248,6 +251,8 @@ def read_trace(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         text = path.read_text()
     except OSError as exc:
         raise TraceError(f"{path}: cannot read breathing trace ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path}: not a text CSV of 'time, amplitude' rows (byte {exc.start} is not UTF-8 text)") from exc
     times, amps = [], []
     seen_data = False
     for lineno, row in enumerate(csv.reader(text.splitlines()), start=1):
@@ -354,7 +359,28 @@ def _branch_velocity(branch, velocities, sigma: float) -> tuple[np.ndarray, tupl
     return (1.0 - w) * vel(seq[j]) + w * vel(seq[j + 1]), (seq[j], seq[j + 1], float(w))
 
 
-def trace_sequence(
+def check_trace(trace_csv: str | os.PathLike, inhale_positive: bool = True,
+                hysteresis: float = 0.15) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """``(time_s, amplitude, extrema)`` of a trace :func:`iter_trace_sequence` can follow: readable
+    (:func:`read_trace`) and holding at least one full breath (an inhale peak and an exhale trough,
+    :func:`find_extrema`); :class:`TraceError` naming the file otherwise.  Needs no motion: call it
+    before anything is written."""
+    path = Path(trace_csv)
+    t, amp = read_trace(path)
+    ext = find_extrema(amp if inhale_positive else -amp, hysteresis)
+    if not any(kind == "peak" for _, kind in ext) or not any(kind == "trough" for _, kind in ext):
+        raise TraceError(f"{path}: no full breath found (need an inhale peak and an exhale trough beyond "
+                         f"{hysteresis:.0%} of the amplitude range)")
+    return t, amp, ext
+
+
+def trace_sequence(fields_by_phase: Mapping[int, DisplacementField], trace_csv: str | os.PathLike,
+                   **kw: Any) -> list[tuple[float, DisplacementField]]:
+    """Every sample of :func:`iter_trace_sequence` in a list (holds one field per trace sample)."""
+    return list(iter_trace_sequence(fields_by_phase, trace_csv, **kw))
+
+
+def iter_trace_sequence(
     fields_by_phase: Mapping[int, DisplacementField],
     trace_csv: str | os.PathLike,
     velocities: Mapping[int, DisplacementField] | None = None,
@@ -362,8 +388,9 @@ def trace_sequence(
     inhale_positive: bool = True,
     hysteresis: float = 0.15,
     mask: np.ndarray | None = None,
-) -> list[tuple[float, DisplacementField]]:
-    """One field per trace sample ``[(time_s, DisplacementField)]`` following a breathing trace (module doc).
+) -> Iterator[tuple[float, DisplacementField]]:
+    """One field per trace sample ``(time_s, DisplacementField)`` following a breathing trace (module doc),
+    computed as they are taken (a long trace never holds more than one field).
 
     Args:
         fields_by_phase: phase -> pull field relative to phase 00 (any subset of phases holding
@@ -380,14 +407,10 @@ def trace_sequence(
     bracketing ``phases`` with the interpolation weight.
     """
     path = Path(trace_csv)
-    t, amp = read_trace(path)
+    t, amp, ext = check_trace(path, inhale_positive, hysteresis)
     a = amp if inhale_positive else -amp
-    ext = find_extrema(a, hysteresis)
     peaks = [i for i, kind in ext if kind == "peak"]
     troughs = [i for i, kind in ext if kind == "trough"]
-    if not peaks or not troughs:
-        raise TraceError(f"{path}: no full breath found (need an inhale peak and an exhale trough beyond "
-                         f"{hysteresis:.0%} of the amplitude range)")
     P, T = _envelope(t, peaks, a), _envelope(t, troughs, a)
     depth = P - T
     if model_depth is None:  # median depth of the half-breaths between consecutive turning points
@@ -409,7 +432,6 @@ def trace_sequence(
     kinds[: first_i + 1] = "inhale" if first_kind == "peak" else "exhale"
     for (i0, k0), (i1, _) in zip(ext, ext[1:] + [(len(t) - 1, None)]):
         kinds[i0 + 1: i1 + 1] = "exhale" if k0 == "peak" else "inhale"
-    out = []
     for i in range(len(t)):
         sigma = float(np.clip((P[i] - a[i]) / depth[i], 0.0, 1.0)) if depth[i] > 0 else 0.0
         d = float(depth[i] / model_depth)
@@ -417,5 +439,4 @@ def trace_sequence(
         f = exp_field(DisplacementField(np.asarray(v, np.float32), geom), d)
         f.meta.update({"time_s": float(t[i]), "amplitude": float(amp[i]), "branch": kinds[i], "sigma": sigma,
                        "depth": d, "phases": [k0 if k0 is not None else 0, k1 if k1 is not None else 0], "weight": w})
-        out.append((float(t[i]), f))
-    return out
+        yield float(t[i]), f

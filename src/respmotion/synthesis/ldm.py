@@ -46,16 +46,23 @@ class DiffusionMotion:
 
 def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = None, steps: int | None = None,
                 shape: tuple[int, int, int] | None = None, delta_t: int | None = None) -> DiffusionMotion:
-    """Load a trained diffusion model bundle; ``sampler`` / ``steps`` / ``delta_t`` override its default
+    """Load a trained diffusion model bundle (its ``model.pt``, a ``<step>.pt`` or the run folder: its ``model.pt``,
+    else its newest ``<step>.pt``); ``sampler`` / ``steps`` / ``delta_t`` override its default
     sampler (:func:`respmotion.diffusion.config.choose_sampler`: one-line ``ValueError`` when impossible)."""
     from ..diffusion.config import choose_sampler
     from ..diffusion.pipeline import MotionGenerator
-    from ..io.checkpoint import latest_checkpoint
+    from ..io.checkpoint import latest_checkpoint, list_checkpoints
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: model bundle not found")
-    ckpt = latest_checkpoint(p)
+    if p.is_dir() and (p / "model.pt").is_file():
+        ckpt = p / "model.pt"  # the finished run's weights
+    elif p.is_dir() and not list_checkpoints(p):
+        raise FileNotFoundError(f"{p}: not a model bundle (no model.pt and no <step>.pt checkpoint of a diffusion "
+                                "run in it)")
+    else:
+        ckpt = latest_checkpoint(p)
     gen = MotionGenerator.from_checkpoints(ckpt, device=device)
     try:
         cfg = choose_sampler(gen.default_sampler, gen.schedule.T, sampler or "", steps or 0, delta_t or 0)

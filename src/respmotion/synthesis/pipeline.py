@@ -24,8 +24,9 @@ made them on (the model grid, covering the CT's field of view): ITK's
 ``DisplacementFieldTransform`` and 3D Slicer interpolate them linearly at the CT's voxels, exactly
 as this pipeline does, so resampling the input CT with them gives phase XX.  Structures:
 ``structures/<name>_XX.nii.gz`` and ``<name>_ITV.nii.gz`` (uint8) with ``nifti``.  ``summary.json``
-in ``out`` records the motion (sampler, steps), seed, formats and per-phase field statistics
-(on the field's grid).
+in ``out`` records the motion (sampler, steps), seed, formats, per-phase field statistics (on the
+field's grid) and lung measures (:mod:`.sanity`).  Lung HU follow the motion's volume change
+(``intensity="mass"``, docs/motion.md); an input at another breathing state is re-anchored (:mod:`.anchor`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ FORMATS = ("nifti", "mha", "dicom", "nifti4d")
 DEFAULT_FORMATS = ("nifti",)
 VOLUME_SUFFIX = {"nifti": "nii.gz", "mha": "mha"}
 SLAB = 16  # native slices warped at once
+#: lung intensities: "mass" (density follows the motion's volume change, mass kept; the default) or "warp"
+INTENSITIES = ("mass", "warp")
 
 
 class MotionModel(Protocol):
@@ -94,8 +97,10 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     """``formats`` without repeats, each one of :data:`FORMATS`; a one-line ``ValueError`` otherwise."""
     out = tuple(dict.fromkeys(f.strip().lower() for f in formats if f.strip()))
     bad = [f for f in out if f not in FORMATS]
-    if bad or not out:
-        raise ValueError(f"--formats: {bad[0] if bad else 'none given'!r} is not one of {', '.join(FORMATS)}")
+    if bad:
+        raise ValueError(f"--formats: {bad[0]!r} is not one of {', '.join(FORMATS)}")
+    if not out:
+        raise ValueError(f"--formats {','.join(formats)!r}: no format given (choose from {', '.join(FORMATS)})")
     return out
 
 
@@ -111,6 +116,8 @@ class SynthesisOptions:
     formats: tuple[str, ...] = DEFAULT_FORMATS
     template: str | None = None  # DICOM folder of the input CT: the DICOM phases join its study
     slab: int = SLAB
+    intensity: str = "mass"  # INTENSITIES: lung density follows the motion (mass kept) or is only warped
+    input_phase: int | str = 0  # breathing state of the input: a phase percent or "mid" (synthesis.anchor)
 
 
 @dataclass
@@ -122,6 +129,9 @@ class SynthesisResult:
     cycles: list[dict[int, DisplacementField]] = field(default_factory=list)
     model_ct: Volume | None = None
     dicom: list[dict] = field(default_factory=list)  # DicomCycleWriter results (SeriesRef per phase)
+    anchors: list[DisplacementField] = field(default_factory=list)  # per sample, with input_phase != 0
+    reference_cycle: dict[int, DisplacementField] | None = None  # sample 0 relative to phase 00 (model grid)
+    lung: np.ndarray | None = None  # the input's lung mask (native grid) the intensities and measures used
 
 
 class NativeField:
@@ -164,12 +174,16 @@ class NativeField:
         return self.planes[:, self.lo[z0:z1]] * (1.0 - w) + self.planes[:, self.hi[z0:z1]] * w
 
 
-def warp_native(channels: torch.Tensor, f: DisplacementField, native: Geometry, slab: int = SLAB) -> np.ndarray:
+def warp_native(channels: torch.Tensor, f: DisplacementField, native: Geometry, slab: int = SLAB,
+                mass_weight: int | None = None) -> np.ndarray:
     """Pull ``channels`` ``(C, Z, Y, X)`` (float32, on ``native``) through ``f`` slab by slab.
 
     ``f`` is on ``native`` or on a grid covering its field of view (:class:`NativeField`).  Same
     values as :func:`respmotion.core.ops.warp_volume` with the field resampled to ``native``
-    (trilinear, border padding); returns ``(C, Z, Y, X)`` float32.
+    (trilinear, border padding); returns ``(C, Z, Y, X)`` float32.  ``mass_weight``: index of a
+    pulled channel (the lung occupancy) weighting :func:`respmotion.core.warp.mass_preserving_hu` on
+    channel 0 (HU), with the Jacobian determinant of the very field sampled here (the native voxels'
+    field, central differences across slab borders: the numbers of the whole volume's determinant).
     """
     nf = NativeField(f, native)
     nz, ny, nx = native.shape
@@ -182,8 +196,13 @@ def warp_native(channels: torch.Tensor, f: DisplacementField, native: Geometry, 
         vox[0] += torch.arange(z0, z1, dtype=torch.float32)[:, None, None]
         vox[1] += yy
         vox[2] += xx
-        vals = W.sample_points(channels, vox.reshape(3, -1).T)  # (N, C)
-        out[:, z0:z1] = vals.T.reshape(-1, z1 - z0, ny, nx).numpy()
+        vals = W.sample_points(channels, vox.reshape(3, -1).T).T.reshape(-1, z1 - z0, ny, nx)  # (C, z, y, x)
+        if mass_weight is not None:
+            h0, h1 = max(0, z0 - 1), min(nz, z1 + 1)  # one slice beyond the slab for the central differences
+            u = torch.from_numpy(np.ascontiguousarray(nf.slab(h0, h1)))[None]
+            det = W.jacobian_determinant(u, native.spacing, dtype=torch.float32)[0, z0 - h0:z0 - h0 + z1 - z0]
+            vals[0] = W.mass_preserving_hu(vals[0], det, vals[mass_weight])
+        out[:, z0:z1] = vals.numpy()
     return out
 
 
@@ -225,8 +244,10 @@ class CycleWriter:
             self.dicom = DicomCycleWriter(sdir / "dicom", ct.geometry, phases, template, overwrite=True)
         self.record: dict = {"dir": str(sdir), "phases": {}}
 
-    def phase(self, k: int, hu: np.ndarray, field_: DisplacementField, occupancy: Mapping[str, np.ndarray]) -> None:
-        """Phase ``k``: HU ``(z, y, x)`` float32 on the CT grid, its field (model grid), structure occupancies."""
+    def phase(self, k: int, hu: np.ndarray, field_: DisplacementField, occupancy: Mapping[str, np.ndarray],
+              lung: dict | None = None) -> None:
+        """Phase ``k``: HU ``(z, y, x)`` float32 on the CT grid, its field (model grid), structure occupancies,
+        its lung measures (:class:`respmotion.synthesis.sanity.LungRecord`)."""
         stored = hu_int16(hu)
         vol = Volume(stored, self.geometry)
         for fmt, suffix in VOLUME_SUFFIX.items():
@@ -240,6 +261,8 @@ class CycleWriter:
         if self.dicom is not None:
             self.dicom.write(k, vol)
         self.record["phases"][f"{k:02d}"] = _field_stats(field_)
+        if lung is not None:
+            self.record["phases"][f"{k:02d}"]["lung"] = lung
         if self.names:
             from ..io.rtstruct import mask_contours
 
@@ -304,9 +327,25 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
     """Generate ``opts.samples`` breathing cycles for ``ct`` (native grid) and write them to ``out``.
 
     ``structures``: name -> binary or occupancy mask ``(z, y, x)`` on the CT, carried through every
-    phase (pulled with the phase's field, :mod:`respmotion.synthesis.contours`).
+    phase (pulled with the phase's field, :mod:`respmotion.synthesis.contours`).  ``lung_mask``: the
+    input's lungs ``(z, y, x)`` (found with :func:`respmotion.anatomy.lung_mask` when not given): the
+    region whose density follows the motion (``opts.intensity == "mass"``) and that the per-phase
+    measures (:mod:`respmotion.synthesis.sanity`) are taken on.  ``opts.input_phase``: the input's
+    breathing state; the cycle is re-anchored on it (:mod:`respmotion.synthesis.anchor`).
     """
+    from .anchor import check_input_phase
+    from .sanity import LungRecord
+
     formats = check_formats(opts.formats)
+    if opts.intensity not in INTENSITIES:
+        raise ValueError(f"--intensity: {opts.intensity!r} is not one of {', '.join(INTENSITIES)}")
+    input_phase = check_input_phase(opts.input_phase)
+    if lung_mask is None:
+        from ..anatomy import lung_mask as find_lungs
+
+        lung_mask = find_lungs(ct.array)
+    if tuple(np.shape(lung_mask)) != ct.geometry.shape:
+        raise ValueError(f"lung mask shape {np.shape(lung_mask)} differs from the CT's {ct.geometry.shape}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     structures = dict(structures or {})
@@ -328,8 +367,6 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
 
         factors = [opts.amplitude] * len(cycles_model)
         if opts.excursion_mm is not None or opts.si_amplitude_mm is not None:
-            if lung_mask is None:
-                raise ValueError("--excursion-mm and --si-amplitude-mm need a lung mask of the input CT")
             model_lung = lung_mask if lung_mask.shape == tuple(model.shape) else \
                 resample_array(lung_mask.astype(np.float32), model.shape) >= 0.5
             if opts.si_amplitude_mm is None:  # --si-amplitude-mm overrides --excursion-mm
@@ -342,18 +379,32 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
         summary["amplitude_factors"] = factors
         if opts.si_amplitude_mm is not None:
             summary["si_amplitude_mm"] = opts.si_amplitude_mm
-    result = SynthesisResult(out, summary, cycles_model, model_ct)
+    result = SynthesisResult(out, summary, cycles_model, model_ct, reference_cycle=cycles_model[0], lung=lung_mask)
+    summary["input_phase"], summary["intensity"] = input_phase, opts.intensity
+    if input_phase != 0:
+        from .anchor import anchor_field, reanchor
+
+        anchors = [anchor_field(c, input_phase) for c in cycles_model]
+        result.anchors = [a for a, _ in anchors]
+        summary["reanchoring"] = [rec for _, rec in anchors]
+        result.cycles = cycles_model = [reanchor(c, a, input_phase) for c, (a, _) in zip(cycles_model, anchors)]
     t_write = time.perf_counter()
     names = list(structures)
+    lungs = LungRecord(ct, lung_mask)
+    summary["lung_input"] = lungs.input
     chans = torch.from_numpy(np.stack([ct.array.astype(np.float32)]
-                                      + [np.asarray(structures[n], dtype=np.float32) for n in names]))
+                                      + [np.asarray(structures[n], dtype=np.float32) for n in names]
+                                      + [lungs.lung, lungs.interior]))
+    il = 1 + len(names)  # channels il, il + 1: lung and lung interior occupancies
     for i, cyc in enumerate(cycles_model):
         ks = sorted(cyc)
         writer = CycleWriter(out / f"sample_{i:02d}", ct, ks, formats, names, opts.template)
         try:
             for k in ks:
-                warped = warp_native(chans, cyc[k], ct.geometry, opts.slab)
-                writer.phase(k, warped[0], cyc[k], {n: warped[1 + j] for j, n in enumerate(names)})
+                warped = warp_native(chans, cyc[k], ct.geometry, opts.slab,
+                                     mass_weight=il if opts.intensity == "mass" else None)
+                writer.phase(k, warped[0], cyc[k], {n: warped[1 + j] for j, n in enumerate(names)},
+                             lung=lungs.phase(warped[0], warped[il], warped[il + 1]))
                 del warped
             summary["samples"].append(writer.finish())
         except BaseException:

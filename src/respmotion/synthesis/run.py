@@ -37,6 +37,8 @@ class SynthesizeConfig:
     heatmap: bool = False
     fps: float = 2.0
     num_slices: int = 1
+    intensity: str = "mass"  # pipeline.INTENSITIES: lung density follows the motion ("mass") or only warped
+    input_phase: str = "0"  # breathing state of the input CT: a phase percent 0..90 or "mid" (synthesis.anchor)
 
 
 #: settings that do not change what synthesis writes besides the GIFs (left out of the folder's identity)
@@ -45,12 +47,17 @@ _NOT_IDENTITY = ("out", "device", "threads", "render", "heatmap", "fps", "num_sl
 
 def output_identity(cfg: SynthesizeConfig) -> dict:
     """What decides an output folder's content (io.ownership): every setting but :data:`_NOT_IDENTITY`,
-    input and model as absolute paths, the formats as written."""
+    input and model as absolute paths, the formats as written, the input phase and intensity checked (one-line
+    ``ValueError`` before the folder is claimed)."""
     from dataclasses import asdict
 
-    from .pipeline import check_formats
+    from .anchor import check_input_phase
+    from .pipeline import INTENSITIES, check_formats
 
     ident = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
+    ident["input_phase"] = check_input_phase(cfg.input_phase)
+    if cfg.intensity not in INTENSITIES:
+        raise ValueError(f"--intensity: {cfg.intensity!r} is not one of {', '.join(INTENSITIES)}")
     ident["formats"] = list(check_formats([*cfg.formats, *(["dicom"] if cfg.dicom else [])]))
     del ident["dicom"]
     ident["ct"] = str(Path(cfg.ct).resolve())
@@ -59,14 +66,19 @@ def output_identity(cfg: SynthesizeConfig) -> dict:
     return ident
 
 
-def load_input(path: str | Path) -> tuple[Volume, StudyDir | None, np.ndarray | None]:
-    """CT (native grid), its study folder if it is one of our layout, and a lung mask if known."""
+def load_input(path: str | Path, phase: int | str = 0) -> tuple[Volume, StudyDir | None, np.ndarray | None]:
+    """CT (native grid), its study folder if it is one of our layout, and a lung mask if known.
+
+    A study folder gives its phase ``phase`` (the input's breathing state, ``--input-phase``); ``mid`` needs a
+    CT, not a study (whose phases are 00..90)."""
     p = Path(path)
     if p.is_dir() and (p / "study.json").exists():
+        if phase == "mid":
+            raise ValueError(f"{p}: --input-phase mid needs a mid-position CT file, a study folder holds phases 00..90")
         sd = StudyDir(p)
-        ct = sd.load_phase(0)
-        ct.meta["source"] = str(sd.phase_path(0))
-        lung = sd.mask_path("lung", 0)
+        ct = sd.load_phase(int(phase))
+        ct.meta["source"] = str(sd.phase_path(int(phase)))
+        lung = sd.mask_path("lung", int(phase))
         return ct, sd, (read_npy(lung) if lung.exists() else None)
     from ..data.importer import import_ct
 
@@ -111,6 +123,8 @@ def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]
             from ..io.rtstruct import read_rtstruct
 
             found = read_rtstruct(p, ct)
+            if not found:
+                raise ValueError(f"{p}: the RTSTRUCT holds no ROI with closed contours (no structure to carry)")
             wanted = cfg.structure_names or list(found)
             missing = [n for n in wanted if n not in found]
             if missing:
@@ -125,25 +139,31 @@ def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]
 
 
 def run_synthesis(cfg: SynthesizeConfig) -> dict:
-    from .pipeline import check_formats
+    from .checks import check_trace_space
+    from .pipeline import VOLUME_SUFFIX, check_formats
+
+    from .anchor import check_input_phase
+    from .sanity import write_plot
 
     formats = check_formats([*cfg.formats, *(["dicom"] if cfg.dicom else [])])
-    ct, study, lung = load_input(cfg.ct)
+    input_phase = check_input_phase(cfg.input_phase)
+    ct, study, lung = load_input(cfg.ct, input_phase)
     model = load_motion(cfg, study)
     structures = _load_structures(cfg, ct) if cfg.structures else {}
+    if cfg.trace:
+        check_trace_space(cfg.trace, cfg.out, ct.geometry.shape, model.shape,
+                          sum(f in VOLUME_SUFFIX for f in formats) or 1)
     source = Path(ct.meta.get("source", ""))
     opts = SynthesisOptions(samples=cfg.samples, seed=cfg.seed, amplitude=cfg.amplitude, excursion_mm=cfg.excursion_mm,
                             si_amplitude_mm=cfg.si_amplitude_mm,
-                            formats=formats, template=str(source) if source.is_dir() else None)
-    if (cfg.excursion_mm is not None or cfg.si_amplitude_mm is not None) and lung is None:
-        from ..anatomy import lung_mask
-
-        lung = lung_mask(ct.array)
+                            formats=formats, template=str(source) if source.is_dir() else None,
+                            intensity=cfg.intensity, input_phase=input_phase)
     result = synthesize(ct, model, cfg.out, opts, lung_mask=lung, structures=structures)
     summary = result.summary
     out = Path(cfg.out)
+    summary["plot"] = write_plot(out, summary)
     if cfg.trace:
-        summary["trace"] = _write_trace(ct, result.cycles[0], cfg.trace, out / "trace", formats)
+        summary["trace"] = _write_trace(ct, result, cfg.trace, out / "trace", formats, cfg.intensity)
     if cfg.render:
         gifs = render_result(result, style="heatmap" if cfg.heatmap else "arrows", fps=cfg.fps,
                              structures=structures, num_slices=cfg.num_slices)
@@ -152,19 +172,33 @@ def run_synthesis(cfg: SynthesizeConfig) -> dict:
     return summary
 
 
-def _write_trace(ct: Volume, cycle: dict, trace_csv: str, tdir: Path, formats: tuple[str, ...]) -> dict:
-    """One frame per trace sample (fields from the model-grid cycle), warped and written one at a time."""
+def _write_trace(ct: Volume, result, trace_csv: str, tdir: Path, formats: tuple[str, ...], intensity: str) -> dict:
+    """One frame per trace sample (fields from the model-grid cycle), each computed, warped and written in
+    turn (memory holds one frame), with a progress bar.  The trace follows the model's cycle relative to phase
+    00 (``result.reference_cycle``); each frame is re-anchored on the input like the phases
+    (``compose(anchor, f)``, :mod:`respmotion.synthesis.anchor`) and its lungs get the phases' intensities."""
     import torch
+    from tqdm import tqdm
+
+    from ..core import warp as W
+    from ..core.types import DisplacementField
 
     from ..io.volumes import save_field, save_volume
-    from .breathing import trace_sequence
+    from .breathing import check_trace, iter_trace_sequence
     from .pipeline import VOLUME_SUFFIX, hu_int16, warp_native
 
     suffixes = [VOLUME_SUFFIX[f] for f in formats if f in VOLUME_SUFFIX] or [VOLUME_SUFFIX["nifti"]]
-    chans = torch.from_numpy(ct.array.astype(np.float32))[None]
+    chans = torch.from_numpy(np.stack([ct.array.astype(np.float32), (result.lung != 0).astype(np.float32)]))
+    anchor = result.anchors[0] if result.anchors else None
     frames = []
-    for i, (t, f) in enumerate(trace_sequence(cycle, trace_csv)):
-        frame = Volume(hu_int16(warp_native(chans, f, ct.geometry)[0]), ct.geometry)
+    samples = iter_trace_sequence(result.reference_cycle, trace_csv)
+    for i, (t, f) in enumerate(tqdm(samples, total=len(check_trace(trace_csv)[0]), desc="trace", unit="frame")):
+        if anchor is not None:
+            sp = f.geometry.spacing
+            f = DisplacementField(W.compose(W.to_tensor(anchor.array), W.to_tensor(f.array), sp)[0].numpy(),
+                                  f.geometry, f.meta)
+        frame = Volume(hu_int16(warp_native(chans, f, ct.geometry, mass_weight=1 if intensity == "mass" else None)[0]),
+                       ct.geometry)
         for suffix in suffixes:
             save_volume(frame, tdir / f"frame_{i:04d}.{suffix}")
             save_field(f, tdir / f"dvf_{i:04d}.{suffix}")

@@ -1,5 +1,5 @@
 """Autoencoder runs: config, data, motion prior and ``train_autoencoder`` (the engine task is
-:mod:`respmotion.models.autoencoder_task`, beside the model; evaluation :mod:`.autoencoder_eval`).
+:mod:`.autoencoder_task`; evaluation :mod:`.autoencoder_eval`).
 
 ``kind="image"``: CT volumes of every phase (HU -> [-1, 1]), loss :class:`~respmotion.models.losses.LPELoss`.
 ``kind="dvf"``: displacement fields of a field source (mm -> mm / 10), VAE with
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..io.layout import PHASES
 from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
-from ..models.autoencoder_task import AutoencoderTask, DVFLossConfig, ImageLossConfig
+from .autoencoder_task import AutoencoderTask, DVFLossConfig, ImageLossConfig
 from ..models.prior import JSON as PRIOR_JSON
 from ..models.prior import NPY as PRIOR_NPY
 from ..models.prior import PRIOR_MODES, MotionPrior

@@ -102,17 +102,18 @@ class RegistrationFields:
     def name(self) -> str:
         return f"reg_{self.kind}@{self.root}"
 
-    def _path(self, study: StudyDir, field_id: str) -> Path:
+    def path(self, study: StudyDir, field_id: str) -> Path:
+        """The ``.npz`` file of ``field_id`` (e.g. ``ref_40``) of ``study``."""
         return Path(self.root) / study.patient / study.study / f"{field_id}.npz"
 
     def field_ids(self, study: StudyDir) -> list[str]:
         ids = [f"{self.kind}_{p:02d}" for p in PHASES if not (self.kind == "ref" and p == 0)]
-        return [i for i in ids if self._path(study, i).exists()]
+        return [i for i in ids if self.path(study, i).exists()]
 
     def load(self, study: StudyDir, field_id: str) -> DisplacementField:
         from ..registration.bspline import dense_field
 
-        return dense_field(self._path(study, field_id))
+        return dense_field(self.path(study, field_id))
 
 
 def field_source(name: str) -> FieldSource:

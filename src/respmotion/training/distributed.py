@@ -5,12 +5,13 @@ Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything runs as r
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..runtime import local_rank, resolve_rank
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,8 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 def setup(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun; returns this process's place."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world = resolve_rank()
+    local = local_rank()
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from ..training.engine import Task, unwrap
-from ..training.splits import Split
-from .autoencoder import Autoencoder, kl_divergence
-from .losses import VIEWS, DVFLoss, LPELoss
-from .prior import MotionPrior
-
-if TYPE_CHECKING:
-    from ..training.autoencoder import AutoencoderRunConfig
+from ..models.autoencoder import Autoencoder, kl_divergence
+from ..models.losses import VIEWS, DVFLoss, LPELoss
+from ..models.prior import MotionPrior
+from .engine import Task, unwrap
+from .splits import Split
 
 log = logging.getLogger("respmotion")
 
@@ -57,11 +54,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 class AutoencoderTask(Task):
     """Engine task of the image AE / DVF VAE (loss in network units; DVF error in mm).
 
-    ``cfg``: the run config (kind, model, image_loss, dvf_loss, latent_scale_items); ``split`` and
+    ``cfg``: the run config, a :class:`respmotion.training.autoencoder.AutoencoderRunConfig` (kind, model,
+    image_loss, dvf_loss, latent_scale_items; not imported here: that module imports this one); ``split`` and
     ``prior`` (the DVF VAE's motion prior, or None) are recorded in every checkpoint's ``extra``.
     """
 
-    def __init__(self, cfg: "AutoencoderRunConfig", split: Split, prior: MotionPrior | None = None) -> None:
+    def __init__(self, cfg: Any, split: Split, prior: MotionPrior | None = None) -> None:
         self.cfg, self.split, self.prior = cfg, split, prior
         self.net = cfg.model.resolved(cfg.kind)
         self.name = f"autoencoder_{cfg.kind}"
