@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import ROOT, environment, loadavg, resolve_device, run_isolated
+from .common import ROOT, device_name, environment, loadavg, run_isolated
 
 
 @dataclass
@@ -102,7 +102,7 @@ def select(only: str | None, device: str) -> list[Bench]:
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    device = resolve_device(args.device)
+    device = device_name(args.device)
     benches = select(args.only, device)
     budget = args.budget if args.budget is not None else (360.0 if args.quick else 570.0)
     t_start = time.perf_counter()

@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from respmotion.runtime import quiet_openmp_waits
+from respmotion.runtime import quiet_openmp_waits, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet_openmp_waits()  # every benchmark imports this module before torch: OpenMP threads sleep, not spin
@@ -62,14 +62,10 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     return env
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return device
+def device_name(device: str) -> str:
+    """The device a benchmark's ``device`` setting names, as a string (``cuda:0``, ``cpu``) that the child
+    processes and the records carry; one rule for every entry point (:func:`respmotion.runtime.resolve_device`)."""
+    return str(resolve_device(device))
 
 
 # ---------------------------------------------------------------------------- timing & memory

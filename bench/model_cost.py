@@ -1,4 +1,4 @@
-"""Quality vs cost of the synthesis networks: the evidence for their default sizes (docs/synthesis_cost.md).
+"""Quality vs cost of the synthesis networks: the evidence for their default sizes (docs/synthesis.md).
 
 ``timing``: seconds per call at the model grid (50x256x256, latent 50x32x32) on the threads given,
 and parameter counts, for the DVF decoder with 0 / 1 / 2 levels left coarse

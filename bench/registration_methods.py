@@ -27,6 +27,7 @@ import torch
 
 from respmotion.anatomy import body_mask, sliding_region
 from respmotion.core.ops import resample_array
+from respmotion.data.intensity import HU_WINDOW, HUWindow
 from respmotion.registration.bspline import blend_weight
 from respmotion.registration.config import FFDSettings
 from respmotion.registration.ffd import register
@@ -76,7 +77,7 @@ def run_anchor_deepali(fixed, moving, geom) -> tuple[np.ndarray, float]:
 @dataclass(frozen=True)
 class DeepaliSettings:
     """hf-deepali FFD as its own example registers a pair (``examples/ffd`` of BioMedIA/deepali: ``params.yaml``,
-    ``pairwise.py``): intensities clamped to ``clamp_hu`` and scaled to [0, 1]; a Gaussian pyramid of ``levels``
+    ``pairwise.py``): intensities clipped to ``hu_window`` and scaled to [0, 1]; a Gaussian pyramid of ``levels``
     (downsampled along ``pyramid_dims``, grid corners aligned); a FreeFormDeformation made on the coarsest level's
     grid with control points every ``stride`` voxels (x, y, z) *of the current level* (the control grid is
     subdivided at each finer level, so its mm spacing halves); loss = ``loss`` (a ``deepali.losses`` name; image
@@ -96,7 +97,7 @@ class DeepaliSettings:
     lr: float = 1e-3
     max_steps: int = 100
     min_delta: float = 0.0
-    clamp_hu: tuple[float, float] = (-1000.0, 1000.0)
+    hu_window: HUWindow = HU_WINDOW
 
 
 def _converged(values: list[float], min_delta: float) -> bool:
@@ -121,7 +122,7 @@ def run_deepali(fixed, moving, geom, device, settings: DeepaliSettings | None = 
     s = settings or DeepaliSettings()
     t0 = time.perf_counter()
     grid = Grid(size=geom.shape[::-1], spacing=geom.spacing[::-1], align_corners=True)
-    lo, hi = s.clamp_hu
+    lo, hi = s.hu_window
 
     def image(a):
         a = (np.clip(a, lo, hi) - lo) / (hi - lo)

@@ -101,8 +101,10 @@ def run(device: str | torch.device = "cpu", checkpoint: str | None = None, quick
     sched = NoiseSchedule(cfg.schedule)
     cycle_phases = list(range(10, 100, 10)) if cfg.target == "ref" else list(range(0, 100, 10))
     raw = torch.randn((cfg.unet.image_channels, *latent_zyx), generator=torch.Generator().manual_seed(1)).to(dev)
+    # mid-range lung features (gas ml, mean and p90 column height mm): the timing does not depend on them
+    features = torch.tensor([[2500.0, 120.0, 180.0]]) if model.anatomy is not None else None
     with torch.no_grad():  # the UNet's image input is the model's conditioning of the image latent
-        img = model.image_condition(raw)
+        img = model.condition(raw[None], features)[0]
     out: dict = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu",
                  "torch_threads": torch.get_num_threads(), "latent_dvf": [cfg.unet.dvf_channels, *latent_zyx],
                  "latent_image": [cfg.unet.image_channels, *latent_zyx], "unet_channels": list(cfg.unet.channels),

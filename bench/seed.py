@@ -13,7 +13,7 @@ evaluations + decode the DVF + convert/compose/warp.
   takes hours, so the figures are composed from measured pieces (``"method": "composed"``):
   ``9 x (encode + steps x UNet evaluation + sampler arithmetic + decode + post-processing)``, each
   piece timed once at batch 1 (UNet: best of 2 after a warm-up).
-* ``field_difference``: the step field 00 -> 10 % (mm, inside the body, CT > -500 HU) that the two
+* ``field_difference``: the step field 00 -> 10 % (mm, inside the body: CT above the body threshold, -500 HU) that the two
   samplers give from the same initial noise; on CUDA also the whole composed cycle.  With random
   weights this is solver discrepancy on an untrained network (latents far from any motion), not a
   quality figure; give ``--weights`` for real ones.  On CPU it costs ~220 UNet evaluations (about
@@ -86,6 +86,7 @@ def run(device: str = "cpu", quick: bool = False, weights: str | None = None, di
     """The JSON record (module docstring); ``shape`` other than the default is for smoke tests,
     ``quick`` is accepted for ``python -m bench``'s common interface."""
     from bench.common import environment, phantom_cycle
+    from respmotion.anatomy import BODY_THRESHOLD_HU
     from respmotion.core import warp as W
     from respmotion.core.types import Volume
     from respmotion.diffusion.schedulers import run_sampler
@@ -109,7 +110,7 @@ def run(device: str = "cpu", quick: bool = False, weights: str | None = None, di
                      (("image_ae", m.image_autoencoder), ("dvf_vae", m.dvf_autoencoder), ("unet", m.unet))},
         "method": "measured" if cuda else "composed", "samplers": {}, "env": environment(device)}
     img = model_input(ct, ref.shape).to(device)
-    body = (img[0, 0] > float(normalize_hu(np.float32(-500.0)))).cpu().numpy()  # on the model grid
+    body = (img[0, 0] > float(normalize_hu(np.float32(BODY_THRESHOLD_HU)))).cpu().numpy()  # on the model grid
     gen = torch.Generator(device=device).manual_seed(0)
     z_img = m.image_encoder(img)
     x_T = torch.randn((1, m.unet_args.out_channels, *z_img.shape[2:]), generator=gen, device=device)

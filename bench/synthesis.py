@@ -7,7 +7,7 @@ volumes and ITK fields and the summary (GIFs are timed by ``bench.render``).
 
 ``ldm``: the same with an **untrained default-size** latent diffusion bundle built in memory
 (image AE + DVF VAE + phase-conditioned UNet at their default configs, the DVF decoder with
-``--dvf-coarse-levels`` (3, the model-grid choice of docs/synthesis_cost.md),
+``--dvf-coarse-levels`` (3, the model-grid choice of docs/synthesis.md),
 :class:`respmotion.diffusion.pipeline.MotionGenerator`) and the fast sampler (DPM-Solver++(2M),
 the default steps): the CT read from a NIfTI file, encoded, 9 phases sampled from one draw, 9
 fields decoded, then the same warping and export; ``seconds`` runs from reading the CT file to the
@@ -56,7 +56,7 @@ class GeneratorMotion:
         from respmotion.io.layout import PHASES
 
         t0 = time.perf_counter()
-        img = self.gen.encode_image(torch.from_numpy(ct.array))
+        img = self.gen.encode_image(torch.from_numpy(ct.array), ct.geometry.spacing)
         t1 = time.perf_counter()
         lat = self.gen.sample_latents(img, PHASES[1:], self.sampler, seed, samples)
         t2 = time.perf_counter()
@@ -71,7 +71,7 @@ class GeneratorMotion:
                 for s in range(f.shape[0])]
 
 
-#: the DVF decoder's coarse levels at the model grid (docs/synthesis_cost.md; the library default counts
+#: the DVF decoder's coarse levels at the model grid (docs/synthesis.md; the library default counts
 #: voxels and stays at full resolution for the small demo and CI grids)
 DVF_COARSE_LEVELS = 3
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="output formats (comma-separated; synthesize's default is nifti alone)")
     p.add_argument("--bundle", default="", help="ldm: a trained bundle instead of the untrained default-size one")
     p.add_argument("--dvf-coarse-levels", type=int, default=DVF_COARSE_LEVELS,
-                   help="ldm: the untrained DVF decoder's coarse levels (0 = full resolution, as before issue 23)")
+                   help="ldm: the untrained DVF decoder's coarse levels (0 = full resolution)")
     p.add_argument("--shape", default="50x256x256", help="grid z x y x x (a trained bundle's own grid)")
     a = p.parse_args(argv)
     phases = tuple(int(k) for k in a.reference_phases.split(",") if k)

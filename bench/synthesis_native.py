@@ -132,13 +132,13 @@ def run(device: str = "cpu", motion: str = "fixed", threads: int = 0, keep: str 
         raise ValueError(f"motion must be fixed or demo, got {motion!r}")
     structures = {"GTV": gtv(ct)}
     setup_s = time.perf_counter() - t0
-    opts = SynthesisOptions(samples=1, seed=0, formats=FORMATS, template=template)
+    opts = SynthesisOptions(samples=1, seed=0, formats=FORMATS)
     with tempfile.TemporaryDirectory(prefix="respmotion-bench-native-", dir=keep or None) as tmp:
         out = Path(tmp) / "synthesis"
         with cpu_hogs(hog), PeakRSS() as mem:
             load_before = loadavg()
             t1 = time.perf_counter()
-            res = synthesize(ct, model, out, opts, structures=structures)
+            res = synthesize(ct, model, out, opts, structures=structures, template=template)
             seconds = time.perf_counter() - t1
             load_after = loadavg()
         files = [p for p in out.rglob("*") if p.is_file()]

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.common import PeakRSS, cuda_peak_mb, environment, reset_cuda_peak, resolve_device, timed
+from bench.common import PeakRSS, cuda_peak_mb, device_name, environment, reset_cuda_peak, timed
 
 FULL_SHAPE = (50, 256, 256)
 QUICK_SHAPE = (50, 128, 128)
@@ -125,7 +125,7 @@ def run(device: str = "cpu", quick: bool = False, shape: Sequence[int] | None = 
     on ``device``; returns a JSON-ready record.
     ``quick_on_cpu``: the quick shape on CPU only (``python -m bench`` uses it: the two full-shape CPU steps
     take longer than its 10-minute budget; run ``python -m bench.train_step`` for them)."""
-    device = resolve_device(device)
+    device = device_name(device)
     cuda = device.startswith("cuda")
     quick = quick or (quick_on_cpu and not cuda)
     shape = tuple(shape) if shape else (QUICK_SHAPE if quick else FULL_SHAPE)

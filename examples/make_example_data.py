@@ -37,7 +37,8 @@ def main() -> None:
     if (out / "ct").exists():
         shutil.rmtree(out / "ct")
     write_dicom_4dct({0: ct}, out / "ct", description="respmotion phantom example")
-    centre_lps, radius = ph.nodules[0][0][::-1], max(ph.nodules[0][1], 10.0)  # at least 10 mm: visible at 5.6 mm voxels
+    centre, r = ph.anatomy.nodules[0]  # the first nodule: the GTV stand-in
+    centre_lps, radius = centre[::-1], max(r, 10.0)  # at least 10 mm: visible at 5.6 mm voxels
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in g.shape], indexing="ij"), -1).reshape(-1, 3)
     dist = np.linalg.norm(g.index_to_world(idx.astype(float)) - centre_lps, axis=1).reshape(g.shape)
     gtv = (dist <= radius).astype(np.uint8)

@@ -6,8 +6,8 @@ half-written (no partial outputs, no ``.tmp-*`` files).  tqdm progress bars are 
 (they are progress, not messages; a terminal overwrites them).
 
 Cases: corrupt DICOM, missing phase, NaN voxels, wrong shape/ndim, empty folder, unreadable
-checkpoint, checkpoint of another model kind, config with unknown keys; and issue 20's catalogue
-(below its banner): no write permission, ``--out`` an existing file, disk full (ENOSPC raised
+checkpoint, checkpoint of another model kind, config with unknown keys; and hostile inputs
+(below their banner): no write permission, ``--out`` an existing file, disk full (ENOSPC raised
 in process), zero-byte and misfit checkpoints, sizes 0 or too large for the memory, truncated
 registration files, tilted-gantry / skewed / UID-sharing DICOM, negative config values, partial
 latent inputs, folders written by two runs (owner manifest and lock), overrides after flags.  Commands run in
@@ -382,7 +382,7 @@ def test_unknown_override_key(cli, tmp_path):
     check(cli, Case(["phantom", "--out", out, "patiens=2"], "patiens", r"unknown config key", [out]))
 
 
-# ============================================================================ issue 20: hostile inputs
+# ============================================================================ hostile inputs
 # Each case of the issue's catalogue (tracebacks, silent accepts, mixed outputs, weak messages, small
 # defects) through the CLI in process: one line naming the file and the problem, exit code 2, and
 # nothing already written changed (``tree`` compares file bytes before and after).
@@ -392,7 +392,7 @@ REG_YAML = ("pairs: ref\nthreads: 1\nbatch_size: 0\nffd:\n  stride: [2.0, 8.0, 8
 TRAIN_OVERRIDES = ["model.base_channels=8", "model.norm_groups=4", "model.channel_mults=[1,2]", "model.dropout=0.0",
                    "image_loss.views=[axial]", "train.num_workers=0", "train.val_every=0", "train.image_every=0",
                    "train.log_every=1", "train.warmup_steps=0", "train.batch_size=1", "data.phases=[0]",
-                   "data.split_ratios=[1.0,0.0,0.0]"]
+                   "data.patient_split.ratios=[1.0,0.0,0.0]"]
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -88,7 +88,7 @@ def test_registration_candidates_file_builds_every_candidate():
         assert table and all(isinstance(s, cls) for s in table.values())
     ours = load_candidates("ours")
     assert ours["default"] == FFDSettings()
-    assert ours["before_texture"].bending_texture == () and ours["before_texture"].texture_lung_hu is None
+    assert ours["before_texture"].bending_texture == () and ours["before_texture"].texture_air_hu is None
     for s in ours.values():
         s.check()
 

@@ -51,3 +51,32 @@ def test_saved_config_reloads(tmp_path):
     p = save_config(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load(p.read_text())["inner"]["lr"] == 0.25
     assert load_config(Outer, p) == cfg
+
+
+def test_configs_saved_under_older_names_still_load(tmp_path):
+    """Renamed settings (a class's ``RENAMED``) are read under today's names, in nested sections too, from a file
+    and from ``key=value``; a flag given under today's name still wins over the file."""
+    from respmotion.registration.config import RegisterConfig
+    from respmotion.synthesis.run import SynthesizeConfig
+    from respmotion.training.autoencoder import AutoencoderRunConfig
+
+    f = tmp_path / "old.yaml"
+    f.write_text(yaml.safe_dump({"ffd": {"clip_hu": [-900, 900], "texture_lung_hu": None}}))
+    cfg = load_config(RegisterConfig, f)
+    assert cfg.ffd.hu_window == (-900.0, 900.0) and cfg.ffd.texture_air_hu is None
+    f.write_text(yaml.safe_dump({"samples": 3, "seed": 5, "formats": ["mha"], "sampler": "", "steps": 0}))
+    s = load_config(SynthesizeConfig, f, {"options.seed": 7})
+    assert (s.options.samples, s.options.seed, s.options.formats, s.sampler, s.steps) == (3, 7, ("mha",), None, None)
+    a = load_config(AutoencoderRunConfig, None, overrides=["data.split_seed=9"])
+    assert a.data.patient_split.seed == 9
+
+
+def test_synthesis_options_are_checked_once_when_made():
+    from respmotion.synthesis.pipeline import SynthesisOptions
+    from respmotion.synthesis.run import SynthesizeConfig
+
+    o = SynthesisOptions(formats=["NIfTI", "mha", "nifti"], input_phase="50")
+    assert o.formats == ("nifti", "mha") and o.input_phase == 50
+    assert SynthesizeConfig(dicom=True).options.formats == ("nifti", "dicom")
+    with pytest.raises(ValueError, match="--intensity"):
+        SynthesisOptions(intensity="density")

@@ -131,7 +131,7 @@ def test_kill_training_and_resume(tmp_path):
                     "--device", "cpu", f"train.steps={steps}", "train.batch_size=1", "train.grad_accum=1",
                     "train.ckpt_every=1", "train.keep_checkpoints=0", "train.val_every=0", "train.image_every=0",
                     "train.num_workers=0", "train.warmup_steps=1", "train.log_every=1", "data.phases=[0,50]",
-                    "data.split_ratios=[0.5,0.5,0.0]", "model.base_channels=8", "model.channel_mults=[1,2]",
+                    "data.patient_split.ratios=[0.5,0.5,0.0]", "model.base_channels=8", "model.channel_mults=[1,2]",
                     "model.norm_groups=4", "latent_scale_items=2", "image_loss.ssim_weight=0",
                     "image_loss.l1_weight=1")
     rng = random.Random(8)

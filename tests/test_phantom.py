@@ -189,7 +189,8 @@ def test_peak_phase_varies_across_seeds_within_the_stated_range():
     # the lung's superior motion is largest at the patient's own end-exhale phase (1 % steps)
     pct = np.arange(40.0, 71.0, 1.0)
     for ph in (make_patient(s, (8, 32, 32)) for s in (int(np.argmin(peaks)), int(np.argmax(peaks)))):
-        pts = np.array([c for c, kind in zip(ph.landmarks_ref, ph.landmark_kind) if kind == "lung_parenchyma"])
+        a = ph.anatomy
+        pts = np.array([c for c, kind in zip(a.landmarks_ref, a.landmark_kind) if kind == "lung_parenchyma"])
         up = [float((ph.move_points(k, pts)[:, 0] - pts[:, 0]).mean()) for k in pct]
         assert abs(pct[int(np.argmax(up))] - 100.0 * ph.curve.peak) <= 1.0, (ph.curve.peak, pct[int(np.argmax(up))])
 
@@ -199,7 +200,7 @@ def test_ap_lr_lag_si_a_bounded_loop():
     AP/LR motion lags on exhale and leads on inhale, so a tissue point's path is a loop, not retraced (< 3 mm)."""
     ph = make_patient(0, (16, 64, 64))
     assert ph.curve.eta < 0
-    ref = np.array(ph.landmarks_ref)
+    ref = np.array(ph.anatomy.landmarks_ref)
     back = float(ph.curve.same_si_state(30.0))
     assert 60.0 < back < 80.0 and ph.states(30)[0] == pytest.approx(ph.states(back)[0], abs=1e-12)
     p_ex, p_in = ph.move_points(30, ref), ph.move_points(back, ref)
@@ -236,14 +237,14 @@ def test_population_phase_curve_gives_every_patient_the_reference_curve(tmp_path
 def test_chest_wall_landmarks_lie_in_tissue_outside_the_cavity():
     """Chest-wall landmarks sit between the cavity and the skin (at least SKIN_DEPTH_MM under it, never in air),
     and enough of them lie far enough from the sliding interface to be kept."""
-    from respmotion.data.phantom import SKIN_DEPTH_MM
+    from respmotion.data.phantom import SKIN_DEPTH_MM, landmark_table
 
     kept = 0
     for seed in (0, 1, 2):
         ph = make_patient(seed, (16, 128, 128))  # in-plane spacing sets the margin: 13.6 mm here, 19.2 at 64x64
-        ref = np.array([c for c, k in zip(ph.landmarks_ref, ph.landmark_kind) if k == "chest_wall"])
+        ref = np.array([c for c, k in zip(ph.anatomy.landmarks_ref, ph.anatomy.landmark_kind) if k == "chest_wall"])
         depth = (1.0 - np.hypot(ref[:, 2] / ph.p.body_ax, ref[:, 1] / ph.p.body_ay)) * min(ph.p.body_ax, ph.p.body_ay)
         assert len(ref) == 16 and depth.min() >= SKIN_DEPTH_MM - 1e-6, depth.min()
-        assert ph.sliding_distance(ref[:, 1], ref[:, 2]).min() > 0  # outside the cavity: the chest wall's field
-        kept += ph.landmarks()["kind"].count("chest_wall")
+        assert ph.p.sliding_distance(ref[:, 1], ref[:, 2]).min() > 0  # outside the cavity: the chest wall's field
+        kept += landmark_table(ph)["kind"].count("chest_wall")
     assert kept >= 10, kept

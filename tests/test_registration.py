@@ -20,15 +20,15 @@ from scipy import ndimage
 from respmotion.core import DisplacementField, Geometry, Volume
 from respmotion.core import warp as W
 from respmotion.io.layout import PHASES, StudyDir
-from respmotion.registration.bspline import (Basis, BSplineField, ControlGrid, bending_energy, bending_energy_knots,
-                                             blend_weight, dense_field, dense_tensor, jacobian_determinant, jacobian_knots, load_bspline,
-                                             save_bspline)
+from respmotion.registration.bspline import (Basis, BSplineField, ControlGrid, bending_energy, blend_weight, dense_field,
+                                             dense_tensor, jacobian_determinant, load_bspline, save_bspline)
 from respmotion.registration.config import FFDSettings
 from respmotion.registration.ffd import register
 from respmotion.registration.folding import repair_folding
 from respmotion.registration.level import Level
 from respmotion.anatomy import body_mask, lung_mask
 from respmotion.registration.pairs import study_pairs
+from respmotion.registration.regulariser import bending_energy_knots, jacobian_knots
 
 SPACING = (3.0, 1.4, 1.4)
 FAST = FFDSettings(stride=(2.0, 4.0, 4.0), levels=((2, 2, 2), (1, 1, 1)), iterations=(60, 40), lr_mm=(0.5, 0.2),
@@ -285,7 +285,7 @@ def test_folding_repair_removes_every_fold_and_keeps_good_pairs():
 def test_knot_regulariser_value_and_gradient_match_autograd():
     """The hand-written backward of knot_regulariser equals autograd through bending_energy_knots and
     jacobian_knots (control points large enough that the Jacobian hinge is active)."""
-    from respmotion.registration.bspline import knot_regulariser
+    from respmotion.registration.regulariser import knot_regulariser
 
     grid = ControlGrid((12, 30, 26), (3.0, 6.0, 5.0))
     c = (torch.as_tensor(np.random.default_rng(4).normal(size=(3, 3, *grid.shape))) * 8.0).requires_grad_(True)
@@ -302,7 +302,7 @@ def test_knot_regulariser_value_and_gradient_match_autograd():
 
 def test_knot_regulariser_per_knot_bending_weight_matches_autograd():
     """A tensor bending weight weighs each interior knot's bending energy (value and hand-written gradient)."""
-    from respmotion.registration.bspline import _SECOND, knot_derivatives, knot_regulariser
+    from respmotion.registration.regulariser import _SECOND, knot_derivatives, knot_regulariser
 
     grid = ControlGrid((12, 30, 26), (3.0, 6.0, 5.0))
     rng = np.random.default_rng(5)
@@ -323,7 +323,7 @@ def test_knot_regulariser_per_knot_bending_weight_matches_autograd():
 
 
 def test_texture_poverty_is_one_in_flat_tissue_and_zero_in_texture():
-    """Knots in a flat region get 1, knots in textured body tissue 0; with lung_hu, flat lung-density knots 0."""
+    """Knots in a flat region get 1, knots in textured body tissue 0; with air_hu, flat lung-density knots 0."""
     from respmotion.registration.texture import texture_poverty
 
     grid = ControlGrid((16, 48, 48), (2.0, 6.0, 6.0))
@@ -336,12 +336,12 @@ def test_texture_poverty_is_one_in_flat_tissue_and_zero_in_texture():
     x = torch.as_tensor(grid.positions(2)[1:-1])
     assert float(w[..., x <= 12].max()) == 0.0
     torch.testing.assert_close(w[..., x >= 36], torch.ones_like(w[..., x >= 36]))
-    # the flat half at lung density: excepted with lung_hu, as flat as before without it
+    # the flat half at lung density: excepted with air_hu, as flat as before without it
     lung = img.clone()
     lung[..., 24:] = -850.0
     far = texture_poverty(lung, body, grid, SPACING)[..., x >= 36]
     torch.testing.assert_close(far, torch.ones_like(far))
-    assert float(texture_poverty(lung, body, grid, SPACING, lung_hu=-500.0)[..., x >= 36].max()) == 0.0
+    assert float(texture_poverty(lung, body, grid, SPACING, air_hu=-500.0)[..., x >= 36].max()) == 0.0
 
 
 def test_ncc_with_precomputed_fixed_statistics_matches_weighted_ncc():

@@ -293,7 +293,8 @@ def test_synthesize_cli_with_seed_model(tmp_path, tiny):
 def test_synthesize_cli_bad_seed_dir(tmp_path, capsys):
     from respmotion.io.volumes import save_volume
 
-    ct = Volume(np.zeros((4, 8, 8), np.float32), Geometry((4, 8, 8), (3.0, 1.0, 1.0)))
+    hu = np.random.default_rng(0).uniform(-1000, 200, (4, 8, 8)).astype(np.float32)  # a CT, so only --model is wrong
+    ct = Volume(hu, Geometry((4, 8, 8), (3.0, 1.0, 1.0)))
     save_volume(ct, tmp_path / "ct.nii.gz")
     rc = main(["synthesize", str(tmp_path / "ct.nii.gz"), "--model", f"seed:{tmp_path / 'nope'}", "--out",
                str(tmp_path / "o"), "--no-render"])

@@ -240,8 +240,8 @@ def test_dicom_phases_join_the_input_study(tmp_path):
     gtv = np.zeros(ct.geometry.shape, np.uint8)
     gtv[2:6, 8:16, 6:14] = 1
     out = tmp_path / "s"
-    synthesize(ct, FixedMotion(fields, (4, 12, 10)), out, SynthesisOptions(formats=("dicom",), template=str(folder)),
-               structures={"GTV": gtv})
+    synthesize(ct, FixedMotion(fields, (4, 12, 10)), out, SynthesisOptions(formats=("dicom",)),
+               structures={"GTV": gtv}, template=str(folder))
     d = out / "sample_00" / "dicom"
     assert not list(out.glob("sample_00/*.nii.gz"))  # only the formats asked for
     for k in range(0, 100, 10):

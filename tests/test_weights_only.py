@@ -112,7 +112,7 @@ def trained_run(tmp_path_factory):
     cfg = AutoencoderRunConfig(kind="image")
     cfg.data.root = str(root / "cohort")
     cfg.data.phases = [0, 50]
-    cfg.data.split_ratios = (0.67, 0.33, 0.0)
+    cfg.data.patient_split.ratios = (0.67, 0.33, 0.0)
     cfg.model.base_channels = 8
     cfg.model.channel_mults = (1, 2)
     cfg.model.norm_groups = 4

@@ -5,6 +5,10 @@ overrides (dotted keys reach nested sections, e.g. ``train.steps=100``).  Unknow
 error naming the key and the file; so are sizes in ``*shape`` settings below 1, and whatever a
 config class's ``__post_init__`` refuses (``ValueError``), prefixed with the file or "command line".  :func:`save_config` writes the resolved config beside
 every output.
+
+Renamed settings: a config class lists the keys older versions saved under another name in a class
+attribute ``RENAMED: ClassVar[dict[str, str]]`` (old key -> today's dotted key within that class);
+:func:`upgrade_keys` moves them, so a saved config of an older version still loads.
 """
 
 from __future__ import annotations
@@ -97,11 +101,26 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", source: str 
         except (TypeError, ValueError) as exc:  # a config class's own __post_init__ validation
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"{prefix}{exc}" if prefix and not str(exc).startswith(prefix) else str(exc)) from None
+            named = str(exc).startswith((prefix, "--"))  # names its key, or the command-line flag the user typed
+            raise ConfigError(f"{prefix}{exc}" if prefix and not named else str(exc)) from None
     except ConfigError as exc:
         if source and not str(exc).startswith(f"{source}: "):
             raise ConfigError(f"{source}: {exc}") from None  # nested sections: name the file too
         raise
+
+
+def upgrade_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a mapping for ``cls``) with every key of ``cls.RENAMED`` and of its nested sections' classes
+    moved to today's name (an old key given beside today's replaces it)."""
+    out = dict(data)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in out:
+            _set_dotted(out, new, out.pop(old))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(out.get(f.name), dict):
+            out[f.name] = upgrade_keys(hints[f.name], out[f.name])
+    return out
 
 
 def _check_shape(key: str, value: Any) -> None:
@@ -182,11 +201,12 @@ def load_config(
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
 ) -> T:
-    """Resolve a config: defaults < file < flags (dotted keys, None ignored) < overrides."""
+    """Resolve a config: defaults < file < flags (dotted keys, None ignored) < overrides; renamed keys
+    of the file and the overrides are read under today's names (:func:`upgrade_keys`)."""
     data = to_dict(cls())
     source = ""
     if file:
-        data = _merge(data, read_config_file(file))
+        data = _merge(data, upgrade_keys(cls, read_config_file(file)))
         source = str(file)
     # validate file keys before merging the rest so errors name the file
     from_dict(cls, data, source=source)
@@ -195,7 +215,7 @@ def load_config(
             sub: dict[str, Any] = {}
             _set_dotted(sub, k, v)
             data = _merge(data, sub)
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(data, upgrade_keys(cls, parse_overrides(overrides or [])))
     return from_dict(cls, data, source=source or "command line")
 
 

@@ -24,10 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .config import load_config, save_config
 from .registration.config import FFDSettings
+from .runtime import use_threads
 
 log = logging.getLogger("respmotion")
 
@@ -38,7 +37,7 @@ class DemoConfig:
     patients: int = 48  # 38 train / 5 val / 5 held out (docs/demo.md: why not fewer)
     seed: int = 0
     shape: tuple[int, int, int] = (16, 64, 64)
-    threads: int = 2
+    threads: int = 2  # torch threads (0: every CPU this process may use)
     device: str = "cpu"
     # registration settings for the demo's coarse grid (the defaults suit 50x256x256): control points every
     # 1 x 3 x 3 voxels (9.4 x 16.9 x 16.9 mm, near the default's 9 x 11.2 x 11.2 mm), two levels (a third would
@@ -48,17 +47,19 @@ class DemoConfig:
         stride=(1.0, 3.0, 3.0), levels=((2, 2, 2), (1, 1, 1)), iterations=(60, 40), lr_mm=(2.0, 1.0),
         subsample=((1, 1, 1), (1, 1, 1))))
     ae_steps: int = 100
-    dvf_steps: int = 300
+    dvf_steps: int = 600  # its reconstruction error is the floor of the generated motion (docs/demo.md)
     diffusion_steps: int = 250
     train_fields: str = "gt"  # gt: phantom's exact motion; registration: the registration stage's fields
-    motion_prior: str = "mean"  # DVF VAE codes u - (training patients' mean field); "none" = the full field
+    motion_prior: str = "scaled"  # DVF VAE codes (u - training patients' mean field) / phase scale (models.prior)
     image_condition: str = "both"  # diffusion conditioning on the image latent (see diffusion.model.ImageCondition)
     ae_channels: int = 8
     dvf_coarse_levels: int = 0  # full-resolution DVF decoder (1 level coarser lost to the population mean here: docs/demo.md)
     unet_channels: tuple[int, int, int] = (16, 32, 32)
     sampler: str = "dpmpp2m"
     sampling_steps: int = 20
-    samples: int = 2
+    samples: int = 2  # cycles synthesized for the example patient
+    eval_samples: int = 8  # cycles per held-out patient in the evaluation (K-sample mean, energy score, spread)
+    anatomy_condition: bool = True  # diffusion also conditioned on the CT's lung features (docs/diffusion.md)
     extra: dict = field(default_factory=dict)  # free-form notes kept with the resolved config
 
 
@@ -75,9 +76,10 @@ def _autoencoder_config(cfg: DemoConfig, kind: str, steps: int, data: Path, fiel
     """The run config of the demo's image autoencoder or DVF VAE (small network, split seed = demo seed)."""
     from .models.autoencoder import AutoencoderNetConfig
     from .training.autoencoder import AEDataConfig, AutoencoderRunConfig
+    from .training.splits import SplitSettings
 
     return AutoencoderRunConfig(
-        kind=kind, data=AEDataConfig(root=str(data), field_source=fields, split_seed=cfg.seed,
+        kind=kind, data=AEDataConfig(root=str(data), field_source=fields, patient_split=SplitSettings(seed=cfg.seed),
                                      motion_prior=cfg.motion_prior),
         model=AutoencoderNetConfig(base_channels=cfg.ae_channels, norm_groups=8, dropout=0.0,
                                    coarse_levels=cfg.dvf_coarse_levels if kind == "dvf" else None),
@@ -92,7 +94,8 @@ def _diffusion_config(cfg: DemoConfig, latents: Path, run_dir: Path):
     unet = UNetConfig(channels=tuple(cfg.unet_channels), attention_levels=(False,) * len(cfg.unet_channels),
                       norm_num_groups=8, num_head_channels=8, num_res_blocks=1)
     return DiffusionRunConfig(
-        model=DiffusionModelConfig(unet=unet, image_condition=cfg.image_condition),
+        model=DiffusionModelConfig(unet=unet, image_condition=cfg.image_condition,
+                                   anatomy_condition=cfg.anatomy_condition),
         data=DiffusionDataConfig(latents=str(latents)), ema_decay=0.99,
         sampler=SamplerConfig(name=cfg.sampler, steps=cfg.sampling_steps), run_dir=str(run_dir),
         train=_train_config(cfg.diffusion_steps, 2e-3, 8, cfg.device))
@@ -116,6 +119,19 @@ def _registration_error(studies, reg: Path) -> dict:
             per.setdefault(f"{k:02d}", []).append(float(err))
     means = {k: float(np.mean(v)) for k, v in sorted(per.items())}
     return {"per_phase": means, "mean": float(np.mean(list(means.values()))) if means else float("nan")}
+
+
+def _generator_table(report: dict) -> dict[str, dict[str, float]]:
+    """Per-phase rows of the printed summary (mm, mean over the held-out patients): the model's single sample,
+    K-sample mean, energy score and spread, the population-mean field and no motion."""
+    gen = report.get("generator") or {}
+    dvf = report.get("dvf_error_per_phase") or {}
+    rows = {"model, one sample": gen.get("single_sample_error") or dvf.get("model"),
+            "model, mean of K samples": gen.get("mean_error"), "model, energy score": gen.get("energy_score"),
+            "model, spread of samples": gen.get("spread"), "population-mean field": dvf.get("population_mean"),
+            "no motion": dvf.get("zero")}
+    return {name: {k: round(float(v), 3) for k, v in sorted(row.items(), key=lambda kv: int(kv[0])) if k != "00"}
+            for name, row in rows.items() if row}
 
 
 STAGE_OUTPUTS = ("data", "registration", "runs", "latents", "synthesis", "evaluation", "demo_summary.json")
@@ -149,6 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .registration.config import RegisterConfig
     from .registration.pipeline import run_registration
     from .synthesis.ldm import load_bundle
+    from .synthesis.pipeline import SynthesisOptions
     from .synthesis.run import SynthesizeConfig, run_synthesis
     from .training.autoencoder import train_autoencoder
     from .training.splits import SPLIT_RATIOS, Split, split_cohort
@@ -157,7 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise ValueError(f"the demo needs at least 3 patients (train, validation, held-out), got {cfg.patients}")
     if cfg.train_fields not in ("gt", "registration"):
         raise ValueError(f"train_fields must be gt or registration, got {cfg.train_fields!r}")
-    torch.set_num_threads(max(1, cfg.threads))
+    use_threads(cfg.threads)
     out = Path(cfg.out)
     prepare_out(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,8 +233,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     stage("synthesis")
     syn = out / "synthesis"
-    scfg = SynthesizeConfig(ct=str(test[0].path), out=str(syn), model=bundle, samples=cfg.samples, seed=cfg.seed,
-                            device=cfg.device, heatmap=False, fps=2.0)
+    scfg = SynthesizeConfig(ct=str(test[0].path), out=str(syn), model=bundle, device=cfg.device, heatmap=False,
+                            fps=2.0, options=SynthesisOptions(samples=cfg.samples, seed=cfg.seed))
     summary = run_synthesis(scfg)
     save_config(scfg, syn / "config.yaml")
     done("synthesis")
@@ -225,7 +242,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage("evaluation")
     model = load_bundle(bundle, device=cfg.device, shape=tuple(cfg.shape))
     ev = out / "evaluation"
-    report = run_evaluation(test, model, train, ev, samples=1, seed=cfg.seed, title="respmotion demo (held-out phantom)")
+    report = run_evaluation(test, model, train, ev, samples=cfg.eval_samples, seed=cfg.seed,
+                            title="respmotion demo (held-out phantom)")
     done("evaluation")
 
     result = {
@@ -236,6 +254,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "held_out": [s.key for s in test],
         "train_fields": fields,
         "headline": report["headline"],
+        "generator_per_phase": _generator_table(report),
         "registration_error_mm": _registration_error(test, reg),
         "seconds": times,
     }

@@ -1,4 +1,5 @@
-"""Process set-up shared by every entry point: CPU threads that fit the CPUs this process may use.
+"""Process set-up shared by every entry point: the device and the CPU threads of every config's ``device`` /
+``threads`` setting, memory checks, the shard of a process.
 
 * :func:`quiet_openmp_waits` -- call before torch is first imported (the CLI and ``python -m bench`` do):
   OpenMP workers sleep instead of spinning between parallel regions (``OMP_WAIT_POLICY=PASSIVE``
@@ -10,14 +11,20 @@
   environment, validated the same way for every sharded command.
 * :func:`use_threads` ``(n)`` -- ``torch.set_num_threads(n)``, with ``n = 0`` meaning the CPUs this
   process may run on (``os.sched_getaffinity``: a container or ``taskset`` may grant fewer than
-  ``os.cpu_count()``, which is what torch assumes by default).
+  ``os.cpu_count()``, which is what torch assumes by default).  Every config's ``threads`` means this.
+* :func:`resolve_device` ``(name)`` -- the ``torch.device`` of every config's ``device`` setting
+  (``auto``, the default everywhere: CUDA when available, else the CPU).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+import re
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 
 def available_cpus() -> int:
@@ -93,6 +100,27 @@ def local_rank() -> int:
 def quiet_openmp_waits() -> None:
     """Let OpenMP threads sleep while waiting (only effective before torch loads; a user's setting wins)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+#: what a ``device`` setting may say (``cuda:N`` too)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device a ``device`` setting names: ``auto`` -> ``cuda:<LOCAL_RANK>`` when torch sees CUDA, else
+    ``cpu``; ``cuda`` -> ``cuda:<LOCAL_RANK>`` (torchrun's, 0 without it); ``cuda:N``; ``cpu``.  CUDA asked for
+    on a machine without it, or another name, raises a one-line ``ValueError``."""
+    import torch
+
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda" and not re.fullmatch(r"cuda:\d+", name):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
+    return torch.device(f"cuda:{local_rank()}") if name == "cuda" else torch.device(name)
 
 
 def use_threads(requested: int = 0) -> int:

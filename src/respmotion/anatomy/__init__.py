@@ -4,7 +4,7 @@
 returns a uint8 mask on the same grid.
 """
 
-from .masks import body_mask, lung_mask
+from .masks import BODY_THRESHOLD_HU, LUNG_THRESHOLD_HU, body_mask, lung_mask
 from .sliding import sliding_mask, sliding_region
 
-__all__ = ["body_mask", "lung_mask", "sliding_mask", "sliding_region"]
+__all__ = ["BODY_THRESHOLD_HU", "LUNG_THRESHOLD_HU", "body_mask", "lung_mask", "sliding_mask", "sliding_region"]

@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from ..core.geometry import Geometry
 from ..core.grid import ball
-from .masks import body_mask, lung_mask
+from .masks import LUNG_THRESHOLD_HU, body_mask, lung_mask
 
 EXTENT_PERCENTILES = (1.0, 99.0)
 MEDIASTINUM_WEIGHT = 0.3
@@ -88,7 +88,7 @@ def motion_regions(hu: np.ndarray, geometry: Geometry, lung: np.ndarray | None =
     body = (body_mask(hu) if body is None else body) != 0
     lung = (lung_mask(hu, body.astype(np.uint8)) if lung is None else lung) != 0
     if not lung.any():
-        raise ValueError("no lung found in the CT (HU below -400 inside the body)")
+        raise ValueError(f"no lung found in the CT (HU below {LUNG_THRESHOLD_HU:g} inside the body)")
     bone = bone_mask(hu, body, geometry.spacing)
     weight = lung.astype(np.float32)
     # below the lung base of every column: Gaussian decay with the distance (mm) below the lowest lung voxel

@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from ..core.geometry import Geometry
 from ..core.grid import ball
-from .masks import lung_mask
+from .masks import LUNG_THRESHOLD_HU, lung_mask
 
 REGIONS = ("cavity", "lung")
 
@@ -71,7 +71,7 @@ def sliding_mask(lung: np.ndarray, superior: float = 1.0, hu: np.ndarray | None 
 
 
 def sliding_region(hu: np.ndarray, body: np.ndarray, geometry: Geometry, region: str = "cavity",
-                   lung_threshold_hu: float = -400.0) -> np.ndarray:
+                   lung_threshold_hu: float = LUNG_THRESHOLD_HU) -> np.ndarray:
     """The region of the CT ``hu`` ``(z, y, x)`` whose tissue slides against the chest wall, uint8 ``(z, y, x)``:
     the HU-threshold lung mask inside ``body`` (:func:`~respmotion.anatomy.lung_mask`, ``lung_threshold_hu``)
     for ``region="lung"``, or the thoracic cavity around it (``"cavity"``, :func:`sliding_mask`, with

@@ -26,6 +26,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         "train.lr_max=1e-4")
 
 
+DEVICE_HELP = "auto (default: cuda when torch sees it, else cpu), cpu, cuda or cuda:N"
+THREADS_HELP = "torch CPU threads (default 0: the CPUs this process may run on)"
+
+
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     """``--sampler/--steps/--delta-t`` of the commands that sample a diffusion bundle (choices: the one registry)."""
     from ..diffusion.config import SAMPLER_CHOICES

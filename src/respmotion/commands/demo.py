@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="phantom -> registration -> autoencoders -> latents -> diffusion -> synthesis "
                                    "of a held-out patient -> GIFs -> evaluation report. Config: respmotion.demo.DemoConfig.")
     p.add_argument("--out", help="output folder (default out/demo)")
-    p.add_argument("--patients", type=int, help="phantom patients (default 24)")
+    p.add_argument("--patients", type=int, help="phantom patients (default 48)")
     p.add_argument("--shape", help="volume shape z,y,x (default 16,64,64)")
-    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--device", help="cpu (default: the demo is sized for a laptop's CPU) or cuda")
     add_config_args(p)
     command(p, run)
 
@@ -29,6 +29,13 @@ def run(args: argparse.Namespace) -> int:
                                             "device": args.device})
     result = run_demo(cfg)
     print(json.dumps(result, indent=1))
+    gen = result.get("generator_per_phase")
+    if gen:
+        phases = list(next(iter(gen.values())))
+        print(f"\nLung DVF error on the held-out patients, mm (phases {phases[0]}..{phases[-1]} %, then their mean):")
+        for name, row in gen.items():
+            vals = [row[p] for p in phases]
+            print(f"  {name:28s}" + " ".join(f"{v:5.2f}" for v in vals) + f" | {sum(vals) / len(vals):.3f}")
     o = result["outputs"]
     print(f"\nDemo outputs in {cfg.out}:\n  GIFs:      {o['synthesis']}/gifs\n  4D-CT:     {o['synthesis']}/sample_00"
           f"\n  report:    {o['report']}\n  summary:   {o['summary_html']}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from ._common import add_config_args, command, resolve_config
+from ._common import DEVICE_HELP, add_config_args, command, resolve_config
 
 # modules under respmotion.commands that add a target with add_parser(subparsers), e.g. "evaluate_synthesis"
 EVALUATE_TARGET_MODULES: tuple[str, ...] = ("evaluate_synthesis",)
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--data", metavar="DIR", help="cohort folder (default: the training run's)")
     a.add_argument("--split", choices=("train", "val", "test"), help="patients to evaluate (default test)")
     a.add_argument("--out", metavar="DIR", help="output folder (default <run>/eval_<split>)")
-    a.add_argument("--device", help="auto, cpu, cuda")
+    a.add_argument("--device", help=DEVICE_HELP)
     a.add_argument("--max-items", type=int, help="evaluate at most this many items")
     add_config_args(a)
     command(a, _evaluate_autoencoder)

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from ..evaluation.config import EvaluateSynthesisConfig
-from ._common import UserError, add_config_args, add_sampler_args, command, resolve_config, save_resolved
+from ._common import (
+    DEVICE_HELP, UserError, add_config_args, add_sampler_args, command, resolve_config, save_resolved)
 
 
 def add_parser(targets: argparse._SubParsersAction) -> None:
@@ -28,7 +29,7 @@ def add_parser(targets: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "val", "test"), help="split to evaluate")
     p.add_argument("--samples", type=int, help="samples per study")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device")
+    p.add_argument("--device", help=DEVICE_HELP)
     add_sampler_args(p)
     add_config_args(p)
     command(p, run)
@@ -62,12 +63,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("give --data DIR (cohort mode) or --ct CT --landmarks FILE")
         from ..evaluation.synthesis_eval import run_evaluation
         from ..io.layout import iter_studies
-        from ..training.splits import split_patients
 
         studies = list(iter_studies(cfg.data))
         if not studies:
             raise UserError(f"{cfg.data}: no complete studies")
-        split = split_patients([s.patient for s in studies], cfg.split_ratios, cfg.split_seed)
+        split = cfg.patient_split.cut([s.patient for s in studies])
         chosen = set(cfg.patients) if cfg.patients else set(split.get(cfg.split))
         unknown = chosen - {s.patient for s in studies}
         if unknown:

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import add_config_args, command, resolve_config, save_resolved
+from ._common import DEVICE_HELP, add_config_args, command, resolve_config, save_resolved
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="latent set folder (created; rerun to resume)")
     p.add_argument("--fields", help="field sources, comma separated (default gt_ref,gt_step)")
     p.add_argument("--image-phases", choices=("reference", "all"), help="encode the phase-00 CT only (default) or all")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--rank", type=int, help="this worker's index (default: torchrun RANK or 0)")
     p.add_argument("--world-size", type=int, help="number of workers (default: torchrun WORLD_SIZE or 1)")
     add_config_args(p)

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import UserError, add_config_args, command, resolve_config, save_resolved
+from ._common import (
+    DEVICE_HELP, THREADS_HELP, UserError, add_config_args, command, resolve_config, save_resolved)
 
 
 def register(subparsers) -> None:
@@ -25,10 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--reference", type=int, help="reference phase in percent (default 0 = end-inhale)")
     p.add_argument("--rank", type=int, help="shard index (default: $RANK or 0)")
     p.add_argument("--world-size", type=int, dest="world_size", help="number of shards (default: $WORLD_SIZE or 1)")
-    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, dest="batch_size",
                    help="pairs per batch (0: as many of a study's as fit in memory)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: default)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--overwrite", action="store_true", help="take over an --out registered with other settings "
                    "(its pairs are redone; default: refuse)")
     add_config_args(p)

@@ -31,7 +31,9 @@ from pathlib import Path
 
 from ..synthesis.pipeline import DEFAULT_FORMATS, FORMATS
 from ..synthesis.run import SynthesizeConfig
-from ._common import UserError, add_config_args, add_sampler_args, command, resolve_config, save_resolved
+from ._common import (
+    DEVICE_HELP, THREADS_HELP, UserError, add_config_args, add_sampler_args, command, resolve_config,
+    save_resolved)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampler_args(p)
     p.add_argument("--formats", help=f"comma-separated outputs from {','.join(FORMATS)} (default "
                    f"{','.join(DEFAULT_FORMATS)}: one compressed copy of every phase (int16 HU) and field)")
-    p.add_argument("--device", help="cpu or cuda")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may run on)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--amplitude", type=float, help="breathing amplitude factor (1 = model's motion)")
     p.add_argument("--excursion-mm", type=float, help="target diaphragm SI excursion in mm")
     p.add_argument("--si-amplitude-mm", type=float, help="breathing amplitude: the lungs' mean superior motion "
@@ -70,14 +72,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(SynthesizeConfig, args, {
-        "ct": args.ct, "out": args.out, "model": args.model, "samples": args.samples, "seed": args.seed,
-        "sampler": args.sampler, "steps": args.steps, "delta_t": args.delta_t,
-        "formats": args.formats.split(",") if args.formats else None, "device": args.device, "threads": args.threads,
-        "amplitude": args.amplitude,
-        "excursion_mm": args.excursion_mm, "si_amplitude_mm": args.si_amplitude_mm, "trace": args.trace,
-        "intensity": args.intensity, "input_phase": args.input_phase, "dicom": args.dicom, "structures": args.structures,
-        "structure_names": args.structure_names, "render": args.render, "heatmap": args.heatmap, "fps": args.fps,
-        "num_slices": args.num_slices})
+        "ct": args.ct, "out": args.out, "model": args.model, "sampler": args.sampler, "steps": args.steps,
+        "delta_t": args.delta_t, "device": args.device, "threads": args.threads, "trace": args.trace,
+        "dicom": args.dicom, "structures": args.structures, "structure_names": args.structure_names,
+        "render": args.render, "heatmap": args.heatmap, "fps": args.fps, "num_slices": args.num_slices,
+        "options.samples": args.samples, "options.seed": args.seed,
+        "options.formats": args.formats.split(",") if args.formats else None, "options.amplitude": args.amplitude,
+        "options.excursion_mm": args.excursion_mm, "options.si_amplitude_mm": args.si_amplitude_mm,
+        "options.intensity": args.intensity, "options.input_phase": args.input_phase})
     if not cfg.ct:
         raise UserError("no input CT given")
     from ..io.ownership import claim

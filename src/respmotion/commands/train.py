@@ -13,7 +13,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from ._common import UserError, add_config_args, command, resolve_config
+from ._common import DEVICE_HELP, UserError, add_config_args, command, resolve_config
 
 # modules under respmotion.commands that add a target with add_parser(subparsers), e.g. "train_diffusion"
 TRAIN_TARGET_MODULES: tuple[str, ...] = ("train_diffusion",)
@@ -25,7 +25,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="exact run folder instead of OUT/<task>/<timestamp>")
     p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
     p.add_argument("--batch-size", type=int, help="micro-batch per process (train.batch_size)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
+    p.add_argument("--device", help=f"{DEVICE_HELP} (train.device)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", metavar="RUN_OR_CKPT",
                    help="continue a run exactly from its newest checkpoint (or this checkpoint); "

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(DiffusionRunConfig, args, {
         **run_flags(args), "data.latents": args.latents, "model.target": args.target})
     # the sampler flags mean what they mean for synthesize (one rule: diffusion.config.choose_sampler)
-    cfg.sampler = choose_sampler(cfg.sampler, cfg.model.schedule.num_train_timesteps, args.sampler or "",
-                                 args.sampling_steps or 0, args.delta_t or 0)
+    cfg.sampler = choose_sampler(cfg.sampler, cfg.model.schedule.num_train_timesteps, args.sampler,
+                                 args.sampling_steps, args.delta_t)
     try:
         res = train_diffusion(cfg, resume=args.resume, init=args.init)
     except TrainingDiverged as exc:

@@ -1,7 +1,7 @@
 """TCIA 4D-Lung from NCI Imaging Data Commons: offline query, manifest, resumable download.
 
 The query runs on the index that ``idc-index`` ships (no network): collection ``4d_lung``,
-Modality CT, more than 49 instances per series, minus three non-conforming studies (SPEC §1).
+Modality CT, more than 49 instances per series, minus three non-conforming studies (the research code's cohort).
 Downloads go through idc-index's own downloader (``IDCClient.download_from_selection``, which
 drives s5cmd) into ``<out>/<PatientID>/<StudyInstanceUID>/<SeriesInstanceUID>/*.dcm``.
 

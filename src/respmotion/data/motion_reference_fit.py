@@ -244,12 +244,12 @@ def plot_reference(ref: dict[str, Any], path: str | Path) -> None:
 # ---------------------------------------------------------------------------- phantom vs reference
 def phantom_comparison(patients: int = 8, shape: Sequence[int] = (16, 64, 64), ref: dict[str, Any] | None = None
                        ) -> dict[str, Any]:
-    """The phantom's motion statistics (:meth:`respmotion.data.phantom.Phantom.motion_statistics`, seeds
+    """The phantom's motion statistics (:func:`respmotion.data.phantom.motion_statistics`, seeds
     0..patients-1) next to the reference: amplitudes, mean components, superior profiles, phase states."""
-    from .phantom import Phantom
+    from .phantom import Phantom, motion_statistics
 
     ref = ref or load_reference()
-    stats = [Phantom(i, shape).motion_statistics() for i in range(patients)]
+    stats = [motion_statistics(Phantom(i, shape)) for i in range(patients)]
     amps = [s["amplitude_mm"] for s in stats]
 
     def prof(axis: str) -> list[float | None]:

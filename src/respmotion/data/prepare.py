@@ -40,7 +40,7 @@ from ..io.atomic import write_json
 from ..io.dicom import DicomError, SeriesFiles, list_dicom_files, read_series_files, scan_series
 from ..io.layout import PHASES, StudyDir
 from .importer import check_target_shape
-from .intensity import HU_WINDOW
+from .intensity import HU_WINDOW, HUWindow
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PrepareConfig:
     out: str = "data/prepared"  # dataset root in the io.layout layout
     shape: tuple[int, int, int] = DEFAULT_SHAPE  # target (z, y, x) voxels; same field of view
     workers: int = 2  # processes; 1 runs in this process
-    hu_window: tuple[float, float] = HU_WINDOW  # recorded for the networks (see data.intensity)
+    hu_window: HUWindow = HU_WINDOW  # recorded for the networks (see data.intensity)
 
 
 @dataclass

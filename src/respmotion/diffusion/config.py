@@ -5,7 +5,7 @@ plus the target mode.  Defaults are the research code's (SPEC §3): 12 -> 9 chan
 T = 1000 linear betas, DDIM with stride ``delta_t`` = 5; except the prediction target, x0 instead
 of epsilon (see :class:`ScheduleConfig`), the image condition (:class:`DiffusionModelConfig`), the
 UNet's width (:class:`UNetConfig`) and the sampler a newly trained bundle records
-(:data:`DEFAULT_SAMPLER`), both sized for the synthesis budget (docs/synthesis_cost.md).
+(:data:`DEFAULT_SAMPLER`), both sized for the synthesis budget (docs/synthesis.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SAMPLER_CHOICES = SAMPLERS + tuple(SAMPLER_ALIASES)
 SAMPLER_DEFAULTS = {  # (steps, delta_t): ddpm all T steps; ddim the research stride 5 (T / 5 steps); dpmpp2m 20
     "ddpm": (0, 1), "ddim": (0, 5), "dpmpp2m": (20, 5)}
 IMAGE_CONDITIONS = ("plain", "deviation", "both")
+DVF_NORMS = ("channel", "phase")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # sample = x0
 
 
@@ -37,7 +38,7 @@ class UNetConfig:
     dvf_channels: int = 9
     # (32, 64, 128) with one residual block per level (7.2 M parameters, the size of the research code's
     # 11.8 M UNet) instead of (64, 128, 256) with two (41.3 M): 1/5 of the time per network evaluation,
-    # chosen for the synthesis budget (docs/synthesis_cost.md); bundles store their own sizes
+    # chosen for the synthesis budget (docs/synthesis.md); bundles store their own sizes
     channels: tuple[int, ...] = (32, 64, 128)
     attention_levels: tuple[bool, ...] = (False, False, True)
     num_res_blocks: int = 1
@@ -103,35 +104,37 @@ class SamplerConfig:
         return T // self.delta_t
 
 
-def choose_sampler(base: SamplerConfig, T: int, name: str = "", steps: int = 0, delta_t: int = 0) -> SamplerConfig:
-    """The sampler a user asked for on top of a bundle's default ``base`` (schedule of ``T`` timesteps).
+def choose_sampler(base: SamplerConfig, T: int, name: str | None = None, steps: int | None = None,
+                   delta_t: int | None = None) -> SamplerConfig:
+    """The sampler a user asked for on top of a bundle's default ``base`` (schedule of ``T`` timesteps);
+    ``None``: not given (the one check of ``--sampler`` / ``--steps`` / ``--delta-t``).
 
-    ``name`` (a :data:`SAMPLER_CHOICES` entry; "" keeps ``base``'s): another sampler than the
+    ``name`` (a :data:`SAMPLER_CHOICES` entry; None keeps ``base``'s): another sampler than the
     bundle's starts from that sampler's own defaults (:data:`SAMPLER_DEFAULTS`: ddpm all T steps,
-    ddim T / 5, dpm 20), never from the bundle's step count.  ``steps`` > 0 sets the number of
-    steps, ``delta_t`` > 0 the research code's stride (T / delta_t steps); both given must agree.
+    ddim T / 5, dpm 20), never from the bundle's step count.  ``steps`` sets the number of
+    steps, ``delta_t`` the research code's stride (T / delta_t steps), each >= 1; both given must agree.
     Every impossible combination raises a one-line ``ValueError``; the result is validated.
     """
-    if steps < 0 or delta_t < 0:
-        raise ValueError(f"steps and delta_t must be positive, got steps={steps}, delta_t={delta_t}")
+    if (steps is not None and steps < 1) or (delta_t is not None and delta_t < 1):
+        raise ValueError(f"steps and delta_t must be >= 1, got steps={steps}, delta_t={delta_t}")
     cfg = base
-    if name:
+    if name is not None:
         canon = SAMPLER_ALIASES.get(name, name)
         if canon not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLER_CHOICES)}, got {name!r}")
         if canon != base.name:
             d_steps, d_delta = SAMPLER_DEFAULTS[canon]
             cfg = replace(base, name=canon, steps=d_steps, delta_t=d_delta)
-    if delta_t:
+    if delta_t is not None:
         if T % delta_t:
             raise ValueError(f"--delta-t {delta_t} does not divide the model's {T} timesteps")
-        if steps and steps != T // delta_t:
+        if steps is not None and steps != T // delta_t:
             raise ValueError(f"--steps {steps} and --delta-t {delta_t} disagree ({T} / {delta_t} = {T // delta_t} "
                              f"steps); give one of them")
         cfg = replace(cfg, steps=0, delta_t=delta_t)
-    elif steps:
+    elif steps is not None:
         cfg = replace(cfg, steps=steps)
-    if cfg.name == "ddpm" and ((steps and steps != T) or (delta_t and delta_t != 1)):
+    if cfg.name == "ddpm" and ((steps is not None and steps != T) or (delta_t is not None and delta_t != 1)):
         raise ValueError(f"ddpm samples over all {T} timesteps (delta_t 1); --steps/--delta-t choose ddim or dpm")
     cfg.num_steps(T)
     return cfg
@@ -140,7 +143,7 @@ def choose_sampler(base: SamplerConfig, T: int, name: str = "", steps: int = 0, 
 FAST_SAMPLER = SamplerConfig(name="dpmpp2m", steps=20)
 #: the sampler a newly trained bundle records as its default (``DiffusionRunConfig.sampler``):
 #: DPM-Solver++(2M) in 15 steps, the fewest whose field stayed within 5 % of 200-step DDIM's on every
-#: held-out demo patient (docs/synthesis_cost.md)
+#: held-out demo patient (docs/synthesis.md)
 DEFAULT_SAMPLER = SamplerConfig(name="dpmpp2m", steps=15)
 
 
@@ -155,10 +158,20 @@ class DiffusionModelConfig:
     # plain = per-channel standardised (research code); deviation = minus the training patients'
     # voxel-wise mean image latent, over the across-patient std; both = the two concatenated.
     image_condition: str = "both"
+    # Also condition on the CT's scalar lung anatomy (respmotion.anatomy.features: gas volume, column gas
+    # heights), standardised over the training patients and given to the UNet as constant channels
+    # (respmotion.diffusion.model.AnatomyCondition): the amplitude a CT predicts, learnable from tens of patients.
+    anatomy_condition: bool = True
+    # How DVF latents are standardised (respmotion.diffusion.sampling.LatentNorm): "phase" = mean and std per
+    # phase and channel (the small residuals next to the reference phase weigh as much as end-exhale's),
+    # "channel" = per channel over all phases (bundles written before the option)
+    dvf_norm: str = "phase"
 
     def __post_init__(self) -> None:
         if self.target not in TARGET_MODES:
             raise ValueError(f"target must be one of {TARGET_MODES}, got {self.target!r}")
+        if self.dvf_norm not in DVF_NORMS:
+            raise ValueError(f"dvf_norm must be one of {DVF_NORMS}, got {self.dvf_norm!r}")
         if self.image_condition not in IMAGE_CONDITIONS:
             raise ValueError(f"image_condition must be one of {IMAGE_CONDITIONS}, got {self.image_condition!r}")
 
@@ -174,5 +187,5 @@ class LatentsConfig:
     fields: tuple[str, ...] = ("gt_ref", "gt_step")  # field sources (respmotion.training.data.field_source)
     image_phases: str = "reference"  # reference (phase 00 only: what synthesis conditions on) | all
     device: str = "auto"
-    rank: int = -1  # -1: from torchrun's RANK (else 0)
-    world_size: int = -1  # -1: from torchrun's WORLD_SIZE (else 1)
+    rank: int | None = None  # None: from torchrun's RANK (else 0)
+    world_size: int | None = None  # None: from torchrun's WORLD_SIZE (else 1)

@@ -8,7 +8,8 @@ Layout (mirrors :mod:`respmotion.io.layout`)::
     <out>/<patient>/<study>/image_00.npy  # image latent (Ci, Z', Y', X') float32 (also image_XX with
                                           # image_phases=all)
     <out>/<patient>/<study>/dvf_ref_40.npy, dvf_step_40.npy ...   # DVF latents (Cd, Z', Y', X')
-    <out>/<patient>/<study>/latents.json  # written last: the study is complete (files, shapes)
+    <out>/<patient>/<study>/latents.json  # written last: the study is complete (files, shapes, and the
+                                          # reference CT's lung features: respmotion.anatomy.features)
 
 Latents are the autoencoders' ``encode_latent`` outputs: the latent *mean* times the
 autoencoder's ``latent_scale`` (1 / std of its training latents; recorded in the provenance).
@@ -36,8 +37,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.atomic import clean_stale_tmp, file_sha256, read_json, read_npy, write_json, write_npy
+from ..anatomy.features import LUNG_FEATURES, lung_features
+from ..io.atomic import clean_stale_tmp, file_sha256, read_json, read_npy, read_npz, write_json, write_npy
 from ..io.layout import PHASES, StudyDir, iter_studies
+from ..runtime import resolve_device, resolve_rank
 
 log = logging.getLogger("respmotion")
 
@@ -48,15 +51,6 @@ REFERENCE_PHASE = 0
 
 
 # ---------------------------------------------------------------------------- sharding
-def resolve_rank(rank: int = -1, world_size: int = -1) -> tuple[int, int]:
-    """Explicit values win; ``-1`` falls back to torchrun's environment, then to rank 0 of 1."""
-    world = world_size if world_size > 0 else int(os.environ.get("WORLD_SIZE", "1"))
-    r = rank if rank >= 0 else int(os.environ.get("RANK", "0"))
-    if not 0 <= r < world:
-        raise ValueError(f"rank {r} is outside 0..{world - 1} (world size {world})")
-    return r, world
-
-
 def shard(items: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Items ``rank, rank + world_size, ...`` (disjoint, together complete)."""
     return list(items[rank::world_size])
@@ -117,7 +111,8 @@ def expected_field_ids(source_name: str) -> list[str]:
 
 def check_field_set(study: StudyDir, source: Any) -> None:
     """A study has all of a source's fields or none of them (e.g. a real study without ground
-    truth); a partial set (a lost ``gt/dvf_step_30.npy``) is an error naming the missing file."""
+    truth); a partial set (a lost ``gt/dvf_step_30.npy``) is an error naming the missing file, and
+    so is a field file cut short (its header or archive index is read, not its data)."""
     if not source.name.startswith(("gt_", "reg_")):
         return  # another source (an adapter): its own field_ids are the whole set
     have = set(source.field_ids(study))
@@ -127,6 +122,11 @@ def check_field_set(study: StudyDir, source: Any) -> None:
         name = study.gt_path(kind, pct) if source.name.startswith("gt_") else f"{source.name} field {missing[0]}"
         raise ValueError(f"{name}: missing ({len(missing)} of the study's {source.name} fields are missing, "
                          f"{len(have)} present); restore it or remove the study")
+    for fid in sorted(have):  # a truncated file is named now, not after other studies were written
+        if source.name.startswith("reg_"):
+            read_npz(source.path(study, fid), ())
+        else:
+            read_npy(study.gt_path(*field_kind(fid)), mmap=True)
 
 
 def encode_study(
@@ -148,6 +148,11 @@ def encode_study(
     """
     written = 0
     files: dict[str, list[int]] = {}
+    ref = study.load_phase(REFERENCE_PHASE)
+    try:  # recorded either way: a model conditioned on anatomy refuses a set without them when it trains
+        anatomy: dict[str, Any] = dict(zip(LUNG_FEATURES, lung_features(ref.array, ref.geometry.spacing).tolist()))
+    except ValueError as exc:
+        anatomy = {"error": f"{study.path / 'phase_00.npy'}: {exc}"}
     todo_img = [p for p in image_phases if not (out_dir / f"image_{p:02d}.npy").exists()]
     for i in range(0, len(todo_img), batch):
         chunk = todo_img[i:i + batch]
@@ -165,7 +170,7 @@ def encode_study(
         if prior is None:
             return arr
         prior.check_shape(arr.shape[1:], f"{study.key} {fid}")
-        return arr - prior.field(fid)
+        return prior.residual(fid, arr)
 
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
@@ -175,7 +180,8 @@ def encode_study(
             written += 1
     for fid in ids:
         files[f"dvf_{fid}.npy"] = list(read_npy(out_dir / f"dvf_{fid}.npy", mmap=True).shape)
-    write_json(out_dir / STUDY_MARKER, {"study": study.key, "source": str(study.path.resolve()), "files": files})
+    write_json(out_dir / STUDY_MARKER, {"study": study.key, "source": str(study.path.resolve()), "files": files,
+                                        "anatomy": anatomy})
     return written
 
 
@@ -187,8 +193,8 @@ def build_latent_set(
     fields: Sequence[str] = ("gt_ref", "gt_step"),
     image_phases: str = "reference",
     device: str = "auto",
-    rank: int = -1,
-    world_size: int = -1,
+    rank: int | None = None,
+    world_size: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Encode this rank's shard of the cohort at ``data`` into ``out`` (see module docstring).
@@ -198,12 +204,11 @@ def build_latent_set(
     from ..models.autoencoder import load_autoencoder
     from ..models.prior import prior_from_record
     from ..training.data import field_source
-    from ..training.distributed import pick_device
 
     if image_phases not in ("reference", "all"):
         raise ValueError(f"image_phases must be 'reference' or 'all', got {image_phases!r}")
     r, world = resolve_rank(rank, world_size)
-    dev = pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = resolve_device(device)
     out = Path(out)
     image_ae, dvf_ae = (load_autoencoder(str(p), map_location=dev) for p in (image_ae_path, dvf_ae_path))
     if image_ae.cfg.kind != "image" or dvf_ae.cfg.kind != "dvf":
@@ -275,7 +280,8 @@ class LatentDataset(Dataset):
     """Training items of the diffusion model for one target mode.
 
     Item: ``{"x": DVF latent (Cd, Z, Y, X), "image": reference image latent (Ci, Z, Y, X),
-    "phase": phase index 0..9 (long), "key": str}``.  ``target="ref"``: fields ``ref_10..ref_90``
+    "phase": phase index 0..9 (long), "key": str}`` plus ``"features"`` (F,) float32, the reference CT's lung
+    features (:data:`~respmotion.anatomy.features.LUNG_FEATURES`), when the latent set holds them.  ``target="ref"``: fields ``ref_10..ref_90``
     (phase k relative to 00); ``"step"``: ``step_00..step_90`` (phase k -> k + 10).  The image is
     always the reference phase's: synthesis conditions on one CT.
     """
@@ -288,17 +294,29 @@ class LatentDataset(Dataset):
         read_provenance(self.root)
         wanted = set(patients) if patients is not None else None
         self.items: list[tuple[Path, str, int]] = []
+        self.features: dict[Path, np.ndarray] = {}  # per study folder; empty for a set made without them
+        self.without_features: tuple[Path, str] | None = None  # (study folder, why) of one without features
+        missing = []
         for marker in sorted(self.root.glob(f"*/*/{STUDY_MARKER}")):
             sdir = marker.parent
             if wanted is not None and sdir.parent.name not in wanted:
                 continue
-            names = read_json(marker)["files"]
+            info = read_json(marker)
+            names = info["files"]
+            anatomy = info.get("anatomy") or {}
+            if all(k in anatomy for k in LUNG_FEATURES):
+                self.features[sdir] = np.array([anatomy[k] for k in LUNG_FEATURES], np.float32)
+            else:
+                missing.append((sdir, anatomy.get("error", "a latent set made before they were recorded")))
             for name in sorted(names):
                 if not name.startswith("dvf_"):
                     continue
                 kind, pct = field_kind(name[4:-4])
                 if kind == target and not (kind == "ref" and pct == REFERENCE_PHASE):
                     self.items.append((sdir, name, pct))
+        if missing:  # all or none: a batch must be uniform
+            self.features = {}
+            self.without_features = missing[0]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -309,25 +327,42 @@ class LatentDataset(Dataset):
         img = read_npy(sdir / f"image_{REFERENCE_PHASE:02d}.npy")
         if x.shape[1:] != img.shape[1:]:
             raise ValueError(f"{sdir}: DVF latent {x.shape} and image latent {img.shape} differ in size")
-        return {"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+        item = {"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
                 "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
                 "phase": torch.tensor(pct // 10, dtype=torch.long),
                 "key": f"{sdir.parent.name}/{sdir.name}/{name[:-4]}"}
+        if self.features:
+            item["features"] = torch.from_numpy(self.features[sdir])
+        return item
 
     @property
     def patients(self) -> list[str]:
         return sorted({sdir.parent.name for sdir, _, _ in self.items})
 
 
-def channel_stats(ds: LatentDataset, key: str, max_items: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of ``key`` ("x" or "image") over up to ``max_items`` items."""
-    n = min(len(ds), max_items)
-    if n == 0:
+def channel_stats(ds: LatentDataset, key: str, max_items: int = 256,
+                  phases: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std ``(C,)`` of ``key`` ("x" or "image") over up to ``max_items`` items; with
+    ``phases`` > 0, ``(phases, C)``: the statistics of each phase index's items (up to ``max_items`` each; a
+    phase without items, e.g. the reference phase in ref mode, gets mean 0 and std 1)."""
+    if len(ds) == 0:
         raise ValueError("no latents to compute statistics from")
-    idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
+    if phases <= 0:
+        return _stats(ds, key, list(range(len(ds))), max_items)
+    rows = [[i for i, (_, _, pct) in enumerate(ds.items) if pct // 10 == p] for p in range(phases)]
+    found = [_stats(ds, key, r, max_items) if r else None for r in rows]
+    c = next(f[0].shape[0] for f in found if f is not None)
+    mean = torch.stack([f[0] if f is not None else torch.zeros(c) for f in found])
+    std = torch.stack([f[1] if f is not None else torch.ones(c) for f in found])
+    return mean, std
+
+
+def _stats(ds: LatentDataset, key: str, items: list[int], max_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of ``key`` over up to ``max_items`` of ``items`` (evenly spread)."""
+    pick = np.asarray(items)[np.linspace(0, len(items) - 1, min(len(items), max_items)).round().astype(int)]
     s = s2 = None
     count = 0
-    for i in idx:
+    for i in pick:
         z = ds[int(i)][key].double()
         flat = z.reshape(z.shape[0], -1)
         s = flat.sum(1) if s is None else s + flat.sum(1)
@@ -354,4 +389,19 @@ def image_deviation_stats(ds: LatentDataset) -> tuple[torch.Tensor, torch.Tensor
     dev = (stack - mean).transpose(0, 1).reshape(stack.shape[1], -1)
     std = dev.pow(2).mean(1).sqrt() if len(seen) > 1 else torch.ones(stack.shape[1], dtype=torch.float64)
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+def anatomy_stats(ds: LatentDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std ``(F,)`` of the lung features of ``ds``'s studies (one value per study; a std below
+    1e-6 of the feature's scale, e.g. a single study, falls back to 1)."""
+    if not ds.features:
+        sdir, why = ds.without_features or (ds.root, "no studies")
+        raise ValueError(f"{sdir / STUDY_MARKER}: no lung features ({why}); rebuild the set with `respmotion "
+                         "latents` from CTs with lungs, or train with model.anatomy_condition=false")
+    studies = sorted({sdir for sdir, _, _ in ds.items})
+    stack = torch.from_numpy(np.stack([ds.features[s] for s in studies]).astype(np.float64))
+    mean = stack.mean(0)
+    std = stack.std(0, unbiased=False) if len(studies) > 1 else torch.ones_like(mean)
+    std = torch.where(std > 1e-6 * mean.abs().clamp(min=1.0), std, torch.ones_like(std))
     return mean.float(), std.float()

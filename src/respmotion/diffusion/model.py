@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from ..anatomy.features import LUNG_FEATURES
 from .config import DiffusionModelConfig
 from .sampling import LatentNorm
 from .unet import PhaseConditionedUNet
@@ -72,15 +73,54 @@ class ImageCondition(nn.Module):
         return {"mode": self.mode, "plain": self.plain.to_dict(), "deviation_std": self.std.tolist()}
 
 
+class AnatomyCondition(nn.Module):
+    """Scalar lung anatomy ``(B, F)`` (:data:`respmotion.anatomy.features.LUNG_FEATURES`, ml and mm) ->
+    ``(B, F, Z, Y, X)`` constant channels ``(f - mean) / std``, mean and std over the training patients.
+
+    Why: the breathing amplitude is the largest patient-to-patient difference in motion and a CT shows it
+    through a few numbers (how much gas the lungs hold, how low they reach); as channels of their own the
+    UNet can scale its output by them from tens of training patients (docs/diffusion.md).  Standardised values
+    are clipped to +-:attr:`LIMIT` so a CT far outside the training patients' range (another scanner, another
+    body) cannot drive the network into untrained extrapolation."""
+
+    LIMIT = 3.0
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean.ndim != 1 or mean.shape != std.shape or torch.any(std <= 0):
+            raise ValueError(f"anatomy statistics must be (F,) vectors with std > 0, got {tuple(mean.shape)}, "
+                             f"{tuple(std.shape)}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    def forward(self, features: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        f = torch.as_tensor(features, dtype=torch.float32, device=self.mean.device)
+        if f.ndim != 2 or f.shape[1] != self.channels:
+            raise ValueError(f"anatomy features must be (B, {self.channels}), got {tuple(f.shape)}")
+        f = ((f - self.mean) / self.std).clamp(-self.LIMIT, self.LIMIT)
+        return f[:, :, None, None, None].expand(*f.shape, *spatial)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": list(LUNG_FEATURES), "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
 class LatentDiffusion(nn.Module):
     """``forward(x_t, cond, t, phase_idx)`` = online UNet prediction (normalised latents);
-    ``cond = self.image_condition(image_latent)`` (see :class:`ImageCondition`)."""
+    ``cond = self.condition(image_latent, features)`` (see :class:`ImageCondition`, :class:`AnatomyCondition`)."""
 
     def __init__(self, cfg: DiffusionModelConfig, image_norm: LatentNorm | None = None,
                  dvf_norm: LatentNorm | None = None, ema_decay: float = 0.999,
-                 image_mean: torch.Tensor | None = None, image_std: torch.Tensor | None = None) -> None:
+                 image_mean: torch.Tensor | None = None, image_std: torch.Tensor | None = None,
+                 anatomy_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """``image_mean`` ``(Ci, Z, Y, X)`` / ``image_std`` ``(Ci,)``: the deviation statistics
-        (required unless ``cfg.image_condition == "plain"``; zeros of the right shape when loading)."""
+        (required unless ``cfg.image_condition == "plain"``; zeros of the right shape when loading).
+        ``anatomy_stats``: mean and std ``(F,)`` of the training patients' lung features (with
+        ``cfg.anatomy_condition``; placeholders 0 / 1 when loading)."""
         super().__init__()
         self.cfg = cfg
         ci = cfg.unet.image_channels
@@ -90,15 +130,35 @@ class LatentDiffusion(nn.Module):
         self.image_condition = ImageCondition(cfg.image_condition, self.image_norm,
                                               image_mean if image_mean is not None else torch.zeros(0),
                                               image_std if image_std is not None else torch.zeros(0))
-        unet_cfg = dataclasses.replace(cfg.unet, image_channels=ci * self.image_condition.multiplier)
+        self.anatomy: AnatomyCondition | None = None
+        if cfg.anatomy_condition:
+            nf = len(LUNG_FEATURES)
+            self.anatomy = AnatomyCondition(*(anatomy_stats or (torch.zeros(nf), torch.ones(nf))))
+        extra = self.anatomy.channels if self.anatomy is not None else 0
+        unet_cfg = dataclasses.replace(cfg.unet, image_channels=ci * self.image_condition.multiplier + extra)
         self.unet = PhaseConditionedUNet(unet_cfg)
         self.ema = copy.deepcopy(self.unet)
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.dvf_norm = dvf_norm or LatentNorm.identity(cfg.unet.dvf_channels)
+        phases = cfg.unet.num_phases if cfg.dvf_norm == "phase" else 0
+        self.dvf_norm = dvf_norm or LatentNorm.identity(cfg.unet.dvf_channels, phases)
+        if self.dvf_norm.per_phase != (cfg.dvf_norm == "phase"):
+            raise ValueError(f"dvf_norm={cfg.dvf_norm!r} needs {'(P, C)' if phases else '(C,)'} latent statistics, got "
+                             f"{tuple(self.dvf_norm.mean.shape)}")
         self.ema_decay = float(ema_decay)
         self.register_buffer("ema_updates", torch.tensor(0, dtype=torch.long))
         self.register_buffer("ema_at_step", torch.tensor(-1, dtype=torch.long))
+
+    def condition(self, image_latent: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """What the UNet is conditioned on: image latents ``(B, Ci, Z, Y, X)`` (scaled, as the image
+        autoencoder encodes them) and, for a model with :attr:`anatomy`, the CT's lung features ``(B, F)``
+        (:func:`respmotion.anatomy.features.lung_features`) -> ``(B, Ci * m [+ F], Z, Y, X)``."""
+        cond = self.image_condition(image_latent)
+        if self.anatomy is None:
+            return cond
+        if features is None:
+            raise ValueError("this diffusion model is conditioned on the CT's lung anatomy: give its lung features")
+        return torch.cat([cond, self.anatomy(features, cond.shape[-3:]).to(cond.dtype)], dim=-4)
 
     def forward(self, x_t: torch.Tensor, image_n: torch.Tensor, t: torch.Tensor, phase_idx: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, image_n, t, phase_idx)
@@ -123,5 +183,6 @@ class LatentDiffusion(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"image_norm": self.image_norm.to_dict(), "image_condition": self.image_condition.to_dict(),
+                "anatomy_condition": self.anatomy.to_dict() if self.anatomy is not None else None,
                 "dvf_norm": self.dvf_norm.to_dict(),
                 "ema_decay": self.ema_decay, "ema_updates": int(self.ema_updates)}

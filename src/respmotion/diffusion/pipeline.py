@@ -24,12 +24,14 @@ The research code's setting (full field, plain image condition, epsilon) remains
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from ..anatomy.features import lung_features
 from ..config import from_dict
 from ..core import warp as W
 from ..io.layout import PHASES
@@ -37,7 +39,9 @@ from ..io.torchfile import load_state
 from ..models.prior import MotionPrior, prior_from_record
 from .config import DiffusionModelConfig, SamplerConfig
 from .model import LatentDiffusion
+from .latents import field_kind
 from .sampling import sample_cycles
+from .unet import phase_index
 from .schedulers import NoiseSchedule, make_sampler
 
 
@@ -51,6 +55,8 @@ def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> tupl
     mc = dict(ckpt["model_config"])
     ema_decay = float(mc.pop("ema_decay", 0.999))
     mc.setdefault("image_condition", "plain")  # bundles written before the option conditioned on "plain"
+    mc.setdefault("anatomy_condition", False)  # bundles written before the option had no anatomy channels
+    mc.setdefault("dvf_norm", "channel")  # ... and per-channel latent statistics
     sd = ckpt["model"]
     mean, std = sd.get("image_condition.mean"), sd.get("image_condition.std")
     model = LatentDiffusion(from_dict(DiffusionModelConfig, mc), ema_decay=ema_decay,
@@ -117,11 +123,22 @@ class MotionGenerator:
         return from_dict(SamplerConfig, self.extra["sampler"]) if "sampler" in self.extra else SamplerConfig()
 
     @torch.no_grad()
-    def encode_image(self, ct_hu: torch.Tensor) -> torch.Tensor:
-        """CT ``(Z, Y, X)`` HU -> the UNet's image condition ``(Ci * m, Z', Y', X')`` (see
-        :class:`respmotion.diffusion.model.ImageCondition`)."""
+    def encode_image(self, ct_hu: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+        """CT ``(Z, Y, X)`` HU with ``spacing`` (z, y, x) mm -> the UNet's condition ``(Ci * m [+ F], Z', Y', X')``:
+        the image latent (:class:`respmotion.diffusion.model.ImageCondition`) and, for a model conditioned on
+        anatomy, the CT's lung features (:func:`respmotion.anatomy.features.lung_features`)."""
         z = self.image_ae.encode_latent(ct_hu.to(self.device, torch.float32)[None, None])
-        return self.diffusion.image_condition(z)[0]
+        features = None
+        if self.diffusion.anatomy is not None:
+            features = torch.from_numpy(lung_features(ct_hu.cpu().numpy(), spacing))[None].float()
+        return self.diffusion.condition(z, features)[0]
+
+    #: voxels decoded at once (batch x field size): one field at 50x256x256, dozens at the demo's 16x64x64
+    DECODE_VOXELS = 1 << 22
+
+    def decode_batch(self, shape: Sequence[int]) -> int:
+        """Fields decoded per DVF decoder call for a grid of ``shape`` (z, y, x) (memory-bounded)."""
+        return max(1, self.DECODE_VOXELS // max(1, math.prod(int(n) for n in shape)))
 
     @torch.no_grad()
     def decode(self, latents_n: torch.Tensor, batch: int = 1, field_ids: Sequence[str] | None = None) -> torch.Tensor:
@@ -132,7 +149,15 @@ class MotionGenerator:
         """
         lead = latents_n.shape[:-4]
         flat = latents_n.reshape(-1, *latents_n.shape[-4:])
-        outs = [self.dvf_ae.decode_latent(self.diffusion.dvf_norm.denormalize(flat[i:i + batch].to(self.device)))
+        norm = self.diffusion.dvf_norm
+        phase = None
+        if norm.per_phase:
+            if field_ids is None or len(field_ids) != lead[-1]:
+                raise ValueError(f"per-phase latent statistics need one field id per phase ({lead[-1]}), got {field_ids}")
+            idx = torch.tensor([phase_index(field_kind(f)[1]) for f in field_ids], device=self.device)
+            phase = idx.repeat(flat.shape[0] // len(field_ids))  # (..., P) flattened phase-fastest
+        outs = [self.dvf_ae.decode_latent(norm.denormalize(flat[i:i + batch].to(self.device),
+                                                           None if phase is None else phase[i:i + batch]))
                 for i in range(0, flat.shape[0], batch)]
         out = torch.cat(outs, 0).float()
         out = out.reshape(*lead, *out.shape[1:])
@@ -142,7 +167,7 @@ class MotionGenerator:
             raise ValueError(f"decoding with a motion prior needs one field id per phase ({out.shape[-5]}), "
                              f"got {field_ids}")
         self.prior.check_shape(out.shape[-3:], "decoded field")
-        return out + self.prior.stack(field_ids, like=out)
+        return self.prior.restore(field_ids, out)
 
     @torch.no_grad()
     def sample_latents(self, image_latent_n: torch.Tensor, phases: Sequence[int], sampler: SamplerConfig | None = None,
@@ -158,15 +183,15 @@ class MotionGenerator:
     def cycle(self, ct_hu: torch.Tensor, spacing: Sequence[float], sampler: SamplerConfig | None = None,
               seed: int = 0, num_samples: int = 1) -> CycleResult:
         """Reference-relative fields of phases 00..90 for a CT ``(Z, Y, X)`` HU with ``spacing`` (z, y, x) mm."""
-        img = self.encode_image(ct_hu)
+        img = self.encode_image(ct_hu, spacing)
         phases = list(PHASES)
         if self.target == "ref":
             lat = self.sample_latents(img, phases[1:], sampler, seed, num_samples)
-            moving = self.decode(lat, field_ids=[f"ref_{k:02d}" for k in phases[1:]])  # (S, 9, 3, Z, Y, X)
+            moving = self.decode(lat, self.decode_batch(ct_hu.shape), [f"ref_{k:02d}" for k in phases[1:]])
             zero = torch.zeros_like(moving[:, :1])
             return CycleResult(phases, torch.cat([zero, moving], 1))
         lat = self.sample_latents(img, phases, sampler, seed, num_samples)
-        steps = self.decode(lat, field_ids=[f"step_{k:02d}" for k in phases])  # (S, 10, 3, Z, Y, X): k -> k + 10
+        steps = self.decode(lat, self.decode_batch(ct_hu.shape), [f"step_{k:02d}" for k in phases])  # k -> k + 10
         refs = [torch.zeros_like(steps[:, 0])]
         for k in range(len(phases) - 1):
             refs.append(W.compose(refs[-1], steps[:, k], spacing))

@@ -32,36 +32,56 @@ from .unet import phase_index
 
 
 class LatentNorm(nn.Module):
-    """Per-channel standardisation of latents: ``z_n = (z - mean) / std`` (shapes ``(C,)``)."""
+    """Standardisation of latents ``(N, C, Z, Y, X)`` (any leading axes): ``z_n = (z - mean) / std``.
+
+    Statistics ``(C,)`` (per channel) or ``(P, C)`` (per breathing phase index and channel: every phase's latents
+    get unit scale, so the small residuals of the phases next to the reference weigh as much in the loss as the
+    large ones at end-exhale).  With ``(P, C)`` statistics ``normalize``/``denormalize`` need ``phase``: the phase
+    index (0..P-1) of every item, a long tensor of the latents' leading shape (e.g. ``(N,)``).
+    """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if mean.ndim != 1 or mean.shape != std.shape:
-            raise ValueError(f"latent mean/std must be (C,) vectors, got {tuple(mean.shape)}, {tuple(std.shape)}")
+        if mean.ndim not in (1, 2) or mean.shape != std.shape:
+            raise ValueError(f"latent mean/std must be (C,) or (P, C), got {tuple(mean.shape)}, {tuple(std.shape)}")
         if torch.any(std <= 0):
             raise ValueError("latent std must be positive")
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
-    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ch_axis = x.ndim - 4  # channel axis of (..., C, Z, Y, X)
+    @property
+    def per_phase(self) -> bool:
+        return self.mean.ndim == 2
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor, phase: torch.Tensor | None) -> torch.Tensor:
+        t = t.to(x.device, x.dtype)
+        if self.per_phase:
+            if phase is None:
+                raise ValueError("per-phase latent statistics need the phase index of every latent")
+            idx = torch.as_tensor(phase, device=x.device).long()
+            if tuple(idx.shape) != tuple(x.shape[:-4]):
+                raise ValueError(f"phase indices {tuple(idx.shape)} do not match the latents' leading axes "
+                                 f"{tuple(x.shape[:-4])}")
+            return t[idx][..., None, None, None]  # (..., C, 1, 1, 1)
         shape = [1] * x.ndim
-        shape[ch_axis] = -1
-        return t.to(x.device, x.dtype).view(shape)
+        shape[x.ndim - 4] = -1  # channel axis of (..., C, Z, Y, X)
+        return t.view(shape)
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self._view(self.mean, z)) / self._view(self.std, z)
+    def normalize(self, z: torch.Tensor, phase: torch.Tensor | None = None) -> torch.Tensor:
+        return (z - self._view(self.mean, z, phase)) / self._view(self.std, z, phase)
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self._view(self.std, z) + self._view(self.mean, z)
+    def denormalize(self, z: torch.Tensor, phase: torch.Tensor | None = None) -> torch.Tensor:
+        return z * self._view(self.std, z, phase) + self._view(self.mean, z, phase)
 
-    def to_dict(self) -> dict[str, list[float]]:
+    def to_dict(self) -> dict[str, list]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
-    def identity(cls, channels: int) -> "LatentNorm":
-        return cls(torch.zeros(channels), torch.ones(channels))
+    def identity(cls, channels: int, phases: int = 0) -> "LatentNorm":
+        """Zero mean, unit std: ``(channels,)``, or ``(phases, channels)`` when ``phases`` > 0."""
+        shape = (phases, channels) if phases > 0 else (channels,)
+        return cls(torch.zeros(shape), torch.ones(shape))
 
 
 @torch.no_grad()

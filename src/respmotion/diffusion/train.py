@@ -2,7 +2,7 @@
 
 Patients: by default the DVF autoencoder's split recorded in the latent set's provenance (so
 the diffusion model never trains on the autoencoders' validation/test patients); without one,
-a fresh patient-level split with ``data.split_ratios`` / ``data.split_seed``.  Latent
+a fresh patient-level split with ``data.patient_split`` (ratios, seed).  Latent
 statistics (per-channel mean/std of DVF and image latents) come from the training patients and
 are stored inside the model (see :mod:`respmotion.diffusion.model`).  The DVF autoencoder's motion
 prior record (path, sha256; :mod:`respmotion.models.prior`) is copied into the checkpoint's
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 from pathlib import Path
 
 from ..training.engine import FitResult, TrainConfig
 from ..training.run import Run, run_training
-from ..training.splits import SPLIT_RATIOS, SPLIT_SEED, Split, split_patients
+from ..training.splits import SPLIT_RENAMED, Split, SplitSettings
 from .config import DEFAULT_SAMPLER, DiffusionModelConfig, SamplerConfig
-from .latents import LatentDataset, channel_stats, image_deviation_stats, read_provenance
+from .latents import LatentDataset, anatomy_stats, channel_stats, image_deviation_stats, read_provenance
 from .sampling import LatentNorm
 from .task import DiffusionTask
 
@@ -30,9 +31,10 @@ from .task import DiffusionTask
 class DiffusionDataConfig:
     latents: str = ""  # latent set folder (respmotion latents --out)
     split_from_autoencoder: bool = True  # reuse the DVF autoencoder's patient split when recorded
-    split_ratios: tuple[float, float, float] = SPLIT_RATIOS
-    split_seed: int = SPLIT_SEED
+    patient_split: SplitSettings = field(default_factory=SplitSettings)
     stats_items: int = 256  # training items used for the latent statistics
+
+    RENAMED: ClassVar[dict[str, str]] = SPLIT_RENAMED
 
 
 @dataclass
@@ -42,6 +44,7 @@ class DiffusionRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=lambda: replace(DEFAULT_SAMPLER))  # default for later sampling, stored
     ema_decay: float = 0.999
+    val_samples: int = 4  # latents sampled per validation item: energy score, mean error, spread in TensorBoard
     out: str = "runs"  # runs go to <out>/diffusion/<timestamp>/
     run_dir: str = ""
 
@@ -51,7 +54,7 @@ def make_split(cfg: DiffusionRunConfig, prov: dict) -> Split:
     if cfg.data.split_from_autoencoder and recorded:
         return Split.from_dict(recorded)
     patients = sorted({p.parent.parent.name for p in Path(cfg.data.latents).glob("*/*/latents.json")})  # <patient>/<study>/
-    return split_patients(patients, cfg.data.split_ratios, cfg.data.split_seed)
+    return cfg.data.patient_split.cut(patients)
 
 
 def _beside(record: dict, run_dir: Path) -> dict:
@@ -85,7 +88,9 @@ def _train_in(cfg: DiffusionRunConfig, prov: dict, run: Run, init: str | Path | 
                          f"model.unet expects {u.dvf_channels} / {u.image_channels}")
     img_norm = LatentNorm(*channel_stats(train_set, "image", cfg.data.stats_items))
     image_dev = image_deviation_stats(train_set) if cfg.model.image_condition != "plain" else None
-    dvf_norm = LatentNorm(*channel_stats(train_set, "x", cfg.data.stats_items))
+    by_phase = cfg.model.unet.num_phases if cfg.model.dvf_norm == "phase" else 0
+    dvf_norm = LatentNorm(*channel_stats(train_set, "x", cfg.data.stats_items, by_phase))
+    anatomy = anatomy_stats(train_set) if cfg.model.anatomy_condition else None
     prior = prov["dvf_autoencoder"].get("motion_prior") or {"mode": "none"}
     extra = {"split": split.to_dict(), "latents": str(Path(cfg.data.latents).resolve()),
              "latent_provenance": {**{k: _beside(prov[k], run.run_dir) for k in ("image_autoencoder", "dvf_autoencoder")},
@@ -96,5 +101,5 @@ def _train_in(cfg: DiffusionRunConfig, prov: dict, run: Run, init: str | Path | 
     run.start(cfg, split, f"{len(train_set)} train / {len(val_set) if val_set else 0} val latents "
                           f"({cfg.model.target} mode)")
     task = DiffusionTask(cfg.model, img_norm, dvf_norm, cfg.ema_decay, cfg.train.steps, extra, cfg.sampler,
-                         image_dev)
+                         image_dev, anatomy, cfg.val_samples)
     return run.fit(task, train_set, val_set, cfg.train, cfg, init)

@@ -1,8 +1,8 @@
 """Settings of ``respmotion evaluate synthesis`` (loaded through :mod:`respmotion.config`; ``--config`` /
 ``key=value``): :class:`EvaluateSynthesisConfig`.
 
-Cohort mode (``data``): the studies of the patients of ``split`` (split of ``split_ratios`` with
-``split_seed``, :func:`respmotion.training.splits.split_patients`), or ``patients`` when given, are
+Cohort mode (``data``): the studies of the patients of ``split`` (cut by ``patient_split``, ratios and seed:
+:class:`respmotion.training.splits.SplitSettings`), or ``patients`` when given, are
 evaluated by :func:`respmotion.evaluation.synthesis_eval.run_evaluation`.  Landmark mode (``ct`` and
 ``landmarks``): :func:`respmotion.evaluation.ct_landmarks.evaluate_ct_landmarks`.
 """
@@ -10,14 +10,17 @@ evaluated by :func:`respmotion.evaluation.synthesis_eval.run_evaluation`.  Landm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from ..training.splits import SPLIT_RATIOS, SPLIT_SEED
+from ..training.splits import SPLIT_RENAMED, SplitSettings
 
 
 @dataclass
 class EvaluateSynthesisConfig:
     """``model`` as :class:`respmotion.synthesis.run.SynthesizeConfig`'s (``gt``: the phantom's ground truth);
-    ``samples`` cycles per study; ``sampler``, ``steps``, ``delta_t`` empty or 0: the model's own."""
+    ``samples`` cycles per study (K: a generator is judged by K samples, their mean, energy score and spread,
+    :mod:`respmotion.evaluation.ensemble`; deterministic models give K equal cycles); ``sampler``, ``steps``,
+    ``delta_t`` None: the model's own; ``device`` as :func:`respmotion.runtime.resolve_device`."""
 
     data: str = ""
     ct: str = ""
@@ -26,11 +29,12 @@ class EvaluateSynthesisConfig:
     out: str = "out/evaluation"
     patients: list[str] = field(default_factory=list)
     split: str = "test"
-    split_ratios: tuple[float, float, float] = SPLIT_RATIOS
-    split_seed: int = SPLIT_SEED
-    samples: int = 1
+    patient_split: SplitSettings = field(default_factory=SplitSettings)
+    samples: int = 8
     seed: int = 0
-    device: str = "cpu"
-    sampler: str = ""
-    steps: int = 0
-    delta_t: int = 0
+    device: str = "auto"
+    sampler: str | None = None
+    steps: int | None = None
+    delta_t: int | None = None
+
+    RENAMED: ClassVar[dict[str, str]] = SPLIT_RENAMED

@@ -9,6 +9,11 @@
 * ``"dvf_error_per_phase"``: ``{label: {phase: stats}}`` with stats from
   :func:`respmotion.evaluation.metrics.dvf_error` (``mean``, optional ``p95``) or a bare number (mm).
 * ``"landmarks"``: a :func:`respmotion.evaluation.landmarks.landmark_report` dict, or ``{label: such dict}``.
+* ``"breathing_band"``: ``{label: {phase: [low, high]}}`` (mm), e.g. the range of K samples' breathing curves,
+  drawn as a band behind the curves.
+* ``"generator"``: ``{score: {phase: mm}}`` (:mod:`respmotion.evaluation.ensemble`: ``single_sample_error``,
+  ``mean_error``, ``energy_score``, ``spread``, ``population_mean_error``), drawn with the DVF errors and
+  tabled per phase in the HTML page.
 
 Phase keys may be ints or strings (JSON turns them into strings).  In the JSON, non-finite floats (e.g. the
 PSNR of identical images) become ``null`` and numpy values become Python numbers.  ``report.json`` is written
@@ -70,6 +75,10 @@ def _plot_breathing(ax, report: Mapping) -> None:
     curves = report.get("breathing_curve") or {}
     if not curves:
         return _no_data(ax, "Breathing curve")
+    for label, band in (report.get("breathing_band") or {}).items():
+        rows = sorted((int(p), lo, hi) for p, (lo, hi) in band.items())
+        ax.fill_between([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], alpha=0.25,
+                        label=f"{label} (range)")
     for label, curve in curves.items():
         ax.plot(*_by_phase(curve), marker="o", label=str(label))
     ax.set(title="Breathing curve: mean |u| in the lungs", xlabel="phase (%)", ylabel="mm")
@@ -87,6 +96,10 @@ def _plot_dvf_error(ax, report: Mapping) -> None:
         p95 = {p: s["p95"] for p, s in per_phase.items() if isinstance(s, Mapping) and "p95" in s}
         if p95:
             ax.plot(*_by_phase(p95), ls=":", color=line.get_color(), label=f"{label} p95")
+    gen = report.get("generator") or {}
+    for key, style in (("energy_score", "--"), ("spread", ":")):
+        if gen.get(key):
+            ax.plot(*_by_phase(gen[key]), ls=style, marker="x", color="k", label=f"model {key.replace('_', ' ')}")
     ax.set(title="DVF error per phase", xlabel="phase (%)", ylabel="mm")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
@@ -131,10 +144,12 @@ def _plot_table(ax, report: Mapping) -> None:
     if not rows:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
         return
-    table = ax.table(cellText=rows, colLabels=["metric", "value"], loc="upper center", cellLoc="left")
+    table = ax.table(cellText=rows, colLabels=["metric", "value"], loc="upper center", cellLoc="left",
+                     colWidths=[0.75, 0.25])
     table.auto_set_font_size(False)
-    table.set_fontsize(9)
-    table.scale(1.0, 1.3)
+    fit = min(1.0, 15.0 / len(rows))  # up to 15 rows at full size; more rows shrink to stay on the page
+    table.set_fontsize(9 * max(fit, 0.6))
+    table.scale(1.0, 1.3 * fit)
 
 
 def _summary_figure(report: Mapping) -> Figure:
@@ -157,13 +172,22 @@ def _summary_html(report: Mapping, png: bytes) -> str:
         for k, v in (report.get("headline") or {}).items()
     )
     data = base64.b64encode(png).decode("ascii")
+    gen = report.get("generator") or {}
+    table = ""
+    if gen:
+        phases = sorted({p for v in gen.values() for p in v}, key=int)
+        head = "".join(f"<th>{html.escape(str(p))} %</th>" for p in phases)
+        body = "\n".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td>"
+                         + "".join(f"<td>{_fmt(v.get(p))}</td>" for p in phases) + "</tr>" for k, v in gen.items())
+        table = (f"<h2>The model as a generator (mm, mean over the studies)</h2>\n<table><tr><th>score</th>{head}"
+                 f"</tr>\n{body}\n</table>\n")
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + title + "</title>\n"
         "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}</style></head><body>\n"
         f"<h1>{title}</h1>\n<img alt=\"summary\" src=\"data:image/png;base64,{data}\">\n"
         "<h2>Headline numbers</h2>\n<table><tr><th>metric</th><th>value</th></tr>\n"
-        f"{rows}\n</table>\n<p>Full numbers: report.json</p>\n</body></html>\n"
+        f"{rows}\n</table>\n{table}<p>Full numbers: report.json</p>\n</body></html>\n"
     )
 
 

@@ -10,6 +10,12 @@ compared with
 Per phase: DVF error in the lungs (mean, p95), SSIM/PSNR/MAE of the warped CT vs the real phase,
 % folding voxels, lung volume change, diaphragm superior-inferior excursion (00 -> 50), the
 breathing curve (mean lung displacement per phase) and landmark errors where landmarks exist.
+
+A generative model is judged as a generator (:mod:`respmotion.evaluation.ensemble`): with ``samples`` K > 1
+its K cycles give, beside the first sample's metrics (candidate ``model``), the metrics of their mean field
+(candidate ``model_mean``) and per phase the energy score and the samples' spread; the report's
+``generator`` table averages them over the studies, with the population mean's error (its energy score:
+a point forecast) beside them, and ``breathing_band`` holds the samples' range of the breathing curve.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from ..anatomy.measures import diaphragm_excursion
 from ..core.ops import warp_volume
@@ -26,6 +33,7 @@ from ..core.types import DisplacementField, Volume
 from ..io.atomic import read_npy
 from ..io.layout import PHASES, StudyDir
 from . import metrics as M
+from .ensemble import ensemble_scores
 from .landmarks import landmark_error
 
 FieldLoader = Callable[[StudyDir, int], DisplacementField]
@@ -124,6 +132,21 @@ def evaluate_study(study: StudyDir, candidates: Mapping[str, Mapping[int, Displa
     return out
 
 
+def generator_scores(study: StudyDir, cycles: Sequence[Mapping[int, DisplacementField]],
+                     truth: Mapping[int, DisplacementField]) -> dict:
+    """Per phase 10..90 (``"10"``...): :func:`~respmotion.evaluation.ensemble.ensemble_scores` of the K sampled
+    fields against the truth in that phase's lungs, plus their means over the phases (``"mean"``)."""
+    ct = study.load_phase(0)
+    per = {}
+    for k in PHASES[1:]:
+        lung = _lung(study, k, ct).array != 0
+        samples = np.stack([c[k].array for c in cycles])
+        per[f"{k:02d}"] = ensemble_scores(samples, truth[k].array, lung)
+    keys = ("single_sample_error", "mean_error", "energy_score", "spread")
+    return {"per_phase": per, "mean": {key: float(np.mean([v[key] for v in per.values()])) for key in keys},
+            "samples": len(cycles)}
+
+
 def summarise(per_study: dict[str, dict]) -> dict:
     """Headline numbers averaged over studies for each candidate."""
     names = sorted({n for rec in per_study.values() for n in rec if n != "truth"})
@@ -135,21 +158,45 @@ def summarise(per_study: dict[str, dict]) -> dict:
             vals = [r[key] for r in recs if key in r]
             if vals:
                 head[f"{n}/{key}"] = float(np.mean(vals))
+        gen = [r["generator"]["mean"] for r in recs if "generator" in r]
+        if gen:
+            head[f"{n}/energy_score_mm"] = float(np.mean([g["energy_score"] for g in gen]))
+            head[f"{n}/spread_mm"] = float(np.mean([g["spread"] for g in gen]))
+            head[f"{n}/samples"] = int(recs[0]["generator"]["samples"])
     truth = [r["truth"]["diaphragm_excursion_mm"] for r in per_study.values() if "truth" in r]
     if truth:
         head["truth/diaphragm_excursion_mm"] = float(np.mean(truth))
     return head
 
 
+def _phase_means(per_study: dict[str, dict], name: str, value: Callable[[dict], dict]) -> dict[str, float]:
+    """``{phase: mean over the studies}`` of ``value(record of candidate name)`` (a ``{phase: number}`` dict)."""
+    rows = [value(r[name]) for r in per_study.values() if name in r]
+    return {k: float(np.mean([row[k] for row in rows if k in row])) for k in rows[0]} if rows else {}
+
+
 def report_dict(per_study: dict[str, dict], title: str, seconds: float) -> dict:
-    """The structure :func:`respmotion.evaluation.report.write_report` draws."""
+    """The structure :func:`respmotion.evaluation.report.write_report` draws: DVF errors and the generator table
+    averaged over the studies; breathing curves, the sample band and landmarks of the first study."""
     first = next(iter(per_study.values()))
     curves = {n: r["breathing_curve"] for n, r in first.items() if "breathing_curve" in r}
-    dvf = {n: {k: v["dvf_error_lung"]["mean"] for k, v in r["per_phase"].items() if "dvf_error_lung" in v}
-           for n, r in first.items() if "per_phase" in r}
+    names = [n for n, r in first.items() if "per_phase" in r]
+    dvf = {n: _phase_means(per_study, n, lambda r: {k: v["dvf_error_lung"]["mean"] for k, v in r["per_phase"].items()
+                                                    if "dvf_error_lung" in v}) for n in names}
+    dvf = {n: v for n, v in dvf.items() if v}
     lms = {n: r["landmarks"] for n, r in first.items() if "landmarks" in r and n != "zero"}
-    return {"title": title, "headline": summarise(per_study), "breathing_curve": curves,
-            "dvf_error_per_phase": dvf, "landmarks": lms, "studies": per_study, "seconds": seconds}
+    out = {"title": title, "headline": summarise(per_study), "breathing_curve": curves,
+           "dvf_error_per_phase": dvf, "landmarks": lms, "studies": per_study, "seconds": seconds}
+    if "generator" in first.get("model", {}):
+        keys = ("single_sample_error", "mean_error", "energy_score", "spread")
+        gen = {key: _phase_means(per_study, "model", lambda r, key=key: {k: v[key] for k, v in
+                                                                         r["generator"]["per_phase"].items()})
+               for key in keys}
+        if "population_mean" in dvf:
+            gen["population_mean_error"] = {k: v for k, v in dvf["population_mean"].items() if k != "00"}
+        out["generator"] = gen
+        out["breathing_band"] = {"model samples": first["model"]["breathing_band"]}
+    return out
 
 
 def timed(fn, *a, **kw):
@@ -172,10 +219,13 @@ def run_evaluation(studies: Sequence[StudyDir], model, train_studies: Sequence[S
     baseline_mean = mean_fields(train_studies, load) if load is not None and train_studies else None
     model_for = model if not hasattr(model, "generate") else (lambda _study: model)
     per_study = {}
-    for sd in studies:
+    for sd in tqdm(studies, desc=f"evaluate ({samples} sample{'s' if samples > 1 else ''} each)", unit="patient"):
         ct = sd.load_phase(0)
         cycles = model_for(sd).generate(ct, samples, seed)
         cands: dict[str, Mapping[int, DisplacementField]] = {"model": cycles[0]}
+        if samples > 1:
+            cands["model_mean"] = {k: DisplacementField(np.mean([c[k].array for c in cycles], axis=0), ct.geometry)
+                                   for k in PHASES}
         zero = {k: DisplacementField(np.zeros((3, *ct.geometry.shape), np.float32), ct.geometry) for k in PHASES}
         cands["zero"] = zero
         if baseline_mean is not None:
@@ -185,6 +235,11 @@ def run_evaluation(studies: Sequence[StudyDir], model, train_studies: Sequence[S
         if samples > 1:
             lung0 = _lung(sd, 0, ct)
             rec["model"]["sample_diversity_50"] = M.sample_diversity([c[50] for c in cycles], lung0)
+            curves = np.array([[M.mean_displacement(_on(c[k], ct.geometry), lung0) for k in PHASES] for c in cycles])
+            rec["model"]["breathing_band"] = {f"{k:02d}": [float(lo), float(hi)]
+                                              for k, lo, hi in zip(PHASES, curves.min(0), curves.max(0))}
+            if tr is not None:
+                rec["model"]["generator"] = generator_scores(sd, cycles, tr)
         per_study[sd.key] = rec
     report = report_dict(per_study, title, time.perf_counter() - t0)
     write_report(out_dir, report)

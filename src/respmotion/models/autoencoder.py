@@ -19,7 +19,7 @@ with strides ``(1, 2, 2)`` to downsample and :class:`~monai.networks.blocks.UpSa
 
 Network units (the model carries them, see :meth:`Autoencoder.normalize`):
 
-* CT: Hounsfield units clipped to ``[hu_min, hu_max]`` (default: the window of
+* CT: Hounsfield units clipped to ``hu_window`` (default: the window of
   :mod:`respmotion.data.intensity`, ``[-1000, 1000]``) and mapped linearly to ``[-1, 1]`` by its
   functions.  (The research code used ``[-1024, 3071]``; the narrower window keeps
   lung/soft-tissue contrast, and bone above 1000 HU saturates.)
@@ -43,12 +43,12 @@ from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.layers.factories import Act
 
 from ..core import warp as W
-from ..data.intensity import HU_WINDOW, denormalize_hu, normalize_hu
+from ..data.intensity import HU_WINDOW, HUWindow, check_hu_window, denormalize_hu, normalize_hu
 from ..io.torchfile import load_state, load_weights_only
 
 KINDS = ("image", "dvf")
 #: the DVF decoder's default number of levels left coarse: 3, chosen for the default 50x256x256 model grid
-#: (8 voxels in-plane = 11.2 mm, the registration's B-spline control spacing; docs/synthesis_cost.md).  The
+#: (8 voxels in-plane = 11.2 mm, the registration's B-spline control spacing; docs/synthesis.md).  The
 #: setting counts voxels, so smaller grids set their own (the demo and the CI chain test: 0; 3 levels on
 #: the demo's 64 voxels in-plane would be a 45 mm grid).  Checkpoints written before the option load as 0 (full resolution).
 COARSE_LEVELS_DVF = 3
@@ -74,7 +74,7 @@ class AutoencoderNetConfig:
     ``(B, C_out, Z / s_z**k, Y / 2**k, X / 2**k)`` is brought to the full grid by trilinear
     interpolation (:func:`respmotion.core.warp.upsample_field`), a cost that fits a smooth field
     (DVF default :data:`COARSE_LEVELS_DVF`, or every level when there are fewer, chosen in
-    docs/synthesis_cost.md; image 0).  A stored
+    docs/synthesis.md; image 0).  A stored
     config without the key (checkpoints written before the option) means 0: full resolution.
     """
 
@@ -90,8 +90,7 @@ class AutoencoderNetConfig:
     dropout: float = 0.05
     norm_groups: int = 32
     act: str = "swish"
-    hu_min: float = HU_WINDOW[0]
-    hu_max: float = HU_WINDOW[1]
+    hu_window: HUWindow = HU_WINDOW  # image: CT clipped to this (low, high) HU, mapped to [-1, 1]
     dvf_scale_mm: float = 10.0
     coarse_levels: int | None = None
 
@@ -113,23 +112,27 @@ class AutoencoderNetConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["channel_mults"] = list(self.channel_mults)
+        d["hu_window"] = list(self.hu_window)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AutoencoderNetConfig":
+        d = dict(d)
+        if "hu_min" in d or "hu_max" in d:  # written before the one hu_window setting
+            d["hu_window"] = (d.pop("hu_min", HU_WINDOW[0]), d.pop("hu_max", HU_WINDOW[1]))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown autoencoder setting '{unknown[0]}'")
-        d = dict(d)
         d.setdefault("coarse_levels", 0)  # written before the option: a full-resolution decoder
+        d["hu_window"] = check_hu_window(d.get("hu_window", HU_WINDOW))
         if "channel_mults" in d:
             d["channel_mults"] = tuple(int(m) for m in d["channel_mults"])
         return cls(**d)
 
 
 def default_net_config(kind: str, **overrides: Any) -> AutoencoderNetConfig:
-    """Defaults of the spec: image 1->3 latent channels (AE), DVF 3->9 latent channels (VAE)."""
+    """Defaults of the research code: image 1->3 latent channels (AE), DVF 3->9 latent channels (VAE)."""
     return AutoencoderNetConfig(kind=kind, **overrides).resolved()
 
 
@@ -247,14 +250,14 @@ class Autoencoder(nn.Module):
         """Physical units (HU, or mm for a DVF) -> network units (see module docstring)."""
         c = self.cfg
         if c.kind == "image":
-            return normalize_hu(x, (c.hu_min, c.hu_max))
+            return normalize_hu(x, c.hu_window)
         return x / c.dvf_scale_mm
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
         """Network units -> HU (within the window) or mm."""
         c = self.cfg
         if c.kind == "image":
-            return denormalize_hu(y, (c.hu_min, c.hu_max))
+            return denormalize_hu(y, c.hu_window)
         return y * c.dvf_scale_mm
 
     # ------------------------------------------------------------------ codec

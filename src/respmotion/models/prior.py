@@ -40,7 +40,11 @@ from ..io.checkpoint import recorded_file
 
 FORMAT = "respmotion.motion_prior/1"
 NPY, JSON = "motion_prior.npy", "motion_prior.json"
-PRIOR_MODES = ("none", "mean")
+#: "none": the DVF VAE codes the full field; "mean": the residual ``u - u_bar[id]``; "scaled": that residual
+#: divided by the target's scale ``c[id]`` (:meth:`MotionPrior.residual`)
+PRIOR_MODES = ("none", "mean", "scaled")
+#: smallest residual scale: a target whose mean field is tiny is not blown up by more than 1 / this
+MIN_SCALE = 0.1
 
 
 class MotionPrior:
@@ -75,6 +79,28 @@ class MotionPrior:
         t = torch.from_numpy(np.stack([self.field(f) for f in field_ids]))
         return t if like is None else t.to(like.device, like.dtype)
 
+    @property
+    def scales(self) -> dict[str, float]:
+        """Residual scale ``c[id]`` per field id (1 for every id unless the prior was built ``scaled``)."""
+        recorded = self.meta.get("residual_scale") or {}
+        return {fid: float(recorded.get(fid, 1.0)) for fid in self.ids}
+
+    def residual(self, field_id: str, field: np.ndarray) -> np.ndarray:
+        """What the DVF VAE codes: ``(u - u_bar[id]) / c[id]``, ``field`` ``(3, Z, Y, X)`` mm.
+
+        Why the scale (mode "scaled"): the phases next to the reference move a few tenths of the end-exhale
+        motion, and so do their residuals; an L1 loss in mm then fits them least, and a VAE error that is small
+        at end-exhale is as large as the population mean's own error at 10 %.  Dividing by ``c[id]`` (the RMS
+        of ``u_bar[id]`` over that of the largest target, at least :data:`MIN_SCALE`) gives every phase's
+        residual the same scale; :meth:`restore` multiplies it back."""
+        return (np.asarray(field, np.float32) - self.field(field_id)) / np.float32(self.scales[field_id])
+
+    def restore(self, field_ids: Sequence[str], coded: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`residual` for decoded residuals ``(..., N, 3, Z, Y, X)`` (one id per entry of the
+        N axis): ``u_bar[id] + c[id] * r`` in mm, on ``coded``'s device and dtype."""
+        scale = torch.tensor([self.scales[f] for f in field_ids], device=coded.device, dtype=coded.dtype)
+        return coded * scale.view(-1, 1, 1, 1, 1) + self.stack(field_ids, like=coded)
+
     def check_shape(self, shape: Sequence[int], where: str = "") -> None:
         if tuple(int(s) for s in shape) != self.shape:
             raise ValueError(f"{where or 'field'}: shape {tuple(shape)} differs from the motion prior's {self.shape} "
@@ -82,8 +108,10 @@ class MotionPrior:
 
     # ------------------------------------------------------------------ build / files
     @classmethod
-    def from_fields(cls, items: Iterable[tuple[str, np.ndarray]], meta: dict[str, Any] | None = None) -> "MotionPrior":
-        """Mean per field id of ``(field_id, (3, Z, Y, X) mm)`` items (float64 accumulation)."""
+    def from_fields(cls, items: Iterable[tuple[str, np.ndarray]], meta: dict[str, Any] | None = None,
+                    scaled: bool = False) -> "MotionPrior":
+        """Mean per field id of ``(field_id, (3, Z, Y, X) mm)`` items (float64 accumulation); ``scaled``: also
+        the residual scale per id (:meth:`residual`), recorded as ``meta["residual_scale"]``."""
         sums: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}
         for fid, arr in items:
@@ -97,7 +125,12 @@ class MotionPrior:
             raise ValueError("the motion prior needs at least one training field")
         ids = sorted(sums)
         fields = np.stack([(sums[f] / counts[f]).astype(np.float32) for f in ids])
-        return cls(ids, fields, {**(meta or {}), "items_per_id": {f: counts[f] for f in ids}})
+        meta = {**(meta or {}), "items_per_id": {f: counts[f] for f in ids}}
+        if scaled:
+            rms = np.sqrt((fields.astype(np.float64) ** 2).mean(axis=(1, 2, 3, 4)))
+            top = float(rms.max()) or 1.0
+            meta["residual_scale"] = {f: max(MIN_SCALE, float(r) / top) for f, r in zip(ids, rms)}
+        return cls(ids, fields, meta)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``motion_prior.npy`` + ``.json`` into ``folder``; returns the .npy path."""
@@ -134,7 +167,8 @@ class MotionPrior:
         if self.path is None:
             raise ValueError("motion prior is not saved yet (call save first)")
         # relpath: from the folder it was saved in (the run folder whose checkpoints record it), for a moved run tree
-        return {"mode": "mean", "path": str(self.path), "relpath": self.path.name, "sha256": self.meta["sha256"],
+        return {"mode": "scaled" if self.meta.get("residual_scale") else "mean", "path": str(self.path),
+                "relpath": self.path.name, "sha256": self.meta["sha256"],
                 "ids": self.ids, "shape": list(self.shape), "patients": self.meta.get("patients"),
                 "field_source": self.meta.get("field_source")}
 

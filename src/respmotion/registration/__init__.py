@@ -24,10 +24,10 @@ Use::
     u = dense_field("<out>/<patient>/<study>/ref_50.npz")  # DisplacementField (3, z, y, x) mm, pull
 
 Modules: :mod:`~.config` (settings), :mod:`~.ffd` (the optimiser), :mod:`~.level` (one pyramid level),
-:mod:`~.similarity` (weighted NCC), :mod:`~.regulariser` and :mod:`~.texture` (bending weights),
-:mod:`~.folding` (folding repair), :mod:`~.bspline` (the B-spline field and its storage), :mod:`~.field`
-(``register``'s result), :mod:`~.pipeline`, :mod:`~.pairs`, :mod:`~.quality` (the stage).  How to run, tune and
-measure it: ``docs/registration.md``.
+:mod:`~.similarity` (weighted NCC), :mod:`~.regulariser` (bending and Jacobian penalty at the knots),
+:mod:`~.texture` (bending weights), :mod:`~.folding` (folding repair), :mod:`~.bspline` (the B-spline field and
+its storage), :mod:`~.field` (``register``'s result), :mod:`~.pipeline`, :mod:`~.pairs`, :mod:`~.quality` (the
+stage).  How to run, tune and measure it: ``docs/registration.md``.
 """
 
 from .bspline import BSplineField, ControlGrid, blend_weight, dense_field, load_bspline, save_bspline

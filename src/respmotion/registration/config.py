@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
+from ..anatomy.masks import BODY_THRESHOLD_HU, LUNG_THRESHOLD_HU
 from ..anatomy.sliding import REGIONS
-from ..data.intensity import HU_WINDOW
+from ..data.intensity import HU_WINDOW, HUWindow, check_hu_window
 
 
 @dataclass
@@ -37,10 +38,11 @@ class FFDSettings:
     # respmotion.registration.texture.texture_poverty) (empty or 0: one weight everywhere)
     bending_texture: tuple[float, ...] = (0.0, 0.0, 30.0)
     texture_fields: str = "both"  # sliding: both | outside (the inside field keeps one weight everywhere)
-    texture_lung_hu: float | None = -500.0  # knots whose blurred HU is below this keep one weight (None: none do)
+    # knots whose blurred HU is below this (air: aerated lung, outside the body) keep one weight (None: none do)
+    texture_air_hu: float | None = BODY_THRESHOLD_HU
     jacobian_weight: float = 1.0e2  # penalty on Jacobian determinants below jacobian_min at the knots
     jacobian_min: float = 0.2
-    clip_hu: tuple[float, float] = HU_WINDOW  # both images clipped to this HU window before the similarity
+    hu_window: HUWindow = HU_WINDOW  # both images clipped to this HU window before the similarity
     smooth_vox: tuple[float, float, float] = (0.0, 0.0, 0.0)  # Gaussian sigma (voxels) on both images
     body_margin_mm: float = 0.0  # similarity weight: the fixed body mask dilated by this many mm (box, per axis)
     sliding: bool = True  # two fields, inside and outside the sliding region, each with its own regulariser
@@ -55,6 +57,8 @@ class FFDSettings:
     # worker per core, no OpenMP barriers between cores
     workers: int = 0
     seed: int = 0  # the similarity's voxel subset offsets are drawn from this
+
+    RENAMED: ClassVar[dict[str, str]] = {"clip_hu": "hu_window", "texture_lung_hu": "texture_air_hu"}  # older saved configs
 
     def for_shape(self, shape: Sequence[int]) -> "FFDSettings":
         """These settings for an image of ``shape`` (z, y, x) voxels.
@@ -89,6 +93,7 @@ class FFDSettings:
             raise ValueError(f"texture_fields must be both or outside, got {self.texture_fields!r}")
         if any(v < 0 for v in self.bending_texture):
             raise ValueError(f"bending_texture must be >= 0 per level, got {self.bending_texture}")
+        check_hu_window(self.hu_window, "ffd.hu_window")
         if self.sliding_region not in REGIONS:
             raise ValueError(f"sliding_region must be one of {', '.join(REGIONS)}, got {self.sliding_region!r}")
 
@@ -104,11 +109,11 @@ class RegisterConfig:
     reference: int = 0  # reference phase (percent) of the ref_XX pairs
     rank: Optional[int] = None  # shard index; default torchrun's RANK or 0
     world_size: Optional[int] = None  # number of shards; default torchrun's WORLD_SIZE or 1
-    device: str = "cpu"  # cpu | cuda (cuda:<LOCAL_RANK> under torchrun)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (respmotion.runtime.resolve_device)
     batch_size: int = 0  # pairs per optimiser batch (0: as many of a study's pairs as fit in memory, auto_batch_size)
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    body_threshold_hu: float = -500.0
-    lung_threshold_hu: float = -400.0  # lung masks for sliding (computed when the study has none)
+    threads: int = 0  # torch CPU threads (0: the CPUs this process may use, respmotion.runtime.use_threads)
+    body_threshold_hu: float = BODY_THRESHOLD_HU  # body masks: tissue above, air below
+    lung_threshold_hu: float = LUNG_THRESHOLD_HU  # lung masks for sliding (computed when the study has none)
     coef_dtype: str = "float32"  # float32 | float16 storage of control points
     write_masks: bool = True  # write body masks to <out>/<patient>/<study>/masks/body_XX.npy
     ffd: FFDSettings = field(default_factory=FFDSettings)

@@ -111,7 +111,7 @@ def _register(fixed, moving, body, spacing, s: FFDSettings, grid: ControlGrid, w
     """:func:`register` of one batch in the calling thread (``s`` already :meth:`~FFDSettings.for_shape`'d,
     ``weight`` the inside field's or None): control points ``(B, [2,] 3, K...)`` mm and the log."""
     device, dtype = fixed.device, torch.float32
-    lo, hi = s.clip_hu
+    lo, hi = s.hu_window
     fx = fixed.to(dtype).clamp(lo, hi)[:, None]
     mv = moving.to(dtype).clamp(lo, hi)[:, None]
     wt = body.to(dtype)[:, None]
@@ -123,7 +123,7 @@ def _register(fixed, moving, body, spacing, s: FFDSettings, grid: ControlGrid, w
     ncoef = (nb, 2, 3, *grid.shape) if s.sliding else (nb, 3, *grid.shape)
     coef = torch.zeros(ncoef, dtype=dtype, device=device, requires_grad=True)
     gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
-    poor = (texture_poverty(fx, body.to(dtype)[:, None], grid, spacing, s.texture_lung_hu)
+    poor = (texture_poverty(fx, body.to(dtype)[:, None], grid, spacing, s.texture_air_hu)
             if any(s.bending_texture) else None)
     log: dict = {"levels": []}
     for li, factor in enumerate(s.levels):

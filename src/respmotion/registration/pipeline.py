@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from ..anatomy import body_mask, sliding_region
+from ..config import to_dict, upgrade_keys
 from ..core.geometry import Geometry
 from ..io.atomic import TMP_PREFIX, file_sha256, write_json, write_npy
 from ..io.layout import StudyDir, iter_studies
-from ..runtime import available_memory, local_rank, resolve_rank
+from ..runtime import available_memory, resolve_device, resolve_rank, use_threads
 from .bspline import BSplineField, blend_weight, dense_tensor, load_bspline, save_bspline
 from .config import RegisterConfig
 from .ffd import register
@@ -73,8 +74,8 @@ def pair_done(pair: Pair, out: str | os.PathLike, inputs: dict[str, str] | None 
     if inputs is not None and {k: good.meta.get("inputs", {}).get(k) for k in inputs} != inputs:
         log.warning("%s: computed from other phase images than %s now holds, will redo", paths[0], pair.study.path)
         return False
-    if settings is not None and {k: v for k, v in good.meta.get("settings", {}).items()
-                                 if k not in _NOT_RESULT_SETTINGS} != settings:
+    stored = upgrade_keys(RegisterConfig, good.meta.get("settings", {}))  # settings renamed since: today's names
+    if settings is not None and {k: v for k, v in stored.items() if k not in _NOT_RESULT_SETTINGS} != settings:
         log.warning("%s: computed with other registration settings, will redo", paths[0])
         return False
     for p in paths:
@@ -99,17 +100,6 @@ def _mask_path(out: Path, study, k: int) -> Path:
 def _write_masks(cache: "_StudyCache", phases: set[int], out: Path) -> None:
     for k in sorted(phases):
         write_npy(_mask_path(out, cache.study, k), cache.body_mask(k))
-
-
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but torch sees no CUDA device")
-        if name == "cuda" and "LOCAL_RANK" in os.environ:
-            return torch.device(f"cuda:{local_rank()}")
-    elif name != "cpu":
-        raise ValueError(f"device must be cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 PAIR_BYTES_PER_VOXEL = 100  # memory a pair adds while registered (7.2 GB for 2 pairs of 141x512x512, CPU)
@@ -210,8 +200,6 @@ def register_batch(cache: _StudyCache, batch: list[Pair], cfg: RegisterConfig, o
 
 
 def _settings_dict(cfg: RegisterConfig) -> dict:
-    from ..config import to_dict
-
     d = to_dict(cfg)
     for k in ("data", "out", "rank", "world_size", "device", "threads"):
         d.pop(k, None)
@@ -227,9 +215,8 @@ def run_registration(cfg: RegisterConfig) -> dict:
     if not cfg.data or not cfg.out:
         raise ValueError("register needs --data and --out")
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
-    device = _device(cfg.device)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    use_threads(cfg.threads)
     out = Path(cfg.out)
     studies = list(iter_studies(cfg.data))
     if not studies:

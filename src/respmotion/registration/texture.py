@@ -12,7 +12,7 @@ from .bspline import ControlGrid
 
 
 def texture_poverty(fixed: torch.Tensor, body: torch.Tensor, grid: ControlGrid, spacing,
-                    lung_hu: float | None = None) -> torch.Tensor:
+                    air_hu: float | None = None) -> torch.Tensor:
     """Lack of texture per interior knot ``(B, 1, Kz-2, Ky-2, Kx-2)`` in [0, 1]: ``relu(1 - g / g_body)``;
     a level's bending factor per knot is ``1 + strength * this``.
 
@@ -20,8 +20,8 @@ def texture_poverty(fixed: torch.Tensor, body: torch.Tensor, grid: ControlGrid, 
     blurred with a Gaussian of half a control spacing and read at the knot's voxel; ``g_body`` its median over the
     knots inside ``body`` ``(B, 1, Z, Y, X)``.  Knots in texture-poor tissue (abdomen, chest wall, air) get up to
     ``1 + strength`` times the bending weight: the image cannot place them, so their neighbours should.  With
-    ``lung_hu``, knots where ``fixed`` (HU) blurred the same way is below it get 0 (lung parenchyma keeps the one
-    weight)."""
+    ``air_hu``, knots where ``fixed`` (HU) blurred the same way is below it get 0 (air: lung parenchyma and the air
+    outside the body keep the one weight)."""
     sigma = [0.5 * v for v in grid.stride]
     idx = [torch.as_tensor(np.rint(grid.positions(ax)[1:-1]).astype(np.int64), device=fixed.device).clamp(
         0, fixed.shape[2 + ax] - 1) for ax in range(3)]
@@ -39,7 +39,7 @@ def texture_poverty(fixed: torch.Tensor, body: torch.Tensor, grid: ControlGrid, 
         inside = at(body[b:b + 1]) > 0
         ref = (gk[inside].median() if bool(inside.any()) else gk.median()).clamp_min(1e-6)
         poor = F.relu(1.0 - gk / ref)
-        if lung_hu is not None:
-            poor = poor * (at(gaussian_blur(f, sigma)) >= float(lung_hu))
+        if air_hu is not None:
+            poor = poor * (at(gaussian_blur(f, sigma)) >= float(air_hu))
         out.append(poor)
     return torch.cat(out)

@@ -13,7 +13,7 @@ number of squaring steps is chosen per field so that one step moves at most
   up to the log/exp round trip, 2 = about twice the excursion).
 * :func:`amplitude_for_excursion`: the factor whose end-exhale diaphragm excursion
   (:func:`respmotion.anatomy.measures.diaphragm_excursion`) is a target in mm (secant search).
-* :func:`trace_sequence`: one field per sample of a breathing trace CSV ``time, amplitude``
+* :func:`iter_trace_sequence`: one field per sample of a breathing trace CSV ``time, amplitude``
   (larger amplitude = deeper inhale unless ``inhale_positive=False``).  Inhale peaks and exhale
   troughs are found with hysteresis (a turn counts once the signal has come back by
   ``hysteresis`` x its range; this is the sign of the derivative, robust to noise).  Between
@@ -372,12 +372,6 @@ def check_trace(trace_csv: str | os.PathLike, inhale_positive: bool = True,
         raise TraceError(f"{path}: no full breath found (need an inhale peak and an exhale trough beyond "
                          f"{hysteresis:.0%} of the amplitude range)")
     return t, amp, ext
-
-
-def trace_sequence(fields_by_phase: Mapping[int, DisplacementField], trace_csv: str | os.PathLike,
-                   **kw: Any) -> list[tuple[float, DisplacementField]]:
-    """Every sample of :func:`iter_trace_sequence` in a list (holds one field per trace sample)."""
-    return list(iter_trace_sequence(fields_by_phase, trace_csv, **kw))
 
 
 def iter_trace_sequence(

@@ -45,18 +45,17 @@ def check_settings(cfg: Any) -> None:
     ``FileNotFoundError`` naming the flag or file.  Reads only the trace and checks that the
     structure files exist; the CT and model are not loaded."""
     from .breathing import check_trace
-    from .pipeline import check_formats
 
-    check_formats([*cfg.formats, *(["dicom"] if cfg.dicom else [])])
+    o = cfg.options  # formats, intensity and input phase: checked when the options were made
     if cfg.model.strip() == "seed:":
         raise ValueError("--model seed: names no folder; give the research checkpoints' folder, e.g. seed:weights/")
-    if cfg.samples < 1:
-        raise ValueError(f"--samples {cfg.samples}: must be >= 1 (the number of breathing cycles to draw)")
-    _positive_amount("--amplitude", cfg.amplitude, MAX_AMPLITUDE_FACTOR, "times the model's motion")
-    _positive_amount("--excursion-mm", cfg.excursion_mm, MAX_AMPLITUDE_MM, "mm")
-    _positive_amount("--si-amplitude-mm", cfg.si_amplitude_mm, MAX_AMPLITUDE_MM, "mm")
-    given = [f for f, v in (("--amplitude", cfg.amplitude != 1.0), ("--excursion-mm", cfg.excursion_mm is not None),
-                            ("--si-amplitude-mm", cfg.si_amplitude_mm is not None)) if v]
+    if o.samples < 1:
+        raise ValueError(f"--samples {o.samples}: must be >= 1 (the number of breathing cycles to draw)")
+    _positive_amount("--amplitude", o.amplitude, MAX_AMPLITUDE_FACTOR, "times the model's motion")
+    _positive_amount("--excursion-mm", o.excursion_mm, MAX_AMPLITUDE_MM, "mm")
+    _positive_amount("--si-amplitude-mm", o.si_amplitude_mm, MAX_AMPLITUDE_MM, "mm")
+    given = [f for f, v in (("--amplitude", o.amplitude != 1.0), ("--excursion-mm", o.excursion_mm is not None),
+                            ("--si-amplitude-mm", o.si_amplitude_mm is not None)) if v]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} each set the breathing amplitude; give one of them")
     if cfg.structure_names and not cfg.structures:

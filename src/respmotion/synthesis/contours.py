@@ -79,11 +79,6 @@ def _weighted_mean_index(w: np.ndarray) -> np.ndarray:
                      for axis in range(3)])
 
 
-def centroid_lps(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Centroid (LPS mm, ``(x, y, z)``) of a binary mask or occupancy-weighted; error when empty."""
-    return geometry.index_to_world(_weighted_mean_index(_occupancy(mask)))
-
-
 class MotionAccumulator:
     """:func:`structure_motion` one phase at a time (a streaming synthesis holds one phase's mask).
 

@@ -65,7 +65,7 @@ def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = Non
         ckpt = latest_checkpoint(p)
     gen = MotionGenerator.from_checkpoints(ckpt, device=device)
     try:
-        cfg = choose_sampler(gen.default_sampler, gen.schedule.T, sampler or "", steps or 0, delta_t or 0)
+        cfg = choose_sampler(gen.default_sampler, gen.schedule.T, sampler, steps, delta_t)
     except ValueError as exc:
         raise ValueError(f"{p}: {exc}") from None
     return DiffusionMotion(gen, cfg, shape)

@@ -46,6 +46,7 @@ from ..core.types import DisplacementField, Volume
 from ..io.atomic import atomic_path, write_json
 from ..io.layout import PHASES
 from ..io.volumes import save_field, save_volume
+from .anchor import check_input_phase
 
 #: output formats: nifti/mha (phases int16 HU + float32 fields), dicom (CT series + RTSTRUCT), nifti4d
 FORMATS = ("nifti", "mha", "dicom", "nifti4d")
@@ -106,6 +107,11 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 @dataclass
 class SynthesisOptions:
+    """What :func:`synthesize` makes of a CT (the ``options`` section of
+    :class:`respmotion.synthesis.run.SynthesizeConfig`).  Checked once, when made: ``formats`` without repeats
+    (:func:`check_formats`), ``input_phase`` a phase percent or ``"mid"`` (:func:`~.anchor.check_input_phase`),
+    ``intensity`` one of :data:`INTENSITIES`; a one-line ``ValueError`` naming the flag otherwise."""
+
     samples: int = 1
     seed: int = 0
     amplitude: float = 1.0  # motion scale (invertible: velocity-field scaling), 1 = the model's motion
@@ -113,11 +119,16 @@ class SynthesisOptions:
     # target mean superior lung displacement at 50 %, mm (needs a lung mask; each sample scaled to it): the
     # breathing amplitude as a user knows it, e.g. the mean SI landmark motion of a 4D-CT; overrides the others
     si_amplitude_mm: float | None = None
-    formats: tuple[str, ...] = DEFAULT_FORMATS
-    template: str | None = None  # DICOM folder of the input CT: the DICOM phases join its study
-    slab: int = SLAB
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # FORMATS
+    slab: int = SLAB  # native slices warped at once (memory, not results)
     intensity: str = "mass"  # INTENSITIES: lung density follows the motion (mass kept) or is only warped
     input_phase: int | str = 0  # breathing state of the input: a phase percent or "mid" (synthesis.anchor)
+
+    def __post_init__(self) -> None:
+        self.formats = check_formats(self.formats)
+        self.input_phase = check_input_phase(self.input_phase)
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"--intensity: {self.intensity!r} is not one of {', '.join(INTENSITIES)}")
 
 
 @dataclass
@@ -323,7 +334,7 @@ def _write_4d_nifti(path: Path, stack_xyzp: np.ndarray, geometry: Geometry) -> N
 
 def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisOptions,
                lung_mask: np.ndarray | None = None,
-               structures: Mapping[str, np.ndarray] | None = None) -> SynthesisResult:
+               structures: Mapping[str, np.ndarray] | None = None, template: str | None = None) -> SynthesisResult:
     """Generate ``opts.samples`` breathing cycles for ``ct`` (native grid) and write them to ``out``.
 
     ``structures``: name -> binary or occupancy mask ``(z, y, x)`` on the CT, carried through every
@@ -331,15 +342,12 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
     input's lungs ``(z, y, x)`` (found with :func:`respmotion.anatomy.lung_mask` when not given): the
     region whose density follows the motion (``opts.intensity == "mass"``) and that the per-phase
     measures (:mod:`respmotion.synthesis.sanity`) are taken on.  ``opts.input_phase``: the input's
-    breathing state; the cycle is re-anchored on it (:mod:`respmotion.synthesis.anchor`).
+    breathing state; the cycle is re-anchored on it (:mod:`respmotion.synthesis.anchor`).  ``template``: the
+    input CT's DICOM folder (the DICOM phases join its study).
     """
-    from .anchor import check_input_phase
     from .sanity import LungRecord
 
-    formats = check_formats(opts.formats)
-    if opts.intensity not in INTENSITIES:
-        raise ValueError(f"--intensity: {opts.intensity!r} is not one of {', '.join(INTENSITIES)}")
-    input_phase = check_input_phase(opts.input_phase)
+    formats, input_phase = opts.formats, opts.input_phase
     if lung_mask is None:
         from ..anatomy import lung_mask as find_lungs
 
@@ -398,7 +406,7 @@ def synthesize(ct: Volume, model: MotionModel, out: str | Path, opts: SynthesisO
     il = 1 + len(names)  # channels il, il + 1: lung and lung interior occupancies
     for i, cyc in enumerate(cycles_model):
         ks = sorted(cyc)
-        writer = CycleWriter(out / f"sample_{i:02d}", ct, ks, formats, names, opts.template)
+        writer = CycleWriter(out / f"sample_{i:02d}", ct, ks, formats, names, template)
         try:
             for k in ks:
                 warped = warp_native(chans, cyc[k], ct.geometry, opts.slab,

@@ -2,64 +2,67 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from ..core.types import Volume
 from ..io.atomic import read_npy, write_json
 from ..io.layout import PHASES, StudyDir
-from .pipeline import DEFAULT_FORMATS, FixedMotion, MotionModel, SynthesisOptions, render_result, synthesize
+from ..runtime import resolve_device
+from .pipeline import FixedMotion, MotionModel, SynthesisOptions, render_result, synthesize
+
+#: the synthesis settings of :class:`SynthesisOptions`, top-level keys of configs saved before they were nested
+_OPTIONS = ("samples", "seed", "amplitude", "excursion_mm", "si_amplitude_mm", "formats", "intensity", "input_phase")
 
 
 @dataclass
 class SynthesizeConfig:
+    """Settings of ``respmotion synthesize`` (what each does and when to change it: docs/synthesis.md): input,
+    output, motion model and its sampler, device and threads, structures, trace and GIFs; what is made of the CT
+    (cycles, seed, amplitude, formats, intensities, input phase) is the nested ``options``
+    (:class:`~.pipeline.SynthesisOptions`, checked when made).  ``dicom`` adds ``dicom`` to ``options.formats``.
+    Sampler settings None: the model's own (:func:`respmotion.diffusion.config.choose_sampler` checks them)."""
+
     ct: str = ""
     out: str = "out/synthesis"
     model: str = ""  # "" or "default": the DIR-Lab population prior; a bundle folder; "seed:DIR"; "gt" (phantom study)
-    samples: int = 1
-    seed: int = 0
-    sampler: str = ""  # override the bundle's sampler (diffusion.config.SAMPLER_CHOICES; "" = bundle default)
-    steps: int = 0  # number of sampling steps (0 = the sampler's default)
-    delta_t: int = 0  # research-code timestep stride: num_train_timesteps / delta_t steps (0 = not given)
-    device: str = "cpu"
-    threads: int = 0  # torch CPU threads; 0 = the CPUs this process may run on (os.sched_getaffinity)
-    amplitude: float = 1.0
-    excursion_mm: float | None = None
-    si_amplitude_mm: float | None = None  # mean superior lung motion at 50 %, mm (SynthesisOptions)
+    sampler: str | None = None  # override the bundle's sampler (diffusion.config.SAMPLER_CHOICES)
+    steps: int | None = None  # number of sampling steps (None: the sampler's default)
+    delta_t: int | None = None  # research-code timestep stride: num_train_timesteps / delta_t steps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (respmotion.runtime.resolve_device)
+    threads: int = 0  # torch CPU threads (0: the CPUs this process may use, respmotion.runtime.use_threads)
     trace: str = ""
-    formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))  # pipeline.FORMATS
-    dicom: bool = False  # adds "dicom" to formats
+    dicom: bool = False
     structures: list[str] = field(default_factory=list)
     structure_names: list[str] = field(default_factory=list)
     render: bool = True
     heatmap: bool = False
     fps: float = 2.0
     num_slices: int = 1
-    intensity: str = "mass"  # pipeline.INTENSITIES: lung density follows the motion ("mass") or only warped
-    input_phase: str = "0"  # breathing state of the input CT: a phase percent 0..90 or "mid" (synthesis.anchor)
+    options: SynthesisOptions = field(default_factory=SynthesisOptions)
+
+    RENAMED: ClassVar[dict[str, str]] = {k: f"options.{k}" for k in _OPTIONS}  # older saved configs
+
+    def __post_init__(self) -> None:
+        # configs saved before None meant "not given" wrote "" / 0 for the sampler settings
+        self.sampler, self.steps, self.delta_t = self.sampler or None, self.steps or None, self.delta_t or None
+        if self.dicom:
+            self.options = replace(self.options, formats=(*self.options.formats, "dicom"))
 
 
 #: settings that do not change what synthesis writes besides the GIFs (left out of the folder's identity)
-_NOT_IDENTITY = ("out", "device", "threads", "render", "heatmap", "fps", "num_slices")
+_NOT_IDENTITY = ("out", "device", "threads", "render", "heatmap", "fps", "num_slices", "dicom", "slab")
 
 
 def output_identity(cfg: SynthesizeConfig) -> dict:
-    """What decides an output folder's content (io.ownership): every setting but :data:`_NOT_IDENTITY`,
-    input and model as absolute paths, the formats as written, the input phase and intensity checked (one-line
-    ``ValueError`` before the folder is claimed)."""
-    from dataclasses import asdict
-
-    from .anchor import check_input_phase
-    from .pipeline import INTENSITIES, check_formats
-
-    ident = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IDENTITY}
-    ident["input_phase"] = check_input_phase(cfg.input_phase)
-    if cfg.intensity not in INTENSITIES:
-        raise ValueError(f"--intensity: {cfg.intensity!r} is not one of {', '.join(INTENSITIES)}")
-    ident["formats"] = list(check_formats([*cfg.formats, *(["dicom"] if cfg.dicom else [])]))
-    del ident["dicom"]
+    """What decides an output folder's content (io.ownership): every setting but :data:`_NOT_IDENTITY` (the
+    ``options`` among the others), input and model as absolute paths."""
+    ident = {k: v for k, v in {**asdict(cfg), **asdict(cfg.options)}.items()
+             if k not in _NOT_IDENTITY and k != "options"}
+    ident["formats"] = list(cfg.options.formats)
     ident["ct"] = str(Path(cfg.ct).resolve())
     ident["model"] = cfg.model if cfg.model in ("gt", "") else str(Path(cfg.model).resolve())
     ident["structures"] = [str(Path(s).resolve()) for s in cfg.structures]
@@ -87,28 +90,32 @@ def load_input(path: str | Path, phase: int | str = 0) -> tuple[Volume, StudyDir
 
 def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
     if cfg.model in ("", "default"):  # the default model: the anatomical population prior (docs/motion.md)
-        if cfg.sampler or cfg.steps or cfg.delta_t:
+        if _sampler_given(cfg):
             raise ValueError("--sampler/--steps/--delta-t choose how a diffusion bundle samples; the default "
                              "motion prior has none (give --model BUNDLE_DIR)")
         from ..models.prior import PriorMotion
 
         return PriorMotion()
     if cfg.model == "gt":
-        if cfg.sampler or cfg.steps or cfg.delta_t:
+        if _sampler_given(cfg):
             raise ValueError("--sampler/--steps/--delta-t choose how a diffusion bundle samples; --model gt has none")
         if study is None or not study.gt_path("ref", 0).exists():
             raise ValueError(f"{cfg.ct}: --model gt needs a phantom study folder with gt/ fields")
         fields = {k: study.load_gt("ref", k) for k in PHASES}
         return FixedMotion(fields, fields[0].geometry.shape)
+    device = str(resolve_device(cfg.device))  # networks only: the prior and fixed fields run on the CPU
     if cfg.model.startswith("seed:"):  # the research code's published checkpoints (synthesis.seed)
         from .seed import load_seed_motion
 
-        return load_seed_motion(cfg.model[len("seed:"):], device=cfg.device, sampler=cfg.sampler or None,
-                                steps=cfg.steps or None, delta_t=cfg.delta_t or None)
+        return load_seed_motion(cfg.model[len("seed:"):], device=device, sampler=cfg.sampler,
+                                steps=cfg.steps, delta_t=cfg.delta_t)
     from .ldm import load_bundle
 
-    return load_bundle(cfg.model, device=cfg.device, sampler=cfg.sampler or None, steps=cfg.steps or None,
-                       delta_t=cfg.delta_t or None)
+    return load_bundle(cfg.model, device=device, sampler=cfg.sampler, steps=cfg.steps, delta_t=cfg.delta_t)
+
+
+def _sampler_given(cfg: SynthesizeConfig) -> bool:
+    return (cfg.sampler, cfg.steps, cfg.delta_t) != (None, None, None)
 
 
 def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]:
@@ -140,30 +147,25 @@ def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]
 
 def run_synthesis(cfg: SynthesizeConfig) -> dict:
     from .checks import check_trace_space
-    from .pipeline import VOLUME_SUFFIX, check_formats
-
-    from .anchor import check_input_phase
+    from .pipeline import VOLUME_SUFFIX
     from .sanity import write_plot
 
-    formats = check_formats([*cfg.formats, *(["dicom"] if cfg.dicom else [])])
-    input_phase = check_input_phase(cfg.input_phase)
-    ct, study, lung = load_input(cfg.ct, input_phase)
+    opts = cfg.options
+    formats = opts.formats
+    ct, study, lung = load_input(cfg.ct, opts.input_phase)
     model = load_motion(cfg, study)
     structures = _load_structures(cfg, ct) if cfg.structures else {}
     if cfg.trace:
         check_trace_space(cfg.trace, cfg.out, ct.geometry.shape, model.shape,
                           sum(f in VOLUME_SUFFIX for f in formats) or 1)
     source = Path(ct.meta.get("source", ""))
-    opts = SynthesisOptions(samples=cfg.samples, seed=cfg.seed, amplitude=cfg.amplitude, excursion_mm=cfg.excursion_mm,
-                            si_amplitude_mm=cfg.si_amplitude_mm,
-                            formats=formats, template=str(source) if source.is_dir() else None,
-                            intensity=cfg.intensity, input_phase=input_phase)
-    result = synthesize(ct, model, cfg.out, opts, lung_mask=lung, structures=structures)
+    result = synthesize(ct, model, cfg.out, opts, lung_mask=lung, structures=structures,
+                        template=str(source) if source.is_dir() else None)
     summary = result.summary
     out = Path(cfg.out)
     summary["plot"] = write_plot(out, summary)
     if cfg.trace:
-        summary["trace"] = _write_trace(ct, result, cfg.trace, out / "trace", formats, cfg.intensity)
+        summary["trace"] = _write_trace(ct, result, cfg.trace, out / "trace", formats, opts.intensity)
     if cfg.render:
         gifs = render_result(result, style="heatmap" if cfg.heatmap else "arrows", fps=cfg.fps,
                              structures=structures, num_slices=cfg.num_slices)

@@ -57,13 +57,14 @@ from ..diffusion.schedulers import NoiseSchedule, make_sampler, run_sampler
 from ..io.layout import PHASES
 from ..models.seed import SeedModels, load_seed_checkpoints
 
-HU_WINDOW = (-1024.0, 3071.0)
+#: the HU window the research checkpoints were trained with (not respmotion's data.intensity.HU_WINDOW)
+RESEARCH_HU_WINDOW = (-1024.0, 3071.0)
 DEFAULT_SAMPLER = SamplerConfig(name="ddim", delta_t=5)  # the research default: 200 DDIM steps
 
 
 def normalize_hu(hu: np.ndarray) -> np.ndarray:
     """HU -> [-1, 1] through the research window [-1024, 3071] (clipped)."""
-    lo, hi = HU_WINDOW
+    lo, hi = RESEARCH_HU_WINDOW
     return (2.0 * (np.clip(hu.astype(np.float32), lo, hi) - lo) / (hi - lo) - 1.0).astype(np.float32)
 
 
@@ -192,7 +193,7 @@ def load_seed_motion(root: str | Path, device: str = "cpu", sampler: str | None 
     ``ValueError`` for an impossible combination)."""
     models = load_seed_checkpoints(root, device=device)
     T = seed_schedule(models).T
-    cfg = choose_sampler(DEFAULT_SAMPLER, T, sampler or "", steps or 0, delta_t or 0)
+    cfg = choose_sampler(DEFAULT_SAMPLER, T, sampler, steps, delta_t)
     return SeedMotion(models, cfg, device, shape=model_shape(models))
 
 

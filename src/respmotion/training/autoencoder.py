@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -29,7 +30,7 @@ from . import distributed as D
 from .data import FieldDataset, VolumeDataset, field_source
 from .engine import FitResult, TrainConfig
 from .run import Run, run_training
-from .splits import SPLIT_RATIOS, SPLIT_SEED, Split, split_cohort, studies_of
+from .splits import SPLIT_RENAMED, Split, SplitSettings, split_cohort, studies_of
 
 log = logging.getLogger("respmotion")
 
@@ -38,13 +39,15 @@ log = logging.getLogger("respmotion")
 @dataclass
 class AEDataConfig:
     root: str = ""  # cohort folder (respmotion.io.layout)
-    split_ratios: tuple[float, float, float] = SPLIT_RATIOS  # train, val, test (patient level)
-    split_seed: int = SPLIT_SEED
+    patient_split: SplitSettings = field(default_factory=SplitSettings)  # train, val, test (patient level)
     phases: list[int] = field(default_factory=lambda: list(PHASES))  # image AE: phases used
     field_source: str = "gt_step"  # DVF AE: gt_step | gt_ref (phantom) | reg_ref@DIR | reg_step@DIR
-    # DVF AE: "mean" = learn the residual to the per-target mean field of the training patients
-    # (respmotion.models.prior; written to <run>/motion_prior.npy), "none" = the full field (research code)
-    motion_prior: str = "mean"
+    # DVF AE: "scaled" = learn the residual to the per-target mean field of the training patients divided by
+    # the target's scale (respmotion.models.prior; written to <run>/motion_prior.npy), "mean" = the residual
+    # unscaled, "none" = the full field (research code)
+    motion_prior: str = "scaled"
+
+    RENAMED: ClassVar[dict[str, str]] = SPLIT_RENAMED
 
 
 @dataclass
@@ -82,7 +85,8 @@ def build_prior(cfg: AutoencoderRunConfig, split: Split) -> MotionPrior:
     """Per-field-id mean of the training patients' fields (the DVF AE's own training targets)."""
     ds = make_dataset(cfg, split.train)
     meta = {"patients": list(split.train), "field_source": cfg.data.field_source, "data": str(Path(cfg.data.root).resolve())}
-    return MotionPrior.from_fields((ds.raw(i) for i in range(len(ds))), meta)
+    return MotionPrior.from_fields((ds.raw(i) for i in range(len(ds))), meta,
+                                   scaled=cfg.data.motion_prior == "scaled")
 
 
 def _prior_for_run(cfg: AutoencoderRunConfig, split: Split, run_dir: Path, info) -> MotionPrior | None:
@@ -135,7 +139,7 @@ def train_autoencoder(
 
 def _train_in(cfg: AutoencoderRunConfig, run: Run, init: str | Path | None) -> FitResult:
     """The body of :func:`train_autoencoder` once the run folder is owned."""
-    split = run.split(split_cohort(cfg.data.root, cfg.data.split_ratios, cfg.data.split_seed))
+    split = run.split(split_cohort(cfg.data.root, cfg.data.patient_split.ratios, cfg.data.patient_split.seed))
     if not split.train:
         raise ValueError(f"{cfg.data.root}: no training patients")
     prior = _prior_for_run(cfg, split, run.run_dir, run.info)

@@ -25,8 +25,8 @@ from ..io.checkpoint import latest_checkpoint, load_checkpoint
 from ..io.torchfile import load_state
 from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
 from ..models.prior import MotionPrior, prior_from_record
+from ..runtime import resolve_device
 from .autoencoder import AutoencoderRunConfig, make_dataset
-from .distributed import pick_device
 from .splits import Split
 
 
@@ -42,9 +42,10 @@ class AEEvalConfig:
 
 def _image_metrics(model: Autoencoder, x_hu: torch.Tensor) -> dict[str, float]:
     c = model.cfg
-    target = torch.clamp(x_hu, c.hu_min, c.hu_max)
-    pred = torch.clamp(model.denormalize(model(model.normalize(x_hu)).recon.float()), c.hu_min, c.hu_max)
-    width = c.hu_max - c.hu_min
+    lo, hi = c.hu_window
+    target = torch.clamp(x_hu, lo, hi)
+    pred = torch.clamp(model.denormalize(model(model.normalize(x_hu)).recon.float()), lo, hi)
+    width = hi - lo
     win = min(7, *[n if n % 2 else n - 1 for n in x_hu.shape[2:]])
     return {
         "mae_hu": float((pred - target).abs().mean()),
@@ -53,11 +54,13 @@ def _image_metrics(model: Autoencoder, x_hu: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _dvf_metrics(model: Autoencoder, u_mm: torch.Tensor, prior_mm: torch.Tensor | None = None) -> dict[str, float]:
-    """``u_mm`` (1, 3, Z, Y, X) full field; with ``prior_mm`` the model codes ``u - prior`` and the
-    prior is added back, so errors are always of the full field."""
+def _dvf_metrics(model: Autoencoder, u_mm: torch.Tensor, prior_mm: torch.Tensor | None = None,
+                 scale: float = 1.0) -> dict[str, float]:
+    """``u_mm`` (1, 3, Z, Y, X) full field; with ``prior_mm`` the model codes ``(u - prior) / scale``
+    (:meth:`respmotion.models.prior.MotionPrior.residual`) and the prior is added back, so errors are always of
+    the full field."""
     base = torch.zeros_like(u_mm) if prior_mm is None else prior_mm
-    pred = model.denormalize(model(model.normalize(u_mm - base)).recon.float()) + base
+    pred = model.denormalize(model(model.normalize((u_mm - base) / scale)).recon.float()) * scale + base
     err = (pred - u_mm).norm(dim=1).flatten().cpu().numpy()
     mag = u_mm.norm(dim=1).flatten().cpu().numpy()
     moving = mag > 1.0
@@ -96,8 +99,9 @@ def evaluate_model(model: Autoencoder, dataset, device: torch.device, max_items:
         if model.cfg.kind == "image":
             m = _image_metrics(model, x)
         else:
-            base = None if prior is None else prior.stack([item["field_id"]], like=x)
-            m = _dvf_metrics(model, x, base)
+            fid = item["field_id"]
+            base = None if prior is None else prior.stack([fid], like=x)
+            m = _dvf_metrics(model, x, base, 1.0 if prior is None else prior.scales[fid])
         per_item.append({"key": item["key"], **m})
     keys = sorted({k for r in per_item for k in r if k != "key"})
     mean = {k: float(np.mean([r[k] for r in per_item if k in r])) for k in keys}
@@ -123,7 +127,7 @@ def evaluate_autoencoder(cfg: AEEvalConfig) -> tuple[dict[str, Any], Path]:
         raise ValueError(f"{root}: no items for the {cfg.split} patients {patients}")
     model = Autoencoder(AutoencoderNetConfig.from_dict(ckpt["model_config"]))
     load_state(model, ckpt["model"], path)  # weights that do not fit: one line naming the file
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     prior = prior_from_record(ckpt["extra"].get("motion_prior"), path.parent)
     metrics = evaluate_model(model, dataset, device, cfg.max_items, prior)
     metrics.update(checkpoint=str(path), step=int(ckpt["step"]), split=cfg.split, patients=list(patients),

@@ -5,16 +5,15 @@ fields ``(3, Z, Y, X)`` in mm (components ``z, y, x``, pull convention).  Models
 network units themselves (:meth:`respmotion.models.autoencoder.Autoencoder.normalize`).
 
 Where displacement fields come from is a :class:`FieldSource`: :class:`GroundTruthFields` reads
-the phantom's exact fields (``gt/dvf_step_XX`` or ``gt/dvf_ref_XX``); registration output plugs
-in through any object with the same two methods (e.g. :class:`CallableFieldSource` wrapping the
-registration stage's "control points -> dense field" loader).
+the phantom's exact fields (``gt/dvf_step_XX`` or ``gt/dvf_ref_XX``); :class:`RegistrationFields` reads
+``respmotion register`` output; any object with the same two methods plugs in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -67,21 +66,6 @@ class GroundTruthFields:
     def load(self, study: StudyDir, field_id: str) -> DisplacementField:
         kind, pct = field_id.split("_")
         return study.load_gt(kind, int(pct))
-
-
-@dataclass(frozen=True)
-class CallableFieldSource:
-    """Adapter for any loader, e.g. registration: ``ids(study) -> [ids]``, ``load(study, id) -> field``."""
-
-    name: str
-    ids: Callable[[StudyDir], list[str]]
-    loader: Callable[[StudyDir, str], DisplacementField]
-
-    def field_ids(self, study: StudyDir) -> list[str]:
-        return self.ids(study)
-
-    def load(self, study: StudyDir, field_id: str) -> DisplacementField:
-        return self.loader(study, field_id)
 
 
 @dataclass(frozen=True)
@@ -166,7 +150,8 @@ class FieldDataset(_ShapeChecked):
     """Displacement fields of a :class:`FieldSource`: item ``{"x": (3, Z, Y, X) mm float32, "key", "field_id"}``.
 
     With a ``prior`` (:class:`respmotion.models.prior.MotionPrior`) ``x`` is the residual
-    ``u - prior[field_id]`` in mm (what the DVF VAE trains on in prior mode).
+    ``prior.residual(field_id, u)`` (``u - prior[field_id]`` in mm, divided by the id's scale for a scaled prior:
+    what the DVF VAE trains on in prior mode).
     """
 
     def __init__(self, studies: Sequence[StudyDir], source: FieldSource, prior=None) -> None:
@@ -188,5 +173,5 @@ class FieldDataset(_ShapeChecked):
         _, arr = self.raw(i)
         if self.prior is not None:
             self.prior.check_shape(arr.shape[1:], f"{study.key} {fid}")
-            arr = arr - self.prior.field(fid)
+            arr = self.prior.residual(fid, arr)
         return {"x": torch.from_numpy(np.ascontiguousarray(arr)), "key": f"{study.key}/{fid}", "field_id": fid}

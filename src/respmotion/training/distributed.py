@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..runtime import local_rank, resolve_rank
+from ..runtime import resolve_device, resolve_rank
 
 
 @dataclass(frozen=True)
@@ -29,24 +29,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
 def setup(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun; returns this process's place."""
     rank, world = resolve_rank()
-    local = local_rank()
-    dev = pick_device(device, local)
+    dev = resolve_device(device)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -89,6 +89,11 @@ class Task:
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def val_metrics(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
+        """Scalars of one validation batch beside the loss (model in eval mode, no gradients); the engine
+        averages them over the batches and logs them to TensorBoard under ``val/``."""
+        return {}
+
     def images(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``name -> (C, H, W)`` tensors in ``[0, 1]`` for TensorBoard (model in eval mode)."""
         return {}
@@ -327,16 +332,23 @@ class Trainer:
         loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False,
                             num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.step))
         total, n = 0.0, 0
+        metrics: dict[str, float] = {}
         first = None
         for i, batch in enumerate(loader):
             if self.cfg.val_batches and i >= self.cfg.val_batches:
                 break
             batch = to_device(batch, self.device)
             first = first if first is not None else batch
-            with self._autocast():
+            with self._autocast(), torch.no_grad():
                 out = self.task.loss(model, batch, self.step)
+                for k, v in self.task.val_metrics(model, batch).items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v)
             total += float(out["loss"])
             n += 1
+        if metrics:
+            means = {k: v / n for k, v in metrics.items()}
+            self._scalars("val", means)
+            log.info("step %d  validation %s", self.step, "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
         if self.cfg.image_every and first is not None and self.step % self.cfg.image_every == 0:
             self._images(model, first)
         model.train()

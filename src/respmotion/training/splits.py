@@ -1,6 +1,7 @@
 """Patient-level train/val/test split with a fixed seed: no patient is in two splits.
 
-The one place of the split's defaults (:data:`SPLIT_RATIOS`, :data:`SPLIT_SEED`), of cutting a
+The one place of the split's settings (:class:`SplitSettings`, the ``patient_split`` section of every
+config that cuts a cohort, defaults :data:`SPLIT_RATIOS`, :data:`SPLIT_SEED`), of cutting a
 cohort (:func:`split_patients`, :func:`split_cohort`) and of "the studies of split X"
 (:meth:`Split.studies`).  Use::
 
@@ -23,6 +24,22 @@ SPLIT_RATIOS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 #: seed of the shuffle that cuts the patients
 SPLIT_SEED = 42
 SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class SplitSettings:
+    """How a cohort's patients are cut: ``ratios`` (train, val, test fractions) and the shuffle's ``seed``."""
+
+    ratios: tuple[float, float, float] = SPLIT_RATIOS
+    seed: int = SPLIT_SEED
+
+    def cut(self, patients: Sequence[str]) -> "Split":
+        """:func:`split_patients` of ``patients`` with these settings."""
+        return split_patients(patients, self.ratios, self.seed)
+
+
+#: the keys configs saved before ``patient_split`` was one section (their ``RENAMED``, :mod:`respmotion.config`)
+SPLIT_RENAMED = {"split_ratios": "patient_split.ratios", "split_seed": "patient_split.seed"}
 
 
 @dataclass(frozen=True)

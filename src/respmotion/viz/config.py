@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 START_FROM: tuple[str, ...] = ("middle", "first", "last")
@@ -21,7 +22,7 @@ class RenderConfig:
             sagittal: right->left), see :mod:`respmotion.viz.orient`.
         fps: GIF frames per second (one frame per phase).
         style: ``arrows`` (quiver of the in-plane motion) or ``heatmap`` (displacement magnitude, mm).
-        hu_window: CT display window ``(low, high)`` in HU.
+        display_window_hu: CT display window ``(low, high)`` in HU (colours only; not the data's ``hu_window``).
         diff_window_hu: difference maps are shown in ``[-diff_window_hu, +diff_window_hu]`` HU.
         panel_px: every panel is ``panel_px x panel_px`` pixels; a frame is ``(panel_px,
             n_panels * panel_px)`` (height, width): 1 panel for motion/difference GIFs, 3 for the
@@ -40,7 +41,7 @@ class RenderConfig:
     start_from: str = "middle"
     fps: float = 2.0
     style: str = "arrows"
-    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    display_window_hu: tuple[float, float] = (-1000.0, 400.0)
     diff_window_hu: float = 500.0
     panel_px: int = 480
     arrow_spacing_mm: float = 0.0
@@ -48,6 +49,8 @@ class RenderConfig:
     heatmap_alpha: float = 0.55
     difference: bool = True
     mp4: bool = False
+
+    RENAMED: ClassVar[dict[str, str]] = {"hu_window": "display_window_hu"}  # older saved configs
 
     def validate(self) -> "RenderConfig":
         """Raise ``ValueError`` naming the first bad setting; returns ``self``."""
@@ -62,8 +65,8 @@ class RenderConfig:
             raise ValueError(f"num_slices must be >= 1, got {self.num_slices}")
         if not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
-        if not self.hu_window[0] < self.hu_window[1]:
-            raise ValueError(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if not self.display_window_hu[0] < self.display_window_hu[1]:
+            raise ValueError(f"display_window_hu must be (low, high) with low < high, got {self.display_window_hu}")
         if not self.diff_window_hu > 0:
             raise ValueError(f"diff_window_hu must be > 0, got {self.diff_window_hu}")
         if self.panel_px < 64:

@@ -109,7 +109,7 @@ def _view_scales(cfg: RenderConfig, canon: Canonical, shape_c: tuple[int, ...], 
     step = tuple(max(1, int(round(v))) for v in grid.to_voxels(step_mm, (sr, sc)))
     scale = cfg.arrow_scale or nice_floor(1.5 * step_mm / inplane_max)
     return Scales(
-        hu_window=tuple(cfg.hu_window), diff_window_hu=cfg.diff_window_hu, magnitude_max_mm=mag_max,
+        display_window_hu=tuple(cfg.display_window_hu), diff_window_hu=cfg.diff_window_hu, magnitude_max_mm=mag_max,
         arrow_step=step, arrow_scale=scale, arrow_key_mm=nice_floor(inplane_max / 2.0),
         heatmap_alpha=cfg.heatmap_alpha,
     )
@@ -224,7 +224,7 @@ def render_cycle(
                            f" max |u| {mag_max:.1f} mm")
         else:
             motion_note = f"heatmap: displacement magnitude |u| in mm; max {mag_max:.1f} mm"
-        common = f"HU window [{cfg.hu_window[0]:g}, {cfg.hu_window[1]:g}]; pixel {spacing[0]:.2f} x {spacing[1]:.2f} mm"
+        common = f"HU window [{cfg.display_window_hu[0]:g}, {cfg.display_window_hu[1]:g}]; pixel {spacing[0]:.2f} x {spacing[1]:.2f} mm"
         note = "\n".join(x for x in (motion_note, common) if x)
         diff_note = f"difference map, HU window +/-{cfg.diff_window_hu:g}\npixel {spacing[0]:.2f} x {spacing[1]:.2f} mm"
         for idx in slices:

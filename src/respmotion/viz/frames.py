@@ -60,7 +60,7 @@ class Scales:
     :mod:`respmotion.viz.cycle` from a :class:`respmotion.viz.config.RenderConfig` (where the windows' defaults are)
     and the size of the motion."""
 
-    hu_window: tuple[float, float]
+    display_window_hu: tuple[float, float]
     diff_window_hu: float
     magnitude_max_mm: float
     arrow_step: tuple[int, int]  # voxels between arrows (rows, cols)
@@ -120,7 +120,7 @@ def _draw_panel(fig: Figure, left: float, width: float, panel: Panel, scales: Sc
     ax.set_facecolor(BACKGROUND)
     ext = _extent(panel.image.shape, panel.spacing)
     if panel.kind == "ct":
-        lo, hi = scales.hu_window
+        lo, hi = scales.display_window_hu
         ax.imshow(panel.image, cmap="gray", vmin=lo, vmax=hi, extent=ext, interpolation="nearest")
         mappable, label = None, ""
     elif panel.kind == "diff":

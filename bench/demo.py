@@ -1,0 +1,123 @@
+"""The demo as a benchmark: wall time of its stages and the held-out scores of its model, over seeds and cohort sizes.
+
+    python -m bench.demo [--seeds 0,1,2] [--patients 48] [--threads 2] [--out-root /tmp/bench-demo] [--record FILE]
+    python -m bench.demo --existing DIR [DIR ...] [--record FILE]     # summarise demo folders already run
+
+Each run is ``respmotion demo --out <out-root>/<label> seed=S patients=N threads=T`` in this process (the same
+code path as ``make demo``).  The JSON record holds the command, the code commit, the machine
+(:func:`bench.common.environment`) and per run: the stage seconds and their sum, the headline (lung DVF error of
+one sample, of the K-sample mean, energy score, spread; population-mean field; no motion; landmarks) and the
+per-phase table, and the acceptance checks of the learned model against the population-mean field:
+
+* ``mean_vs_population`` = K-sample mean error / population-mean error (<= 0.8 wanted);
+* ``every_phase`` = the K-sample mean is at most the population mean's error at every phase 10..90;
+* ``energy_vs_population`` = energy score / population-mean error (<= 0.85; the mean field is a point forecast,
+  its energy score is its error);
+* ``single_below_population`` = one sample errs less than the population-mean field;
+* ``pipeline_s`` = the stages' seconds (<= 300 on 2 idle CPU cores).
+
+Over several runs the record adds the mean and spread (min, max) of each headline number.  Timings are only
+comparable on one machine in one state: the record carries the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, environment
+
+HEADLINE = {"one_sample_mm": "model/dvf_error_lung_mean_mm", "k_mean_mm": "model_mean/dvf_error_lung_mean_mm",
+            "energy_score_mm": "model/energy_score_mm", "spread_mm": "model/spread_mm",
+            "population_mean_mm": "population_mean/dvf_error_lung_mean_mm", "no_motion_mm": "zero/dvf_error_lung_mean_mm",
+            "landmarks_one_sample_mm": "model/landmark_error_mean_mm",
+            "landmarks_k_mean_mm": "model_mean/landmark_error_mean_mm",
+            "landmarks_population_mean_mm": "population_mean/landmark_error_mean_mm"}
+
+
+def commit() -> str:
+    """The checkout's commit (``+dirty`` when files differ from it)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
+def summarise(out: Path) -> dict[str, Any]:
+    """One demo folder's record (reads ``demo_summary.json``, ``demo_config.yaml`` and the evaluation report)."""
+    import yaml
+
+    summary = json.loads((out / "demo_summary.json").read_text())
+    cfg = yaml.safe_load((out / "demo_config.yaml").read_text())
+    head = summary["headline"]
+    table = summary.get("generator_per_phase") or {}
+    rec: dict[str, Any] = {"out": str(out), "seed": cfg.get("seed"), "patients": cfg.get("patients"),
+                           "threads": cfg.get("threads"), "stages_s": summary["seconds"],
+                           "pipeline_s": round(sum(summary["seconds"].values()), 1),
+                           "headline": {k: head.get(v) for k, v in HEADLINE.items()}, "per_phase": table}
+    h = rec["headline"]
+    k_mean, pop = table.get("model, mean of K samples", {}), table.get("population-mean field", {})
+    if h["k_mean_mm"] is not None and h["population_mean_mm"]:
+        rec["checks"] = {
+            "mean_vs_population": round(h["k_mean_mm"] / h["population_mean_mm"], 3),
+            "every_phase": all(k_mean[p] <= pop[p] for p in pop) if k_mean else None,
+            "energy_vs_population": round(h["energy_score_mm"] / h["population_mean_mm"], 3),
+            "single_below_population": h["one_sample_mm"] < h["population_mean_mm"]}
+    return rec
+
+
+def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, min and max over the runs of every headline number and of the pipeline seconds."""
+    out = {}
+    for key in [*HEADLINE, "pipeline_s"]:
+        vals = [r["headline"][key] if key in HEADLINE else r[key] for r in runs]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            out[key] = {"mean": round(sum(vals) / len(vals), 3), "min": round(min(vals), 3), "max": round(max(vals), 3)}
+    return out
+
+
+def run_demo(out: Path, seed: int, patients: int, threads: int) -> dict[str, Any]:
+    """``respmotion demo`` (in process) into ``out``; returns :func:`summarise` of it."""
+    from respmotion.commands.demo import run
+    from respmotion.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--out", str(out), "--patients", str(patients), f"seed={seed}",
+                                      f"threads={threads}"])
+    run(args)
+    return summarise(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0", help="comma-separated demo seeds (cohort, split and training)")
+    ap.add_argument("--patients", default="48", help="comma-separated cohort sizes (a learning curve)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-root", default="/tmp/bench-demo")
+    ap.add_argument("--existing", nargs="+", help="summarise these demo folders instead of running")
+    ap.add_argument("--record", help="also write the JSON record to this file")
+    args = ap.parse_args(argv)
+    record: dict[str, Any] = {"benchmark": "demo", "command": "python -m bench.demo " + " ".join(sys.argv[1:]),
+                              "commit": commit(), "machine": environment("cpu")}
+    if args.existing:
+        runs = [summarise(Path(d)) for d in args.existing]
+    else:
+        runs = [run_demo(Path(args.out_root) / f"s{s}_p{n}_t{args.threads}", int(s), int(n), args.threads)
+                for s in args.seeds.split(",") for n in args.patients.split(",")]
+    record["runs"] = runs
+    if len(runs) > 1:
+        record["over_runs"] = spread(runs)
+    text = json.dumps(record, indent=1)
+    print(text)
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
