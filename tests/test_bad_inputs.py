@@ -302,6 +302,20 @@ def test_norm_groups_that_do_not_divide_the_channels_refused(cli, cohort, tmp_pa
                     [run]))
 
 
+def test_overwrite_with_a_bad_ct_keeps_the_earlier_output(cli, cohort, tmp_path):
+    """--overwrite empties --out only once every input was read and checked: a bad CT leaves it as it was."""
+    import nibabel as nib
+
+    out = tmp_path / "out"
+    rc, _ = cli(["synthesize", study_of(cohort), "--model", "gt", "--out", out, "--no-render"])
+    assert rc == 0
+    before = tree(out)
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image((np.arange(4 * 16 * 16).reshape(16, 16, 4) % 2).astype(np.float32), np.eye(4)), mask)
+    check(cli, Case(["synthesize", mask, "--out", out, "--overwrite", "--no-render"], "mask.nii.gz", r"mask", []))
+    assert tree(out) == before
+
+
 def test_bundle_folder_without_checkpoints_refused(cli, cohort, tmp_path):
     bundle, out = tmp_path / "bundle", tmp_path / "out"
     bundle.mkdir()

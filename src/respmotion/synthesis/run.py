@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -145,19 +145,42 @@ def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]
     return masks
 
 
-def run_synthesis(cfg: SynthesizeConfig) -> dict:
+@dataclass
+class Inputs:
+    """What a synthesis run reads, loaded and checked (:func:`load_inputs`)."""
+
+    ct: Volume
+    study: Any
+    lung: Any
+    model: Any
+    structures: dict
+
+
+def load_inputs(cfg: SynthesizeConfig) -> Inputs:
+    """Read and check everything a run needs: the CT (and its study), the motion model, the structures and the
+    disk space a trace will take.  A bad input raises here, so callers do this before ``--out`` is claimed
+    (a refused run, even with ``--overwrite``, leaves ``--out`` as it was)."""
     from .checks import check_trace_space
     from .pipeline import VOLUME_SUFFIX
-    from .sanity import write_plot
 
     opts = cfg.options
-    formats = opts.formats
     ct, study, lung = load_input(cfg.ct, opts.input_phase)
     model = load_motion(cfg, study)
     structures = _load_structures(cfg, ct) if cfg.structures else {}
     if cfg.trace:
         check_trace_space(cfg.trace, cfg.out, ct.geometry.shape, model.shape,
-                          sum(f in VOLUME_SUFFIX for f in formats) or 1)
+                          sum(f in VOLUME_SUFFIX for f in opts.formats) or 1)
+    return Inputs(ct, study, lung, model, structures)
+
+
+def run_synthesis(cfg: SynthesizeConfig, inputs: Inputs | None = None) -> dict:
+    """Synthesize into ``cfg.out`` from ``inputs`` (:func:`load_inputs` of ``cfg`` when not given)."""
+    from .sanity import write_plot
+
+    opts = cfg.options
+    formats = opts.formats
+    inp = inputs or load_inputs(cfg)
+    ct, lung, model, structures = inp.ct, inp.lung, inp.model, inp.structures
     source = Path(ct.meta.get("source", ""))
     result = synthesize(ct, model, cfg.out, opts, lung_mask=lung, structures=structures,
                         template=str(source) if source.is_dir() else None)
