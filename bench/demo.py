@@ -2,6 +2,7 @@
 
     python -m bench.demo [--seeds 0,1,2] [--patients 48] [--threads 2] [--out-root /tmp/bench-demo] [--record FILE]
     python -m bench.demo --existing DIR [DIR ...] [--record FILE]     # summarise demo folders already run
+    python -m bench.demo --patients 24,48,96 --heldout COHORT          # learning curve on one fixed held-out set
 
 Each run is ``respmotion demo --out <out-root>/<label> seed=S patients=N threads=T`` in this process (the same
 code path as ``make demo``).  The JSON record holds the command, the code commit, the machine
@@ -70,6 +71,26 @@ def summarise(out: Path) -> dict[str, Any]:
     return rec
 
 
+def on_cohort(out: Path, cohort: Path, samples: int = 8) -> dict[str, Any]:
+    """A demo run's model on every study of another cohort (a fixed held-out set, e.g. for a learning curve over
+    cohort sizes): the headline of :func:`respmotion.evaluation.synthesis_eval.run_evaluation` with ``samples``
+    cycles a study; the population mean is the run's own training patients'."""
+    import yaml
+
+    from respmotion.evaluation.synthesis_eval import run_evaluation
+    from respmotion.io.layout import iter_studies
+    from respmotion.synthesis.ldm import load_bundle
+    from respmotion.training.splits import Split
+
+    split = Split.from_dict(json.loads((out / "runs" / "autoencoder_dvf" / "split.json").read_text()))
+    shape = tuple(yaml.safe_load((out / "demo_config.yaml").read_text())["shape"])
+    model = load_bundle(str(out / "runs" / "diffusion" / "model.pt"), shape=shape)
+    report = run_evaluation(list(iter_studies(cohort)), model, split.studies(out / "data", "train"),
+                            out / f"evaluation_on_{cohort.name}", samples=samples)
+    head = report["headline"]
+    return {"cohort": str(cohort), "train_patients": len(split.train), **{k: head.get(v) for k, v in HEADLINE.items()}}
+
+
 def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean, min and max over the runs of every headline number and of the pipeline seconds."""
     out = {}
@@ -100,14 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-root", default="/tmp/bench-demo")
     ap.add_argument("--existing", nargs="+", help="summarise these demo folders instead of running")
     ap.add_argument("--record", help="also write the JSON record to this file")
+    ap.add_argument("--heldout", help="also evaluate every run's model on this cohort (one fixed held-out set)")
+    ap.add_argument("--note", default="", help="a line kept in the record (e.g. which code ran --existing runs)")
     args = ap.parse_args(argv)
     record: dict[str, Any] = {"benchmark": "demo", "command": "python -m bench.demo " + " ".join(sys.argv[1:]),
                               "commit": commit(), "machine": environment("cpu")}
+    if args.note:
+        record["note"] = args.note
     if args.existing:
         runs = [summarise(Path(d)) for d in args.existing]
     else:
         runs = [run_demo(Path(args.out_root) / f"s{s}_p{n}_t{args.threads}", int(s), int(n), args.threads)
                 for s in args.seeds.split(",") for n in args.patients.split(",")]
+    if args.heldout:
+        for r in runs:
+            r["on_heldout_cohort"] = on_cohort(Path(r["out"]), Path(args.heldout))
     record["runs"] = runs
     if len(runs) > 1:
         record["over_runs"] = spread(runs)

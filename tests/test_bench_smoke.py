@@ -108,3 +108,24 @@ def test_deepali_anchor_is_loaded_from_its_path(tmp_path):
     assert u.shape == (3, 2, 3, 4) and float(u[0, 0, 0, 0]) == 3.0
     with pytest.raises(FileNotFoundError, match="deepali-example"):
         load_anchor(tmp_path / "missing.py")
+
+
+def test_demo_bench_summarises_a_demo_folder_and_its_checks(tmp_path):
+    """bench.demo reads a demo folder's summary and checks the model against the population-mean field."""
+    from bench import demo as bench_demo
+
+    phases = ["10", "50", "90"]
+    table = {"model, one sample": dict(zip(phases, [0.5, 1.5, 0.6])),
+             "model, mean of K samples": dict(zip(phases, [0.4, 1.2, 0.9])),
+             "population-mean field": dict(zip(phases, [0.5, 2.0, 0.8]))}
+    head = {"model/dvf_error_lung_mean_mm": 0.867, "model_mean/dvf_error_lung_mean_mm": 0.833,
+            "model/energy_score_mm": 0.7, "population_mean/dvf_error_lung_mean_mm": 1.1}
+    (tmp_path / "demo_summary.json").write_text(json.dumps(
+        {"headline": head, "generator_per_phase": table, "seconds": {"phantom": 10.0, "diffusion": 30.5}}))
+    (tmp_path / "demo_config.yaml").write_text("seed: 3\npatients: 48\nthreads: 2\n")
+    rec = bench_demo.summarise(tmp_path)
+    assert rec["seed"] == 3 and rec["pipeline_s"] == 40.5
+    assert rec["checks"] == {"mean_vs_population": round(0.833 / 1.1, 3), "every_phase": False,  # 0.9 > 0.8 at 90
+                             "energy_vs_population": round(0.7 / 1.1, 3), "single_below_population": True}
+    over = bench_demo.spread([rec, {**rec, "pipeline_s": 50.5}])
+    assert over["pipeline_s"] == {"mean": 45.5, "min": 40.5, "max": 50.5}
