@@ -174,6 +174,10 @@ def test_evaluate_synthesis_report(tmp_path):
     assert h["model/dvf_error_lung_mean_mm"] < 1e-6  # the truth against itself
     assert h["zero/dvf_error_lung_mean_mm"] > 2.0 and h["population_mean/dvf_error_lung_mean_mm"] > 0.1
     assert abs(h["model/diaphragm_excursion_mm"] - h["truth/diaphragm_excursion_mm"]) < 1e-6
+    # judged as a generator with the default 8 samples: 8 copies of the truth score 0 and do not spread
+    assert h["model/samples"] == 8 and h["model/energy_score_mm"] < 1e-6 and h["model/spread_mm"] < 1e-6
+    assert h["model_mean/dvf_error_lung_mean_mm"] < 1e-6 and set(rep["generator"]["energy_score"]) == {
+        f"{k}" for k in range(10, 100, 10)}
     assert (out / "summary.png").stat().st_size > 10_000 and (out / "summary.html").exists()
 
 

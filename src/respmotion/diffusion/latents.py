@@ -152,11 +152,12 @@ def encode_study(
     try:  # recorded either way: a model conditioned on anatomy refuses a set without them when it trains
         anatomy: dict[str, Any] = dict(zip(LUNG_FEATURES, lung_features(ref.array, ref.geometry.spacing).tolist()))
     except ValueError as exc:
-        anatomy = {"error": f"{study.path / 'phase_00.npy'}: {exc}"}
+        anatomy = {"error": f"{study.phase_path(REFERENCE_PHASE)}: {exc}"}
     todo_img = [p for p in image_phases if not (out_dir / f"image_{p:02d}.npy").exists()]
     for i in range(0, len(todo_img), batch):
         chunk = todo_img[i:i + batch]
-        lat = _encode(image_ae, [study.load_phase(p).array[None] for p in chunk], device)
+        lat = _encode(image_ae, [(ref if p == REFERENCE_PHASE else study.load_phase(p)).array[None] for p in chunk],
+                      device)
         for p, z in zip(chunk, lat):
             write_npy(out_dir / f"image_{p:02d}.npy", z)
             written += 1

@@ -132,11 +132,11 @@ def evaluate_study(study: StudyDir, candidates: Mapping[str, Mapping[int, Displa
     return out
 
 
-def generator_scores(study: StudyDir, cycles: Sequence[Mapping[int, DisplacementField]],
+def generator_scores(study: StudyDir, ct: Volume, cycles: Sequence[Mapping[int, DisplacementField]],
                      truth: Mapping[int, DisplacementField]) -> dict:
     """Per phase 10..90 (``"10"``...): :func:`~respmotion.evaluation.ensemble.ensemble_scores` of the K sampled
-    fields against the truth in that phase's lungs, plus their means over the phases (``"mean"``)."""
-    ct = study.load_phase(0)
+    fields against the truth in that phase's lungs, plus their means over the phases (``"mean"``); ``ct`` is the
+    study's phase 00 (the caller's, not read again)."""
     per = {}
     for k in PHASES[1:]:
         lung = _lung(study, k, ct).array != 0
@@ -239,7 +239,7 @@ def run_evaluation(studies: Sequence[StudyDir], model, train_studies: Sequence[S
             rec["model"]["breathing_band"] = {f"{k:02d}": [float(lo), float(hi)]
                                               for k, lo, hi in zip(PHASES, curves.min(0), curves.max(0))}
             if tr is not None:
-                rec["model"]["generator"] = generator_scores(sd, cycles, tr)
+                rec["model"]["generator"] = generator_scores(sd, ct, cycles, tr)
         per_study[sd.key] = rec
     report = report_dict(per_study, title, time.perf_counter() - t0)
     write_report(out_dir, report)
