@@ -15,6 +15,7 @@ The baselines need the ``bench`` extra (hf-deepali, itk-elastix, convexadam).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import tempfile
 import time
@@ -53,9 +54,10 @@ def run_ours(fixed, moving, geom, device, settings: FFDSettings | None = None) -
     return u, dt / len(fixed), log
 
 
+@functools.cache
 def load_anchor(path: Path = ANCHOR) -> Callable:
     """``register_deepali(fixed, moving, spacing) -> (3, z, y, x) mm`` pull field from the anchor file at ``path``
-    (loaded from its path, not from ``sys.path``)."""
+    (loaded from its path, not from ``sys.path``; once per process, not once per pair)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the deepali anchor is not there (use --methods deepali-example)")
     spec = importlib.util.spec_from_file_location("respmotion_bench_deepali_anchor", path)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from respmotion.config import ConfigError, load_config, save_config
+from respmotion.config import ConfigError, from_dict, load_config, save_config
 
 
 @dataclass
@@ -69,6 +69,9 @@ def test_configs_saved_under_older_names_still_load(tmp_path):
     assert (s.options.samples, s.options.seed, s.options.formats, s.sampler, s.steps) == (3, 7, ("mha",), None, None)
     a = load_config(AutoencoderRunConfig, None, overrides=["data.split_seed=9"])
     assert a.data.patient_split.seed == 9
+    # a config stored in an older checkpoint, rebuilt with from_dict (evaluate autoencoder does this)
+    old = from_dict(AutoencoderRunConfig, {"kind": "dvf", "data": {"split_ratios": [0.6, 0.2, 0.2], "split_seed": 4}})
+    assert old.data.patient_split.ratios == (0.6, 0.2, 0.2) and old.data.patient_split.seed == 4
 
 
 def test_synthesis_options_are_checked_once_when_made():

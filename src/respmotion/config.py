@@ -85,7 +85,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", source: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys raise :class:`ConfigError`."""
+    """Build dataclass ``cls`` from ``data``; unknown keys raise :class:`ConfigError`.  At the top level, keys
+    renamed since ``data`` was written (:func:`upgrade_keys`) are moved to today's names first, so a config stored
+    in an older checkpoint still loads."""
+    if not prefix:
+        data = upgrade_keys(cls, data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

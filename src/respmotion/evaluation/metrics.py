@@ -22,7 +22,7 @@ import torch
 from ..core import ops
 from ..core import warp as W
 from ..core.types import DisplacementField, Volume
-from ..data.intensity import HU_WINDOW
+from ..data.intensity import HU_WINDOW, check_hu_window
 from .landmarks import error_stats
 
 __all__ = ["dvf_error", "dvf_error_per_phase", "mean_displacement", "breathing_curve", "folding_percent",
@@ -154,9 +154,7 @@ def image_similarity(
     from monai.metrics import PSNRMetric, SSIMMetric
 
     _same_grid(pred, real, "predicted and real volumes")
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    if not hi > lo:
-        raise ValueError(f"hu_window must be (low, high) with high > low, got {hu_window}")
+    lo, hi = check_hu_window(hu_window)
     if min(pred.geometry.shape) < ssim_window:
         raise ValueError(f"volume {pred.geometry.shape} is smaller than the SSIM window {ssim_window}")
     a = torch.as_tensor(np.clip(pred.array.astype(np.float32), lo, hi) - lo)[None, None]

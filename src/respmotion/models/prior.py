@@ -262,9 +262,7 @@ class AnatomicalPrior:
                 continue
             push_xyz = self.amplitude_mm * np.stack([h * unit[0], h * unit[1], s * unit[2]])
             push = torch.from_numpy(geometry.world_to_axes(push_xyz, axis=0).astype(np.float32))[None]
-            u = -push
-            for _ in range(self.INVERSE_ITERATIONS):
-                u = -W.warp(push, u, geometry.spacing)
+            u = W.invert(push, geometry.spacing, iterations=self.INVERSE_ITERATIONS, tol_mm=0.0)  # all iterations
             out[int(k)] = u[0].numpy()
         return out
 

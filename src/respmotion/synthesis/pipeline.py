@@ -203,15 +203,17 @@ def warp_native(channels: torch.Tensor, f: DisplacementField, native: Geometry, 
                             indexing="ij")
     for z0 in range(0, nz, slab):
         z1 = min(nz, z0 + slab)
-        vox = W.mm_to_voxels(torch.from_numpy(np.ascontiguousarray(nf.slab(z0, z1)))[None], native.spacing)[0]
+        # with the density law, one slice beyond the slab for the Jacobian's central differences; the field of
+        # those rows is built once (NativeField.slab is row by row: the slab's rows are the same numbers)
+        h0, h1 = (max(0, z0 - 1), min(nz, z1 + 1)) if mass_weight is not None else (z0, z1)
+        u = torch.from_numpy(np.ascontiguousarray(nf.slab(h0, h1)))[None]  # (1, 3, h1 - h0, Y, X) mm
+        vox = W.mm_to_voxels(u[:, :, z0 - h0:z1 - h0].contiguous(), native.spacing)[0]
         vox[0] += torch.arange(z0, z1, dtype=torch.float32)[:, None, None]
         vox[1] += yy
         vox[2] += xx
         vals = W.sample_points(channels, vox.reshape(3, -1).T).T.reshape(-1, z1 - z0, ny, nx)  # (C, z, y, x)
         if mass_weight is not None:
-            h0, h1 = max(0, z0 - 1), min(nz, z1 + 1)  # one slice beyond the slab for the central differences
-            u = torch.from_numpy(np.ascontiguousarray(nf.slab(h0, h1)))[None]
-            det = W.jacobian_determinant(u, native.spacing, dtype=torch.float32)[0, z0 - h0:z0 - h0 + z1 - z0]
+            det = W.jacobian_determinant(u, native.spacing, dtype=torch.float32)[0, z0 - h0:z1 - h0]
             vals[0] = W.mass_preserving_hu(vals[0], det, vals[mass_weight])
         out[:, z0:z1] = vals.numpy()
     return out

@@ -150,7 +150,6 @@ class Inputs:
     """What a synthesis run reads, loaded and checked (:func:`load_inputs`)."""
 
     ct: Volume
-    study: Any
     lung: Any
     model: Any
     structures: dict
@@ -170,7 +169,7 @@ def load_inputs(cfg: SynthesizeConfig) -> Inputs:
     if cfg.trace:
         check_trace_space(cfg.trace, cfg.out, ct.geometry.shape, model.shape,
                           sum(f in VOLUME_SUFFIX for f in opts.formats) or 1)
-    return Inputs(ct, study, lung, model, structures)
+    return Inputs(ct, lung, model, structures)
 
 
 def run_synthesis(cfg: SynthesizeConfig, inputs: Inputs | None = None) -> dict:

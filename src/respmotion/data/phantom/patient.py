@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ...anatomy.masks import BODY_THRESHOLD_HU
 from ...core import grid
 from ...core.geometry import Geometry
 from ...core.warp import mass_preserving_hu
@@ -127,7 +128,7 @@ class Phantom:
                                  torch.from_numpy(lung)).numpy()
         if self.noise_hu > 0:
             img += np.random.default_rng([self.seed, percent]).normal(0.0, self.noise_hu, img.shape).astype(np.float32)
-        body = img > -500.0
+        body = img > BODY_THRESHOLD_HU
         return {"image": img, "lung": (lung >= 0.5).astype(np.uint8), "body": body.astype(np.uint8), "dvf": u}
 
     def step_field(self, percent: int, next_percent: int) -> np.ndarray:
