@@ -129,7 +129,7 @@ def ct_array(seed: int = 0) -> np.ndarray:
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Tiny image / DVF autoencoder checkpoints in the engine's format (``Trainer.state(full=False)``)."""
     from respmotion.models.autoencoder import Autoencoder, default_net_config
-    from respmotion.training.checkpoint import save_checkpoint
+    from respmotion.io.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("ckpt")
     out = {}
@@ -547,7 +547,7 @@ def test_zero_byte_checkpoint(cli, cohort, checkpoints, tmp_path):
 def _misfit_checkpoint(path: Path) -> Path:
     """An image-AE training checkpoint whose weights are of a wider network than its config says."""
     from respmotion.models.autoencoder import Autoencoder, default_net_config
-    from respmotion.training.checkpoint import save_checkpoint
+    from respmotion.io.checkpoint import save_checkpoint
 
     small = default_net_config("image", base_channels=8, channel_mults=(1, 2), norm_groups=4)
     wide = Autoencoder(default_net_config("image", base_channels=16, channel_mults=(1, 2), norm_groups=4))
@@ -891,7 +891,7 @@ def test_examples_have_no_absolute_machine_paths():
 
 
 def test_example_rtstruct_reads_on_its_ct():
-    from respmotion.io.dicom_export import SeriesRef
+    from respmotion.io.dicom_series import SeriesRef
     from respmotion.io.rtstruct import read_rtstruct
 
     data = Path(__file__).resolve().parents[1] / "examples" / "data"

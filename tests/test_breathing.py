@@ -10,8 +10,8 @@ from respmotion.core.ops import jacobian_determinant
 from respmotion.core.types import DisplacementField, Volume
 from respmotion.data.phantom import BreathingCurve, make_patient
 from respmotion.synthesis.breathing import (
-    TraceError, amplitude_for_excursion, amplitude_for_superior_mean, find_extrema, iter_trace_sequence, read_trace,
-    scale_motion, superior_mean, velocity_fields,
+    TraceError, amplitude_for_excursion, amplitude_for_superior_mean, check_trace, find_extrema, iter_trace_sequence,
+    read_trace, scale_motion, superior_mean, velocity_fields,
 )
 
 SHAPE = (16, 64, 64)
@@ -83,8 +83,8 @@ def test_trace_with_two_cycles_of_different_depth(model, tmp_path):
     depth = np.where(t <= 4.0, 1.0, 0.5)
     amp = 1.0 - depth * (1.0 - np.cos(2 * np.pi * t / 4.0)) / 2.0
     amp += np.random.default_rng(0).normal(0, 0.01, t.shape)  # monitor noise
-    seq = list(iter_trace_sequence(fields, _write_trace(tmp_path / "trace.csv", t, amp), velocities=vel,
-                                   model_depth=1.0))
+    trace = check_trace(_write_trace(tmp_path / "trace.csv", t, amp))
+    seq = list(iter_trace_sequence(fields, trace, velocities=vel, model_depth=1.0))
     assert [s[0] for s in seq] == pytest.approx(t.tolist())
     exc = np.array([diaphragm_excursion(lung, f)["mean_mm"] for _, f in seq])
     c1, c2 = exc[t < 4.0].max(), exc[t >= 4.0].max()
@@ -115,4 +115,4 @@ def test_extrema_and_bad_csv(tmp_path):
         read_trace(p)
     p.write_text("0,1\n1,1\n2,1\n")
     with pytest.raises(TraceError, match=r"bad\.csv: no full breath"):
-        list(iter_trace_sequence({50: None}, p, velocities={}))
+        check_trace(p)

@@ -12,7 +12,7 @@ import torch
 
 from respmotion.config import load_config
 from respmotion.training.autoencoder import AutoencoderRunConfig, train_autoencoder
-from respmotion.training.checkpoint import checkpoint_name, load_checkpoint
+from respmotion.io.checkpoint import checkpoint_name, load_checkpoint
 
 STEPS = 6
 OVERRIDES = {"model.base_channels": 8, "model.norm_groups": 8, "model.channel_mults": [1, 2], "model.dropout": 0.0,

@@ -12,7 +12,8 @@ from respmotion.core.geometry import Geometry
 from respmotion.core.types import Volume
 from respmotion.data.prepare import _scan_folder, group_studies
 from respmotion.io.dicom import list_dicom_files, phase_from_description, read_dicom_series
-from respmotion.io.dicom_export import DicomExportError, SeriesRef, write_dicom_4dct
+from respmotion.io.dicom_export import write_dicom_4dct
+from respmotion.io.dicom_series import DicomExportError, SeriesRef
 from respmotion.io.layout import PHASES
 from respmotion.io.volumes import from_sitk
 

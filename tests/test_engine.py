@@ -13,9 +13,12 @@ import torch
 import torch.nn as nn
 import yaml
 
-from respmotion.training import checkpoint as C
+from respmotion.io import checkpoint as C
+from respmotion.training.checkpoint import own_run_dir
 from respmotion.training.distributed import DistInfo
-from respmotion.training.engine import GlobalBatches, Task, TrainConfig, Trainer, TrainingDiverged, WarmupCosine
+from respmotion.training.engine import TrainConfig, Trainer, TrainingDiverged
+from respmotion.training.schedule import GlobalBatches, WarmupCosine
+from respmotion.training.task import Task
 
 
 # ------------------------------------------------------------------------------ toy task
@@ -199,6 +202,23 @@ def test_held_run_dir_drops_a_killed_checkpoint_writers_temporary_file(tmp_path)
     run.mkdir()
     stale = run / f"{TMP_PREFIX}00000002-abc.pt"  # what kill -9 during a checkpoint write leaves
     stale.write_bytes(b"PK")
-    with C.own_run_dir(run, "toy", resuming=True):
+    with own_run_dir(run, "toy", resuming=True):
         assert not stale.exists()
     assert not list(run.rglob(f"{TMP_PREFIX}*"))
+
+
+def test_run_weights_is_model_pt_else_the_newest_step(tmp_path):
+    """The weights a run folder stands for: ``model.pt`` once finished, else its newest ``<step>.pt``; a file is
+    itself; a folder with neither is refused naming it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"run: not a model bundle \(no model.pt"):
+        C.run_weights(run, kind="model bundle")
+    for step in (2, 4):
+        C.save_checkpoint({"step": step, "model": {}}, run / C.checkpoint_name(step))
+    assert C.run_weights(run) == run / C.checkpoint_name(4)
+    C.save_checkpoint({"step": 4, "model": {}}, run / C.MODEL_FILE)
+    assert C.run_weights(run) == run / "model.pt"
+    assert C.run_weights(run / C.checkpoint_name(2)) == run / C.checkpoint_name(2)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        C.run_weights(tmp_path / "missing")

@@ -122,7 +122,7 @@ def test_kill_training_and_resume(tmp_path):
     """kill -9 twice during training with a checkpoint every step; resume; every step exactly once."""
     registered("train")
     from respmotion.data.phantom import write_cohort
-    from respmotion.training.checkpoint import list_checkpoints, load_checkpoint
+    from respmotion.io.checkpoint import list_checkpoints, load_checkpoint
 
     write_cohort(tmp_path / "cohort", 2, seed=11, shape=TINY)
     run = tmp_path / "run"
@@ -222,7 +222,7 @@ def test_kill_sharded_registration_and_rerun(tmp_path):
 # ---------------------------------------------------------------------------- latents
 def _tiny_autoencoders(d: Path) -> dict[str, Path]:
     from respmotion.models.autoencoder import Autoencoder, default_net_config
-    from respmotion.training.checkpoint import save_checkpoint
+    from respmotion.io.checkpoint import save_checkpoint
 
     out = {}
     for kind in ("image", "dvf"):

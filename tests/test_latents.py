@@ -21,7 +21,7 @@ from respmotion.diffusion.latents import (
 )
 from respmotion.io.layout import iter_studies
 from respmotion.models.autoencoder import Autoencoder, default_net_config
-from respmotion.training.checkpoint import save_checkpoint
+from respmotion.io.checkpoint import save_checkpoint
 
 SHAPE = (8, 16, 16)
 
@@ -162,7 +162,7 @@ def test_train_diffusion_cli_resume_is_exact(cohort, monkeypatch):
 
     from respmotion.commands import train as train_cmd
     from respmotion.commands._common import run_command
-    from respmotion.training.checkpoint import load_checkpoint
+    from respmotion.io.checkpoint import load_checkpoint
 
     out = cohort["tmp"] / "set"
     if not (out / PROVENANCE).exists():

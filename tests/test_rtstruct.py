@@ -9,7 +9,7 @@ from dicom_factory import write_ct_series
 
 from respmotion.io.dicom import read_dicom_series
 from respmotion.io.rtstruct import RTStructError, mask_contours, read_rtstruct, write_rtstruct
-from respmotion.io.dicom_export import SeriesRef
+from respmotion.io.dicom_series import SeriesRef
 
 SHAPE = (12, 40, 36)
 SPACING = (2.5, 0.9, 1.1)

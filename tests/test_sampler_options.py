@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
     from respmotion.diffusion.config import DiffusionModelConfig, ScheduleConfig, UNetConfig
     from respmotion.diffusion.model import LatentDiffusion
     from respmotion.models.autoencoder import Autoencoder, default_net_config
-    from respmotion.training.checkpoint import save_checkpoint
+    from respmotion.io.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("bundle")
     torch.manual_seed(0)

@@ -326,7 +326,8 @@ def test_mass_intensities_keep_lung_mass_and_warp_is_the_old_output(tmp_path, ph
     import torch
 
     from respmotion.io.volumes import load_field, load_volume
-    from respmotion.synthesis.pipeline import hu_int16, warp_native
+    from respmotion.synthesis.native import warp_native
+    from respmotion.synthesis.writer import hu_int16
     from respmotion.synthesis.run import load_input
 
     for model in (["--model", "gt"], []):
@@ -378,7 +379,8 @@ def test_input_phase_50_reproduces_the_cycle(tmp_path, phantom_study):
 
     from respmotion.data.phantom import make_patient
     from respmotion.io.volumes import load_field, load_volume
-    from respmotion.synthesis.pipeline import hu_int16, warp_native
+    from respmotion.synthesis.native import warp_native
+    from respmotion.synthesis.writer import hu_int16
     from respmotion.synthesis.run import load_input
 
     out = tmp_path / "from50"
@@ -420,3 +422,44 @@ def test_bad_input_phase_or_intensity_is_one_line_and_writes_nothing(tmp_path, p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0] and value in err[0]
     assert not out.exists()
+
+
+def test_api_run_checks_settings_first_and_reads_the_trace_once(tmp_path, phantom_study, monkeypatch):
+    """``load_inputs`` (the API path, not only the CLI) refuses bad settings before it reads the CT, and a
+    ``--trace`` run reads its CSV once (settings check, disk-space check and frames share it)."""
+    from respmotion.synthesis import breathing
+    from respmotion.synthesis.pipeline import SynthesisOptions
+    from respmotion.synthesis.run import SynthesizeConfig, load_inputs, run_synthesis
+
+    with pytest.raises(ValueError, match="--samples 0"):
+        load_inputs(SynthesizeConfig(ct=str(tmp_path / "no-such-ct"), options=SynthesisOptions(samples=0)))
+    with pytest.raises(FileNotFoundError, match="structure file not found"):
+        load_inputs(SynthesizeConfig(ct=str(tmp_path / "no-such-ct"), structures=[str(tmp_path / "none.nii.gz")]))
+    t = np.arange(0.0, 4.01, 0.5)
+    trace = tmp_path / "trace.csv"
+    trace.write_text("time,amplitude\n" + "".join(f"{a},{np.cos(np.pi * a / 2.0):.4f}\n" for a in t))
+    reads = []
+    real = breathing.read_trace
+    monkeypatch.setattr(breathing, "read_trace", lambda path: reads.append(path) or real(path))
+    summary = run_synthesis(SynthesizeConfig(ct=str(phantom_study), out=str(tmp_path / "o"), model="gt",
+                                             trace=str(trace), render=False))
+    assert len(reads) == 1 and len(summary["trace"]["frames"]) == len(t)
+
+
+def test_identical_samples_are_reanchored_once(monkeypatch):
+    """A cycle given for several samples (a model without randomness) is inverted once; its samples share it."""
+    from respmotion.synthesis import anchor
+
+    g = Geometry((6, 10, 12), (3.0, 2.0, 2.0))
+    zz = np.linspace(0.0, 1.0, 6, dtype=np.float32)[:, None, None] * np.ones((6, 10, 12), np.float32)
+    cycle = {k: DisplacementField(np.stack([k / 20.0 * zz, 0 * zz, 0 * zz]), g) for k in range(0, 100, 10)}
+    other = {k: DisplacementField(f.array * 0.5, g) for k, f in cycle.items()}
+    calls = []
+    real = anchor.anchor_field
+    monkeypatch.setattr(anchor, "anchor_field", lambda c, p: calls.append(p) or real(c, p))
+    cycles, anchors, records = anchor.reanchor_cycles([cycle, cycle, other], 50)
+    assert len(calls) == 2 and cycles[0] is cycles[1] and cycles[0] is not cycles[2]
+    assert anchors[0] is anchors[1] and records[0] == records[1]
+    assert not cycles[2][50].array.any() and cycles[0][0].array.any()
+    single = anchor.reanchor({0: cycle[0]}, anchors[0], 50)[0]
+    np.testing.assert_array_equal(single.array, anchor.reanchor_field(cycle[0], anchors[0]).array)

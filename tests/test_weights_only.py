@@ -159,7 +159,7 @@ def _evil_checkpoint(tmp_path: Path, trained_run) -> tuple[Path, Path]:
 def test_pickled_object_in_checkpoint_never_runs(tmp_path, trained_run):
     """A checkpoint with an arbitrary object inside is refused and the object's code never runs."""
     from respmotion.models.autoencoder import load_autoencoder
-    from respmotion.training.checkpoint import load_checkpoint
+    from respmotion.io.checkpoint import load_checkpoint
 
     evil, marker = _evil_checkpoint(tmp_path, trained_run)
     for loader in (load_checkpoint, lambda p: load_autoencoder(str(p))):
@@ -174,7 +174,7 @@ def test_pickled_object_in_checkpoint_is_a_one_line_input_error(tmp_path, traine
     torch signals it with ``pickle.UnpicklingError``, which is not a RuntimeError/OSError/ValueError.
     """
     from respmotion.models.autoencoder import load_autoencoder
-    from respmotion.training.checkpoint import load_checkpoint
+    from respmotion.io.checkpoint import load_checkpoint
 
     evil, _ = _evil_checkpoint(tmp_path, trained_run)
     with pytest.raises(ValueError, match="evil.pt"):

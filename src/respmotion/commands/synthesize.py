@@ -84,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no input CT given")
     from ..io.ownership import claim
     from ..runtime import use_threads
-    from ..synthesis.checks import check_settings
     from ..synthesis.run import load_inputs, output_identity, run_synthesis
 
     use_threads(cfg.threads)
-    check_settings(cfg)  # before --out is claimed: a refused run leaves --out as it was
-    inputs = load_inputs(cfg)  # the CT, model, structures and trace space too (even --overwrite keeps --out)
+    # settings, the CT, model, structures and trace space, before --out is claimed: a refused run (even with
+    # --overwrite) leaves --out as it was
+    inputs = load_inputs(cfg)
     with claim(cfg.out, "synthesize", output_identity(cfg), overwrite=args.overwrite):
         summary = run_synthesis(cfg, inputs)
         save_resolved(cfg, cfg.out)

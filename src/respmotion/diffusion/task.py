@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import to_dict
-from ..training.engine import Task, unwrap
+from ..training.task import Task, unwrap
 from .config import DiffusionModelConfig, SamplerConfig
 from .model import LatentDiffusion
 from .sampling import LatentNorm

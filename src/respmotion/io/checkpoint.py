@@ -7,7 +7,7 @@ the training code.
 A run folder ``<out>/<task>/<timestamp>/`` holds ``config.yaml`` (the resolved config),
 ``prev_config.yaml`` (warm start only: the config of the run the weights came from),
 ``split.json``, TensorBoard event files, training checkpoints ``<step:08d>.pt`` and, at the
-end, ``model.pt`` (weights only, for inference).
+end, ``model.pt`` (:data:`MODEL_FILE`: weights only, for inference).
 
 Checkpoint dict (plain containers, tensors and numbers only)::
 
@@ -22,7 +22,8 @@ Checkpoint dict (plain containers, tensors and numbers only)::
     rng           list (one per rank) of RNG states   (training checkpoints only)
     history       {"train": [[step, loss], ...], "val": [[step, loss], ...]}
 
-Use: ``load_checkpoint(latest_checkpoint(run_dir_or_file))``.
+Use: ``load_checkpoint(latest_checkpoint(run_dir_or_file))`` to resume a run (its newest training checkpoint),
+``load_checkpoint(run_weights(run_dir_or_file))`` for its weights (``model.pt`` once the run has finished).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from .atomic import atomic_path, file_sha256
 from .torchfile import load_weights_only
 
 FORMAT = "respmotion.checkpoint/1"
+#: a finished run's weights (no optimizer, scheduler or RNG state), beside its training checkpoints
+MODEL_FILE = "model.pt"
 _STEP_RE = re.compile(r"^(\d{8})\.pt$")
 
 
@@ -90,6 +93,19 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(f"{path}: run folder has no <step>.pt checkpoint to resume from")
     return found[-1][1]
+
+
+def run_weights(path: str | os.PathLike, kind: str = "run folder") -> Path:
+    """The weights file ``path`` names: ``path`` itself when it is a file; in a run folder its :data:`MODEL_FILE`
+    (the finished run's weights), else its newest ``<step>.pt``.  ``FileNotFoundError`` naming ``path`` (as a
+    ``kind``, e.g. ``"model bundle"``) when it holds neither, or does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        if not list_checkpoints(path):
+            raise FileNotFoundError(f"{path}: not a {kind} (no {MODEL_FILE} and no <step>.pt checkpoint in it)")
+    return latest_checkpoint(path)
 
 
 def recorded_file(record: dict[str, Any], base: str | os.PathLike) -> Path:

@@ -16,11 +16,12 @@ With a ``template`` (the folder of the input CT series):
 * geometry: when the phase volumes have the template's geometry (the normal case: synthesis on
   the native grid), ImagePositionPatient, ImageOrientationPatient, PixelSpacing and SliceThickness
   strings are copied slice by slice from the template; otherwise they are computed from the
-  volume's :class:`~respmotion.core.geometry.Geometry` (same patient coordinates, other grid);
-* StudyInstanceUID, FrameOfReferenceUID and the whitelisted patient/study attributes (:data:`COPIED_ATTRIBUTES`)
-  are copied; nothing else from the input is written (no private tags, no institution, no
-  device serials), and nothing is invented: an attribute the input lacks is written empty
-  (DICOM type 2) or left out.
+  volume's :class:`~respmotion.core.geometry.Geometry` (same patient coordinates, other grid;
+  :mod:`respmotion.io.dicom_series` reads the template and makes these strings);
+* StudyInstanceUID, FrameOfReferenceUID and the whitelisted patient/study attributes
+  (:data:`~respmotion.io.dicom_series.COPIED_ATTRIBUTES`) are copied; nothing else from the input is written
+  (no private tags, no institution, no device serials), and nothing is invented: an attribute the input
+  lacks is written empty (DICOM type 2) or left out.
 
 Without a template (NIfTI/MHA/phantom input) a fresh FrameOfReferenceUID is made and the patient
 is ``ANONYMOUS``.  Each series is written into a hidden temporary folder inside ``out_dir`` and
@@ -37,35 +38,27 @@ import datetime as _dt
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..core.geometry import Geometry, slice_normal
+from ..core.geometry import Geometry
 from ..core.types import Volume
-from .dicom import DicomError, geometry_of_slices, list_dicom_files, scan_series, slice_info
-
-#: patient/study attributes copied from the input series (a fixed whitelist; others are dropped).
-COPIED_ATTRIBUTES: tuple[str, ...] = (
-    "SpecificCharacterSet",
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyID",
-    "StudyDescription",
-    "PatientPosition",
-    "PositionReferenceIndicator",
+from .dicom_series import (
+    COPIED_ATTRIBUTES,
+    CT_IMAGE_STORAGE,
+    DicomExportError,
+    SeriesRef,
+    decimal_string,
+    read_series_headers,
+    required_attribute,
+    series_geometry,
+    slice_geometry_from_template,
+    slice_geometry_from_volume,
+    whitelisted,
 )
+
 #: DICOM type-2 attributes: written (empty when unknown) even if the input lacks them.
 TYPE2_ATTRIBUTES: tuple[str, ...] = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -74,61 +67,7 @@ TYPE2_ATTRIBUTES: tuple[str, ...] = (
 ANONYMOUS = "ANONYMOUS"
 RESCALE_INTERCEPT = -1024.0
 RESCALE_SLOPE = 1.0
-HU_MIN = -32768 + RESCALE_INTERCEPT  # representable HU range with int16 storage
-HU_MAX = 32767 + RESCALE_INTERCEPT
 TMP_DIR_PREFIX = ".tmp-dicom-"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-class DicomExportError(DicomError):
-    """A DICOM export problem; the message names the file or folder."""
-
-
-@dataclass
-class SeriesRef:
-    """What another object (an RTSTRUCT) needs to reference one CT series.
-
-    ``sop_instance_uids`` are in array slice order (index ``k`` of the ``(z, y, x)`` volume).
-    ``patient_study`` holds the whitelisted patient/study attributes (:data:`COPIED_ATTRIBUTES`).
-    """
-
-    geometry: Geometry
-    study_uid: str
-    series_uid: str
-    frame_of_reference_uid: str
-    sop_instance_uids: list[str]
-    sop_class_uid: str = CT_IMAGE_STORAGE
-    patient_study: dict[str, Any] = field(default_factory=dict)
-    folder: Path | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (no per-slice UIDs)."""
-        return {
-            "folder": str(self.folder) if self.folder else None,
-            "study_uid": self.study_uid,
-            "series_uid": self.series_uid,
-            "frame_of_reference_uid": self.frame_of_reference_uid,
-            "slices": len(self.sop_instance_uids),
-            "geometry": self.geometry.to_dict(),
-        }
-
-    @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "SeriesRef":
-        """Read the headers of the one CT series in ``folder`` (its geometry, UIDs, patient/study)."""
-        folder = Path(folder)
-        headers = _read_template_headers(folder)
-        geom, ordered = _template_geometry(folder, headers)
-        first = headers[ordered[0].path]
-        return cls(
-            geometry=geom,
-            study_uid=str(first.get("StudyInstanceUID", "")),
-            series_uid=str(first.SeriesInstanceUID),
-            frame_of_reference_uid=_required(first, "FrameOfReferenceUID", ordered[0].path),
-            sop_instance_uids=[str(headers[s.path].SOPInstanceUID) for s in ordered],
-            sop_class_uid=str(first.get("SOPClassUID", CT_IMAGE_STORAGE)),
-            patient_study=_whitelisted(first),
-            folder=folder,
-        )
 
 
 def gated_series_description(description: str, phase_percent: float) -> str:
@@ -137,92 +76,6 @@ def gated_series_description(description: str, phase_percent: float) -> str:
     p = float(phase_percent)
     pct = f"{int(p):02d}" if p.is_integer() else f"{p:.1f}"
     return f"{description}, Gated, {pct}%" if description else f"Gated, {pct}%"
-
-
-# ---------------------------------------------------------------------------- template reading
-def _required(ds, keyword: str, path: Path) -> str:
-    value = ds.get(keyword, None)
-    if not value:
-        raise DicomExportError(f"{path}: template slice has no {keyword}")
-    return str(value)
-
-
-def _whitelisted(ds) -> dict[str, Any]:
-    """The :data:`COPIED_ATTRIBUTES` present in ``ds`` (values as pydicom gives them)."""
-    return {k: ds[k].value for k in COPIED_ATTRIBUTES if k in ds}
-
-
-def _read_template_headers(folder: Path) -> dict[Path, Any]:
-    """Headers of the one image series in ``folder`` keyed by path; errors name the folder."""
-    import pydicom
-
-    if not folder.is_dir():
-        raise DicomExportError(f"{folder}: template is not a folder of DICOM files")
-    files = list_dicom_files(folder)
-    series = scan_series(files)
-    if not series:
-        raise DicomExportError(f"{folder}: no CT image series in the template folder")
-    if len(series) > 1:
-        raise DicomExportError(f"{folder}: template folder holds {len(series)} series; give the folder of one series")
-    out = {}
-    for p in series[0].files:
-        try:
-            out[p] = pydicom.dcmread(str(p), stop_before_pixels=True)
-        except Exception as exc:  # pydicom raises many types; re-raised typed with the file name
-            raise DicomExportError(f"{p}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
-    return out
-
-
-def _template_geometry(folder: Path, headers: dict[Path, Any]):
-    infos = [slice_info(p, ds) for p, ds in headers.items()]
-    return geometry_of_slices(infos, folder)
-
-
-# ---------------------------------------------------------------------------- geometry strings
-def _ds(value: float) -> str:
-    """A DICOM decimal string (<= 16 characters) for ``value``."""
-    for digits in (10, 8, 6, 4):
-        s = f"{value:.{digits}g}"
-        if len(s) <= 16:
-            return s
-    raise DicomExportError(f"value {value!r} does not fit a DICOM decimal string")
-
-
-def _slice_geometry_from_volume(geometry: Geometry) -> list[dict[str, Any]]:
-    """Per-slice IPP/IOP/PixelSpacing/SliceThickness/SliceLocation strings from a Geometry."""
-    orientation = geometry.image_orientation()
-    iop = [_ds(v) for v in orientation]
-    ps = [_ds(geometry.spacing[1]), _ds(geometry.spacing[2])]
-    dicom_normal = slice_normal(orientation)
-    out = []
-    for k in range(geometry.shape[0]):
-        ipp = geometry.index_to_world([k, 0, 0])
-        out.append({
-            "ImagePositionPatient": [_ds(v) for v in ipp],
-            "ImageOrientationPatient": iop,
-            "PixelSpacing": ps,
-            "SliceThickness": _ds(geometry.spacing[0]),
-            "SliceLocation": _ds(float(np.dot(ipp, dicom_normal))),
-        })
-    return out
-
-
-def _slice_geometry_from_template(headers: dict[Path, Any], ordered) -> list[dict[str, Any]]:
-    """Per-slice geometry strings copied from the template, in slice order."""
-    out = []
-    for s in ordered:
-        ds = headers[s.path]
-        normal = slice_normal(s.orientation)
-        rec = {
-            "ImagePositionPatient": list(ds["ImagePositionPatient"].value),
-            "ImageOrientationPatient": list(ds["ImageOrientationPatient"].value),
-            "PixelSpacing": list(ds["PixelSpacing"].value),
-            "SliceLocation": ds.SliceLocation if "SliceLocation" in ds else _ds(float(np.dot(s.position, normal))),
-        }
-        if "SliceThickness" in ds and ds.SliceThickness not in (None, ""):
-            rec["SliceThickness"] = ds.SliceThickness
-        out.append(rec)
-    return out
 
 
 # ---------------------------------------------------------------------------- writing
@@ -298,8 +151,8 @@ def _write_series(
         ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = 1
-        ds.RescaleIntercept = _ds(RESCALE_INTERCEPT)
-        ds.RescaleSlope = _ds(RESCALE_SLOPE)
+        ds.RescaleIntercept = decimal_string(RESCALE_INTERCEPT)
+        ds.RescaleSlope = decimal_string(RESCALE_SLOPE)
         ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
         ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
@@ -366,19 +219,19 @@ class DicomCycleWriter:
         study_uid = ""
         if template is not None:
             tfolder = Path(template)
-            headers = _read_template_headers(tfolder)
-            tgeom, ordered = _template_geometry(tfolder, headers)
+            headers = read_series_headers(tfolder)
+            tgeom, ordered = series_geometry(tfolder, headers)
             first = headers[ordered[0].path]
-            frame_uid = _required(first, "FrameOfReferenceUID", ordered[0].path)
+            frame_uid = required_attribute(first, "FrameOfReferenceUID", ordered[0].path)
             study_uid = str(first.get("StudyInstanceUID", ""))
-            template_attrs = _whitelisted(first)
+            template_attrs = whitelisted(first)
             if tgeom.same_as(geometry, tol=1e-3):
-                self.slices, self.geometry_from = _slice_geometry_from_template(headers, ordered), "template"
+                self.slices, self.geometry_from = slice_geometry_from_template(headers, ordered), "template"
             else:
-                self.slices, self.geometry_from = _slice_geometry_from_volume(geometry), "volume"
+                self.slices, self.geometry_from = slice_geometry_from_volume(geometry), "volume"
         else:
             frame_uid = generate_uid()
-            self.slices, self.geometry_from = _slice_geometry_from_volume(geometry), "none"
+            self.slices, self.geometry_from = slice_geometry_from_volume(geometry), "none"
         # the phases join the input's study (a planning system shows them beside the planning CT)
         self.study_uid = study_uid or generate_uid()
         self.frame_uid = frame_uid

@@ -31,7 +31,8 @@ import numpy as np
 from ..core.geometry import Geometry
 from ..core.types import Volume
 from .atomic import atomic_path
-from .dicom_export import SeriesRef, new_instance
+from .dicom_export import new_instance
+from .dicom_series import SeriesRef
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # conventional ReferencedSOPClassUID of the study

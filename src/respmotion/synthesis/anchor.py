@@ -22,7 +22,7 @@ own cycle (relative to 00) before re-anchoring.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,17 +87,36 @@ def anchor_field(cycle: Mapping[int, DisplacementField], phase: int | str) -> tu
             {"phase": phase, "inversion": _residual(u, v, sp)})
 
 
+def reanchor_field(f: DisplacementField, anchor: DisplacementField, meta: dict | None = None) -> DisplacementField:
+    """``f`` (a pull field relative to the model's reference, ``(3, z, y, x)`` mm on the model grid) as a pull
+    field from the input: ``compose(anchor, f)``, float32, on ``f``'s grid with ``meta`` (default: ``f``'s)."""
+    arr = W.compose(_tensor(anchor), _tensor(f), anchor.geometry.spacing)[0].numpy().astype(np.float32)
+    return DisplacementField(arr, f.geometry, dict(f.meta) if meta is None else meta)
+
+
 def reanchor(cycle: Mapping[int, DisplacementField], anchor: DisplacementField,
              phase: int | str) -> dict[int, DisplacementField]:
-    """Every phase of ``cycle`` (relative to the model's reference) as a pull field from the input:
-    ``compose(anchor, u_k)``; the input's own phase (``phase``, unless ``mid``) is exactly zero."""
-    v = _tensor(anchor)
-    sp = anchor.geometry.spacing
+    """Every phase of ``cycle`` (relative to the model's reference) as a pull field from the input
+    (:func:`reanchor_field`); the input's own phase (``phase``, unless ``mid``) is exactly zero."""
     out = {}
     for k, f in sorted(cycle.items()):
+        meta = {**f.meta, "input_phase": phase}
         if k == phase:
-            arr = np.zeros_like(f.array, dtype=np.float32)
+            out[k] = DisplacementField(np.zeros_like(f.array, dtype=np.float32), f.geometry, meta)
         else:
-            arr = W.compose(v, _tensor(f), sp)[0].numpy().astype(np.float32)
-        out[k] = DisplacementField(arr, f.geometry, {**f.meta, "input_phase": phase})
+            out[k] = reanchor_field(f, anchor, meta)
     return out
+
+
+def reanchor_cycles(cycles: Sequence[Mapping[int, DisplacementField]], phase: int | str
+                    ) -> tuple[list[dict[int, DisplacementField]], list[DisplacementField], list[dict]]:
+    """Every sample's cycle re-anchored on the input at ``phase``: the re-anchored cycles, each sample's anchor
+    (:func:`anchor_field`) and its record.  A cycle given for several samples (the same object: a model without
+    randomness, fixed fields) is inverted and composed once; its samples share the result."""
+    done: dict[int, tuple] = {}
+    for c in cycles:
+        if id(c) not in done:
+            a, rec = anchor_field(c, phase)
+            done[id(c)] = (reanchor(c, a, phase), a, rec)
+    per_sample = [done[id(c)] for c in cycles]
+    return [r[0] for r in per_sample], [r[1] for r in per_sample], [r[2] for r in per_sample]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -359,28 +360,40 @@ def _branch_velocity(branch, velocities, sigma: float) -> tuple[np.ndarray, tupl
     return (1.0 - w) * vel(seq[j]) + w * vel(seq[j + 1]), (seq[j], seq[j + 1], float(w))
 
 
+@dataclass(frozen=True)
+class BreathingTrace:
+    """A breathing trace :func:`iter_trace_sequence` can follow, read and checked once (:func:`check_trace`):
+    ``time_s`` and ``amplitude`` ``(n,)`` float64 (seconds; the monitor's unit), the alternating inhale peaks and
+    exhale troughs ``extrema`` (:func:`find_extrema`, indices into them) and whether the amplitude grows on
+    inhalation (``inhale_positive``)."""
+
+    path: Path
+    time_s: np.ndarray
+    amplitude: np.ndarray
+    extrema: list[tuple[int, str]]
+    inhale_positive: bool = True
+
+
 def check_trace(trace_csv: str | os.PathLike, inhale_positive: bool = True,
-                hysteresis: float = 0.15) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """``(time_s, amplitude, extrema)`` of a trace :func:`iter_trace_sequence` can follow: readable
-    (:func:`read_trace`) and holding at least one full breath (an inhale peak and an exhale trough,
-    :func:`find_extrema`); :class:`TraceError` naming the file otherwise.  Needs no motion: call it
-    before anything is written."""
+                hysteresis: float = 0.15) -> BreathingTrace:
+    """The trace in ``trace_csv`` (:func:`read_trace`) when :func:`iter_trace_sequence` can follow it: it holds
+    at least one full breath (an inhale peak and an exhale trough beyond ``hysteresis`` x its range,
+    :func:`find_extrema`); :class:`TraceError` naming the file otherwise.  Needs no motion: call it before
+    anything is written."""
     path = Path(trace_csv)
     t, amp = read_trace(path)
     ext = find_extrema(amp if inhale_positive else -amp, hysteresis)
     if not any(kind == "peak" for _, kind in ext) or not any(kind == "trough" for _, kind in ext):
         raise TraceError(f"{path}: no full breath found (need an inhale peak and an exhale trough beyond "
                          f"{hysteresis:.0%} of the amplitude range)")
-    return t, amp, ext
+    return BreathingTrace(path, t, amp, ext, inhale_positive)
 
 
 def iter_trace_sequence(
     fields_by_phase: Mapping[int, DisplacementField],
-    trace_csv: str | os.PathLike,
+    trace: BreathingTrace,
     velocities: Mapping[int, DisplacementField] | None = None,
     model_depth: float | None = None,
-    inhale_positive: bool = True,
-    hysteresis: float = 0.15,
     mask: np.ndarray | None = None,
 ) -> Iterator[tuple[float, DisplacementField]]:
     """One field per trace sample ``(time_s, DisplacementField)`` following a breathing trace (module doc),
@@ -389,20 +402,18 @@ def iter_trace_sequence(
     Args:
         fields_by_phase: phase -> pull field relative to phase 00 (any subset of phases holding
             the end-exhale one; phase 00, if given, is the reference).
-        trace_csv: CSV of ``time, amplitude`` (seconds, any unit; irregular breaths allowed).
+        trace: the breathing trace (:func:`check_trace` of a CSV of ``time, amplitude``: seconds, any unit;
+            irregular breaths allowed).
         velocities: precomputed :func:`velocity_fields` (else computed here).
         model_depth: trace amplitude (peak - trough) that corresponds to the model's cycle;
             default: the median breath depth of the trace.
-        inhale_positive: amplitude grows on inhalation (False: it shrinks).
-        hysteresis: fraction of the trace range a turn must exceed (:func:`find_extrema`).
         mask: optional ``(z, y, x)`` region (e.g. lung) for the phase states and end-exhale choice.
 
     Each field's ``meta`` holds ``time_s``, ``amplitude``, ``branch``, ``sigma``, ``depth`` and the
     bracketing ``phases`` with the interpolation weight.
     """
-    path = Path(trace_csv)
-    t, amp, ext = check_trace(path, inhale_positive, hysteresis)
-    a = amp if inhale_positive else -amp
+    path, t, amp, ext = trace.path, trace.time_s, trace.amplitude, trace.extrema
+    a = amp if trace.inhale_positive else -amp
     peaks = [i for i, kind in ext if kind == "peak"]
     troughs = [i for i, kind in ext if kind == "trough"]
     P, T = _envelope(t, peaks, a), _envelope(t, troughs, a)

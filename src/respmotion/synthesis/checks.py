@@ -2,11 +2,12 @@
 
 :func:`check_settings` refuses, in one line naming the flag or file, settings that cannot give a
 sensible 4D-CT (no cycles, an amplitude of zero or beyond any breathing, two amplitude flags at
-once, structure names without a structure file) and a breathing trace the sequence cannot follow
-(:func:`respmotion.synthesis.breathing.check_trace`).  :func:`check_trace_space` refuses a trace
-whose frames the output's file system cannot hold.  The CLI calls :func:`check_settings` before it
-claims ``--out``; :func:`check_trace_space` runs once the CT and the model's grid are known, before
-the first phase is written.
+once, structure names without a structure file, a structure file that is not there) and a breathing
+trace the sequence cannot follow (:func:`respmotion.synthesis.breathing.check_trace`; the trace is read
+there, once, and handed on).  :func:`check_trace_space` refuses a trace whose frames the output's file
+system cannot hold.  :func:`respmotion.synthesis.run.load_inputs` calls :func:`check_settings` first, before
+the CT and the model are loaded, and :func:`check_trace_space` once the CT and the model's grid are known;
+the CLI does both before it claims ``--out``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
+
+from .breathing import BreathingTrace, check_trace
 
 #: largest breathing amplitude accepted by ``--si-amplitude-mm`` / ``--excursion-mm`` (mm): beyond any
 #: human breathing (DIR-Lab's largest mean landmark motion is about 15 mm)
@@ -39,13 +42,12 @@ def _positive_amount(flag: str, value: float | None, limit: float, unit: str) ->
         raise ValueError(f"{flag} {value:g}: larger than any breathing motion (at most {limit:g} {unit})")
 
 
-def check_settings(cfg: Any) -> None:
+def check_settings(cfg: Any) -> BreathingTrace | None:
     """Refuse settings of a :class:`respmotion.synthesis.run.SynthesizeConfig` that cannot give a sensible
     4D-CT, and an unreadable or unfollowable ``--trace`` file, with a one-line ``ValueError`` /
     ``FileNotFoundError`` naming the flag or file.  Reads only the trace and checks that the
-    structure files exist; the CT and model are not loaded."""
-    from .breathing import check_trace
-
+    structure files exist; the CT and model are not loaded.  Returns the trace read
+    (:class:`~respmotion.synthesis.breathing.BreathingTrace`; ``None`` without ``--trace``)."""
     o = cfg.options  # formats, intensity and input phase: checked when the options were made
     if cfg.model.strip() == "seed:":
         raise ValueError("--model seed: names no folder; give the research checkpoints' folder, e.g. seed:weights/")
@@ -64,18 +66,15 @@ def check_settings(cfg: Any) -> None:
     for s in cfg.structures:
         if not Path(s).exists():
             raise FileNotFoundError(f"{s}: structure file not found")
-    if cfg.trace:
-        check_trace(cfg.trace)
+    return check_trace(cfg.trace) if cfg.trace else None
 
 
-def check_trace_space(trace: str, out: str | Path, ct_shape: Sequence[int], field_shape: Sequence[int],
+def check_trace_space(trace: BreathingTrace, out: str | Path, ct_shape: Sequence[int], field_shape: Sequence[int],
                       n_formats: int) -> None:
     """Refuse (``ValueError`` naming ``--trace`` and the numbers) a trace whose frames, one CT of
     ``ct_shape`` and one field of ``field_shape`` voxels per sample and format, need more space than
     the file system of ``out`` has free."""
-    from .breathing import check_trace
-
-    frames = len(check_trace(trace)[0])
+    frames = len(trace.time_s)
     per_frame = n_formats * (CT_BYTES_PER_VOXEL * math.prod(ct_shape) + FIELD_BYTES_PER_VOXEL * math.prod(field_shape))
     need = frames * per_frame
     where = Path(out).absolute()
@@ -83,6 +82,6 @@ def check_trace_space(trace: str, out: str | Path, ct_shape: Sequence[int], fiel
         where = where.parent
     free = shutil.disk_usage(where).free
     if need > free:
-        raise ValueError(f"--trace {trace}: {frames:,} samples would write about {need / 2**30:,.1f} GiB "
+        raise ValueError(f"--trace {trace.path}: {frames:,} samples would write about {need / 2**30:,.1f} GiB "
                          f"({per_frame / 2**20:,.1f} MiB a frame), {free / 2**30:,.1f} GiB are free in {where}; "
                          f"use a shorter trace")

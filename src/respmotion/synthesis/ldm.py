@@ -51,18 +51,12 @@ def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = Non
     sampler (:func:`respmotion.diffusion.config.choose_sampler`: one-line ``ValueError`` when impossible)."""
     from ..diffusion.config import choose_sampler
     from ..diffusion.pipeline import MotionGenerator
-    from ..io.checkpoint import latest_checkpoint, list_checkpoints
+    from ..io.checkpoint import run_weights
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: model bundle not found")
-    if p.is_dir() and (p / "model.pt").is_file():
-        ckpt = p / "model.pt"  # the finished run's weights
-    elif p.is_dir() and not list_checkpoints(p):
-        raise FileNotFoundError(f"{p}: not a model bundle (no model.pt and no <step>.pt checkpoint of a diffusion "
-                                "run in it)")
-    else:
-        ckpt = latest_checkpoint(p)
+    ckpt = run_weights(p, kind="model bundle")
     gen = MotionGenerator.from_checkpoints(ckpt, device=device)
     try:
         cfg = choose_sampler(gen.default_sampler, gen.schedule.T, sampler, steps, delta_t)

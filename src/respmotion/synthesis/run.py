@@ -12,7 +12,8 @@ from ..core.types import Volume
 from ..io.atomic import read_npy, write_json
 from ..io.layout import PHASES, StudyDir
 from ..runtime import resolve_device
-from .pipeline import FixedMotion, MotionModel, SynthesisOptions, render_result, synthesize
+from .breathing import BreathingTrace
+from .pipeline import FixedMotion, MotionModel, SynthesisOptions, SynthesisResult, render_result, synthesize
 
 #: the synthesis settings of :class:`SynthesisOptions`, top-level keys of configs saved before they were nested
 _OPTIONS = ("samples", "seed", "amplitude", "excursion_mm", "si_amplitude_mm", "formats", "intensity", "input_phase")
@@ -122,10 +123,8 @@ def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]
     from ..io.volumes import load_volume
 
     masks: dict[str, np.ndarray] = {}
-    for s in cfg.structures:
+    for s in cfg.structures:  # each exists (check_settings)
         p = Path(s)
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: structure file not found")
         if p.suffix.lower() == ".dcm" or p.is_dir():
             from ..io.rtstruct import read_rtstruct
 
@@ -147,29 +146,34 @@ def _load_structures(cfg: SynthesizeConfig, ct: Volume) -> dict[str, np.ndarray]
 
 @dataclass
 class Inputs:
-    """What a synthesis run reads, loaded and checked (:func:`load_inputs`)."""
+    """What a synthesis run reads, loaded and checked (:func:`load_inputs`): the CT (native grid), its lung mask
+    ``(z, y, x)`` when its study has one, the motion model, the structure masks ``(z, y, x)`` by name and the
+    breathing trace (``--trace``, read once)."""
 
     ct: Volume
     lung: Any
     model: Any
     structures: dict
+    trace: BreathingTrace | None = None
 
 
 def load_inputs(cfg: SynthesizeConfig) -> Inputs:
-    """Read and check everything a run needs: the CT (and its study), the motion model, the structures and the
-    disk space a trace will take.  A bad input raises here, so callers do this before ``--out`` is claimed
-    (a refused run, even with ``--overwrite``, leaves ``--out`` as it was)."""
-    from .checks import check_trace_space
-    from .pipeline import VOLUME_SUFFIX
+    """Check the settings (:func:`~.checks.check_settings`: the trace is read there, once), then read and check
+    everything a run needs: the CT (and its study), the motion model, the structures and the disk space a trace
+    will take.  A bad input raises here, so callers do this before ``--out`` is claimed (a refused run, even
+    with ``--overwrite``, leaves ``--out`` as it was)."""
+    from .checks import check_settings, check_trace_space
+    from .writer import VOLUME_SUFFIX
 
+    trace = check_settings(cfg)
     opts = cfg.options
     ct, study, lung = load_input(cfg.ct, opts.input_phase)
     model = load_motion(cfg, study)
     structures = _load_structures(cfg, ct) if cfg.structures else {}
-    if cfg.trace:
-        check_trace_space(cfg.trace, cfg.out, ct.geometry.shape, model.shape,
+    if trace is not None:
+        check_trace_space(trace, cfg.out, ct.geometry.shape, model.shape,
                           sum(f in VOLUME_SUFFIX for f in opts.formats) or 1)
-    return Inputs(ct, lung, model, structures)
+    return Inputs(ct, lung, model, structures, trace)
 
 
 def run_synthesis(cfg: SynthesizeConfig, inputs: Inputs | None = None) -> dict:
@@ -186,8 +190,9 @@ def run_synthesis(cfg: SynthesizeConfig, inputs: Inputs | None = None) -> dict:
     summary = result.summary
     out = Path(cfg.out)
     summary["plot"] = write_plot(out, summary)
-    if cfg.trace:
-        summary["trace"] = _write_trace(ct, result, cfg.trace, out / "trace", formats, opts.intensity)
+    if inp.trace is not None:
+        summary["trace"] = {"csv": cfg.trace,
+                            "frames": _write_trace(ct, result, inp.trace, out / "trace", formats, opts.intensity)}
     if cfg.render:
         gifs = render_result(result, style="heatmap" if cfg.heatmap else "arrows", fps=cfg.fps,
                              structures=structures, num_slices=cfg.num_slices)
@@ -196,35 +201,34 @@ def run_synthesis(cfg: SynthesizeConfig, inputs: Inputs | None = None) -> dict:
     return summary
 
 
-def _write_trace(ct: Volume, result, trace_csv: str, tdir: Path, formats: tuple[str, ...], intensity: str) -> dict:
+def _write_trace(ct: Volume, result: SynthesisResult, trace: BreathingTrace, tdir: Path, formats: tuple[str, ...],
+                 intensity: str) -> list[dict]:
     """One frame per trace sample (fields from the model-grid cycle), each computed, warped and written in
     turn (memory holds one frame), with a progress bar.  The trace follows the model's cycle relative to phase
     00 (``result.reference_cycle``); each frame is re-anchored on the input like the phases
-    (``compose(anchor, f)``, :mod:`respmotion.synthesis.anchor`) and its lungs get the phases' intensities."""
-    import torch
+    (:func:`~.anchor.reanchor_field`) and pulls the phases' HU and lung channels (``result.channels``), so its
+    lungs get the phases' intensities.  Returns each frame's record (index, time in s, mean displacement in mm)."""
     from tqdm import tqdm
 
-    from ..core import warp as W
-    from ..core.types import DisplacementField
-
     from ..io.volumes import save_field, save_volume
-    from .breathing import check_trace, iter_trace_sequence
-    from .pipeline import VOLUME_SUFFIX, hu_int16, warp_native
+    from .anchor import reanchor_field
+    from .breathing import iter_trace_sequence
+    from .native import warp_native
+    from .pipeline import HU_CHANNEL, LUNG_CHANNEL
+    from .writer import VOLUME_SUFFIX, hu_int16
 
     suffixes = [VOLUME_SUFFIX[f] for f in formats if f in VOLUME_SUFFIX] or [VOLUME_SUFFIX["nifti"]]
-    chans = torch.from_numpy(np.stack([ct.array.astype(np.float32), (result.lung != 0).astype(np.float32)]))
+    chans = result.channels[:LUNG_CHANNEL + 1]  # HU and lung occupancy, the first two channels (a view)
     anchor = result.anchors[0] if result.anchors else None
     frames = []
-    samples = iter_trace_sequence(result.reference_cycle, trace_csv)
-    for i, (t, f) in enumerate(tqdm(samples, total=len(check_trace(trace_csv)[0]), desc="trace", unit="frame")):
+    samples = iter_trace_sequence(result.reference_cycle, trace)
+    for i, (t, f) in enumerate(tqdm(samples, total=len(trace.time_s), desc="trace", unit="frame")):
         if anchor is not None:
-            sp = f.geometry.spacing
-            f = DisplacementField(W.compose(W.to_tensor(anchor.array), W.to_tensor(f.array), sp)[0].numpy(),
-                                  f.geometry, f.meta)
-        frame = Volume(hu_int16(warp_native(chans, f, ct.geometry, mass_weight=1 if intensity == "mass" else None)[0]),
-                       ct.geometry)
+            f = reanchor_field(f, anchor)
+        warped = warp_native(chans, f, ct.geometry, mass_weight=LUNG_CHANNEL if intensity == "mass" else None)
+        frame = Volume(hu_int16(warped[HU_CHANNEL]), ct.geometry)
         for suffix in suffixes:
             save_volume(frame, tdir / f"frame_{i:04d}.{suffix}")
             save_field(f, tdir / f"dvf_{i:04d}.{suffix}")
         frames.append({"index": i, "time_s": float(t), "mean_mm": float(f.magnitude().mean())})
-    return {"csv": trace_csv, "frames": frames}
+    return frames

@@ -21,7 +21,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from ..config import from_dict, save_config
 from ..io.atomic import write_json
-from ..io.checkpoint import latest_checkpoint, load_checkpoint
+from ..io.checkpoint import load_checkpoint, run_weights
 from ..io.torchfile import load_state
 from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
 from ..models.prior import MotionPrior, prior_from_record
@@ -112,8 +112,7 @@ def evaluate_autoencoder(cfg: AEEvalConfig) -> tuple[dict[str, Any], Path]:
     """Evaluate a checkpoint on its stored patient split; writes ``metrics.json`` + ``config.yaml``."""
     if not cfg.checkpoint:
         raise ValueError("no checkpoint given (--checkpoint)")
-    given = Path(cfg.checkpoint)
-    path = given / "model.pt" if (given / "model.pt").is_file() else latest_checkpoint(given)
+    path = run_weights(cfg.checkpoint)
     ckpt = load_checkpoint(path)
     if "model_config" not in ckpt or not str(ckpt.get("task", "")).startswith("autoencoder"):
         raise ValueError(f"{path}: not an autoencoder checkpoint (task {ckpt.get('task')!r})")

@@ -1,4 +1,5 @@
-"""The autoencoders as a task of the shared training engine (:mod:`respmotion.training.engine`).
+"""The autoencoders as a :class:`~respmotion.training.task.Task` of the shared engine
+(:mod:`respmotion.training.engine`).
 
 ``kind="image"``: CT in network units (HU -> [-1, 1]), loss :class:`~respmotion.models.losses.LPELoss`
 (its 1 - SSIM term logged as ``one_minus_ssim``).  ``kind="dvf"``: fields in network units
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 from ..models.autoencoder import Autoencoder, kl_divergence
 from ..models.losses import VIEWS, DVFLoss, LPELoss
 from ..models.prior import MotionPrior
-from .engine import Task, unwrap
+from .task import Task, unwrap
 from .splits import Split
 
 log = logging.getLogger("respmotion")

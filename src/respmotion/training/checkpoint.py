@@ -1,7 +1,7 @@
 """Training-side checkpoint handling: run-folder ownership, pruning old checkpoints, RNG states.
 
 The file format and its readers/writers live in :mod:`respmotion.io.checkpoint` (inference reads
-checkpoints without importing training code); they are imported here for the engine.
+checkpoints without importing training code).
 """
 
 from __future__ import annotations
@@ -15,24 +15,18 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..io.checkpoint import (  # noqa: F401  (also reachable here, as before the move)
-    checkpoint_name,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from ..io.checkpoint import MODEL_FILE, list_checkpoints
 
 
 @contextlib.contextmanager
 def own_run_dir(run_dir: str | os.PathLike, task: str, resuming: bool, is_main: bool = True) -> Iterator[None]:
     """Hold ``run_dir`` for one training (rank 0 only; the other ranks follow it) while the block runs.
 
-    A new run (not ``resuming``) into a folder that holds a run's weights (``<step>.pt``,
-    ``model.pt``) is refused (it would overwrite them, or mix two configs); a run that died before
-    its first checkpoint may be started again.  A second training of the same folder at once is
-    refused by the lock (:func:`respmotion.io.ownership.claim`).  Both errors name ``--resume``.
-    Once the folder is held, temporary files of a killed writer (a checkpoint cut short) are removed."""
+    A new run (not ``resuming``) into a folder that holds a run's weights (``<step>.pt``, ``model.pt``) is
+    refused (it would overwrite them, or mix two configs); a run that died before its first checkpoint may be
+    started again.  A second training of the same folder at once is refused by the lock
+    (:func:`respmotion.io.ownership.claim`).  Both errors name ``--resume``.  Once the folder is held, temporary
+    files of a killed writer (a checkpoint cut short) are removed."""
     from ..io.atomic import clean_stale_tmp
     from ..io.ownership import OwnershipError, claim
 
@@ -40,7 +34,7 @@ def own_run_dir(run_dir: str | os.PathLike, task: str, resuming: bool, is_main: 
         yield
         return
     run_dir = Path(run_dir)
-    weights = [p.name for _, p in list_checkpoints(run_dir)] + (["model.pt"] if (run_dir / "model.pt").exists() else [])
+    weights = [p.name for _, p in list_checkpoints(run_dir)] + ([MODEL_FILE] if (run_dir / MODEL_FILE).exists() else [])
     if not resuming and weights:
         raise OwnershipError(f"{run_dir}: holds a training run already ({', '.join(weights[-2:])}); pass --resume "
                              f"{run_dir} to continue it, or choose another --run-dir")

@@ -1,39 +1,36 @@
-"""The one training engine used by every model (autoencoders now, diffusion later).
+"""The one training engine used by every model (:class:`Trainer`).
 
-A model plugs in as a :class:`Task`: it builds the network, computes the loss of a batch and
-says what to store beside the weights.  :class:`Trainer` does the rest: AdamW, linear warmup then
+A model plugs in as a :class:`~respmotion.training.task.Task`: it builds the network, computes the loss of a
+batch and says what to store beside the weights.  :class:`Trainer` does the rest: AdamW, linear warmup then
 cosine decay (``lr_max`` -> ``lr_min``), gradient accumulation, autocast (bf16/fp16 where the
 device supports it; fp32 on CPU by default), DDP under ``torchrun`` (gloo on CPU, nccl on GPU),
 atomic checkpoints with everything needed to resume exactly, warm start from other weights,
-TensorBoard scalars and images, and a clear stop on a non-finite loss.
-
-Batches: micro-batch ``k`` of the run is a fixed function of ``(seed, k)``: the training set
-is shuffled once per epoch with ``seed`` and cut into global micro-batches of
-``batch_size x world_size`` items; rank ``r`` takes items ``[r*batch_size, (r+1)*batch_size)``.
-So one process with ``batch_size = 2`` and two processes with ``batch_size = 1`` see the same
-samples, and a resumed run continues with the micro-batch after its checkpoint.
+TensorBoard scalars and images, and a clear stop on a non-finite loss.  Micro-batch ``k`` and the
+learning rate of step ``k`` are fixed functions of ``k`` (:mod:`respmotion.training.schedule`), so a resumed
+run continues exactly where its checkpoint was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import save_config
-from ..io.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from ..io.checkpoint import MODEL_FILE, checkpoint_name, load_checkpoint, save_checkpoint
 from ..io.torchfile import load_state
 from . import distributed as D
 from .checkpoint import prune_checkpoints, rng_state, set_rng_state
+from .schedule import GlobalBatches, WarmupCosine
+from .task import Task, unwrap
 
 log = logging.getLogger("respmotion")
 
@@ -68,88 +65,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stops instead of training on."""
 
 
-class Task:
-    """What a model must provide to the engine.  Subclass and override.
-
-    ``loss`` receives the model as the engine runs it (possibly wrapped in DDP) and must call
-    ``model(...)`` (its ``forward``) exactly once, so DDP synchronises gradients; it returns a
-    dict with a scalar ``"loss"`` (the mean over the batch's items, so that DDP's gradient mean
-    equals one process's) plus any scalars to log.
-    """
-
-    name: str = "task"
-
-    def build_model(self) -> nn.Module:
-        raise NotImplementedError
-
-    def model_config(self) -> dict[str, Any]:
-        """Plain dict that rebuilds the architecture (stored as ``model_config``)."""
-        return {}
-
-    def loss(self, model: nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def val_metrics(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, float]:
-        """Scalars of one validation batch beside the loss (model in eval mode, no gradients); the engine
-        averages them over the batches and logs them to TensorBoard under ``val/``."""
-        return {}
-
-    def images(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``name -> (C, H, W)`` tensors in ``[0, 1]`` for TensorBoard (model in eval mode)."""
-        return {}
-
-    def extra(self, model: nn.Module) -> dict[str, Any]:
-        """Task data stored in every checkpoint under ``extra`` (plain containers/tensors)."""
-        return {}
-
-    def on_train_end(self, model: nn.Module, train_set: Dataset, device: torch.device) -> None:
-        """Hook run once on rank 0 after the last step (e.g. to estimate a latent scale)."""
-
-
 @dataclass
 class FitResult:
+    """What :meth:`Trainer.fit` returns: the run folder, optimizer steps done, the loss history
+    (``{"train": [[step, loss], ...], "val": [...]}``), the newest training checkpoint and ``model.pt`` (rank 0)."""
+
     run_dir: Path
     step: int
     history: dict[str, list[list[float]]]
     last_checkpoint: Path | None
     model_path: Path | None
-
-
-class WarmupCosine:
-    """LR factor: linear warmup to 1 over ``warmup`` steps, then cosine to ``floor`` at ``total``."""
-
-    def __init__(self, warmup: int, total: int, floor: float) -> None:
-        self.warmup, self.total, self.floor = int(warmup), int(total), float(floor)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        span = max(1, self.total - self.warmup)
-        t = min(1.0, (step - self.warmup) / span)
-        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-class GlobalBatches(Sampler[list[int]]):
-    """Endless per-rank micro-batches, starting at global micro-batch ``start`` (module docstring)."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: int = 0) -> None:
-        self.n, self.b, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
-        self.per_epoch = n // (batch_size * world)
-        if self.per_epoch < 1:
-            raise ValueError(f"the training set has {n} items, fewer than one global batch "
-                             f"({batch_size} per process x {world} processes)")
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = self.b * self.world
-        k, epoch, perm = self.start, -1, None
-        while True:
-            e, j = divmod(k, self.per_epoch)
-            if e != epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
-                epoch = e
-            glob = perm[j * g:(j + 1) * g]
-            yield glob[self.rank * self.b:(self.rank + 1) * self.b].tolist()
-            k += 1
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -170,11 +95,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``batch`` with its tensors on ``device`` (other values as they are)."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class Trainer:
@@ -452,7 +374,7 @@ class Trainer:
         if self.info.is_main:
             model.eval()
             self.task.on_train_end(model, self.train_set, self.device)
-            model_path = save_checkpoint(self.state(full=False), self.run_dir / "model.pt")
+            model_path = save_checkpoint(self.state(full=False), self.run_dir / MODEL_FILE)
             if self._writer is not None:
                 self._writer.flush()
                 self._writer.close()

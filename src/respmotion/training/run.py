@@ -32,8 +32,9 @@ from ..io.atomic import read_json, write_json
 from ..io.checkpoint import latest_checkpoint
 from . import distributed as D
 from .checkpoint import own_run_dir
-from .engine import FitResult, Task, TrainConfig, Trainer
+from .engine import FitResult, TrainConfig, Trainer
 from .splits import Split
+from .task import Task
 
 log = logging.getLogger("respmotion")
 

@@ -122,9 +122,9 @@ class Motion:
         ``(3, nz, ny, nx)`` float32, ``du_z/dz``, ``du_y/dy``, ``du_x/dx`` (mm per mm, analytic).  The Jacobian
         matrix is triangular, so phase k's determinant is the product of ``1 + (s_k, h_k, h_k) * slope``."""
         p = self.p
-        Z, Y, X = np.meshgrid(zs, ys, xs, indexing="ij")
-        zd, amp = self._uz_parts(Y, X)
-        duz = amp * self._g_dg(Z, zd)[1]
+        Y, X = np.meshgrid(ys, xs, indexing="ij")
+        zd, amp = self._uz_parts(Y, X)  # depend on (y, x) only: one plane, broadcast along z
+        duz = amp * self._g_dg(np.asarray(zs)[:, None, None], zd)[1]
         y_ant, y_post = -p.body_ay, 0.75 * p.body_ay
         t = (y_post - ys) / (y_post - y_ant)
         duy = np.where((t > 0) & (t < 1), 1.5 * p.amp_ap * np.sqrt(np.clip(t, 0.0, 1.0)) / (y_post - y_ant), 0.0)
