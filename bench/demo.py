@@ -17,6 +17,10 @@ per-phase table, and the acceptance checks of the learned model against the popu
 * ``single_below_population`` = one sample errs less than the population-mean field;
 * ``pipeline_s`` = the stages' seconds (<= 300 on 2 idle CPU cores).
 
+The per-phase table also holds the model's motion prior without the network and an amplitude oracle
+(:func:`amplitude_oracle`): where the oracle loses to the population-mean field, no model reading the amplitude from
+the CT can win there on these held-out patients (their phase timing is not in their CTs).
+
 Over several runs the record adds the mean and spread (min, max) of each headline number.  Timings are only
 comparable on one machine in one state: the record carries the load average.
 """
@@ -34,6 +38,7 @@ from bench.common import ROOT, environment
 
 HEADLINE = {"one_sample_mm": "model/dvf_error_lung_mean_mm", "k_mean_mm": "model_mean/dvf_error_lung_mean_mm",
             "energy_score_mm": "model/energy_score_mm", "spread_mm": "model/spread_mm",
+            "model_prior_mm": "model_prior/dvf_error_lung_mean_mm",
             "population_mean_mm": "population_mean/dvf_error_lung_mean_mm", "no_motion_mm": "zero/dvf_error_lung_mean_mm",
             "landmarks_one_sample_mm": "model/landmark_error_mean_mm",
             "landmarks_k_mean_mm": "model_mean/landmark_error_mean_mm",
@@ -60,6 +65,7 @@ def summarise(out: Path) -> dict[str, Any]:
                            "threads": cfg.get("threads"), "stages_s": summary["seconds"],
                            "pipeline_s": round(sum(summary["seconds"].values()), 1),
                            "headline": {k: head.get(v) for k, v in HEADLINE.items()}, "per_phase": table}
+    rec["per_phase"]["amplitude oracle (true amplitude, population timing)"] = amplitude_oracle(out)
     h = rec["headline"]
     k_mean, pop = table.get("model, mean of K samples", {}), table.get("population-mean field", {})
     if h["k_mean_mm"] is not None and h["population_mean_mm"]:
@@ -89,6 +95,33 @@ def on_cohort(out: Path, cohort: Path, samples: int = 8) -> dict[str, Any]:
                             out / f"evaluation_on_{cohort.name}", samples=samples)
     head = report["headline"]
     return {"cohort": str(cohort), "train_patients": len(split.train), **{k: head.get(v) for k, v in HEADLINE.items()}}
+
+
+def amplitude_oracle(out: Path) -> dict[str, float]:
+    """Lung DVF error per phase (mm, mean over the run's held-out patients) of the training patients' mean field
+    scaled by each held-out patient's *true* amplitude (the least-squares gain of its own cycle onto the mean
+    cycle): the best any model that reads only the amplitude from a CT can do on average; the phase timing stays
+    the population's.  Where this oracle loses to the unscaled mean field at a phase, so must such a model."""
+    import numpy as np
+
+    from respmotion.io.atomic import read_npy
+    from respmotion.io.layout import PHASES
+    from respmotion.training.splits import Split
+
+    split = Split.from_dict(json.loads((out / "runs" / "autoencoder_dvf" / "split.json").read_text()))
+    moving = PHASES[1:]
+    load = lambda study: np.stack([study.load_gt("ref", k).array for k in moving])  # noqa: E731
+    train = split.studies(out / "data", "train")
+    mean = np.mean([load(sd) for sd in train], axis=0)
+    per = np.zeros(len(moving))
+    test = split.studies(out / "data", "test")
+    for sd in test:
+        truth = load(sd)
+        gain = float((truth * mean).sum() / (mean * mean).sum())
+        for i, k in enumerate(moving):
+            lung = read_npy(sd.mask_path("lung", k)) > 0
+            per[i] += np.linalg.norm(gain * mean[i] - truth[i], axis=0)[lung].mean() / len(test)
+    return {f"{k:02d}": round(float(v), 3) for k, v in zip(moving, per)}
 
 
 def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -117,6 +117,7 @@ def _lung_recon_error(dvf_ckpt: Path, studies) -> float:
     import numpy as np
     import torch
 
+    from respmotion.anatomy.features import lung_features
     from respmotion.io.atomic import read_npy
     from respmotion.io.checkpoint import load_checkpoint
     from respmotion.io.layout import PHASES
@@ -128,10 +129,15 @@ def _lung_recon_error(dvf_ckpt: Path, studies) -> float:
     errs = []
     with torch.no_grad():
         for sd in studies:
+            ref = sd.load_phase(0)
+            features = lung_features(ref.array, ref.geometry.spacing) if prior is not None and prior.needs_features \
+                else None
             for k in PHASES[1:]:
+                fid = f"ref_{k:02d}"
                 u = torch.from_numpy(sd.load_gt("ref", k).array.astype(np.float32))[None]
-                base = torch.zeros_like(u) if prior is None else prior.stack([f"ref_{k:02d}"], like=u)
-                pred = model.denormalize(model(model.normalize(u - base)).recon) + base
+                coded = u if prior is None else torch.from_numpy(prior.residual(fid, u[0].numpy(), features))[None]
+                recon = model.denormalize(model(model.normalize(coded)).recon)
+                pred = recon if prior is None else prior.restore([fid], recon, features)
                 lung = torch.from_numpy(read_npy(sd.mask_path("lung", k)) > 0)
                 errs.append(float((pred - u)[0].norm(dim=0)[lung].mean()))
     return float(np.mean(errs))

@@ -56,15 +56,17 @@ class GeneratorMotion:
         from respmotion.io.layout import PHASES
 
         t0 = time.perf_counter()
-        img = self.gen.encode_image(torch.from_numpy(ct.array), ct.geometry.spacing)
+        hu = torch.from_numpy(ct.array)
+        features = self.gen.features(hu, ct.geometry.spacing)
+        img = self.gen.encode_image(hu, features)
         t1 = time.perf_counter()
         lat = self.gen.sample_latents(img, PHASES[1:], self.sampler, seed, samples)
         t2 = time.perf_counter()
-        moving = self.gen.decode(lat, field_ids=[f"ref_{k:02d}" for k in PHASES[1:]]).cpu().numpy()  # (S, 9, 3, Z, Y, X) mm
+        moving = self.gen.decode(lat, field_ids=[f"ref_{k:02d}" for k in PHASES[1:]], features=features).cpu().numpy()  # (S, 9, 3, Z, Y, X) mm
         t3 = time.perf_counter()
         self.seconds = {"encode": round(t1 - t0, 2), "sample": round(t2 - t1, 2), "decode": round(t3 - t2, 2),
                         "decode_per_phase": round((t3 - t2) / (samples * (len(PHASES) - 1)), 2)}
-        self.image_latent, self.moving = img, moving
+        self.image_latent, self.features, self.moving = img, features, moving
         zero = np.zeros_like(moving[:, :1])
         f = np.concatenate([zero, moving], 1)
         return [{k: DisplacementField(f[s, i], ct.geometry, {"source": "untrained ldm"}) for i, k in enumerate(PHASES)}
@@ -113,7 +115,7 @@ def reference_check(model: GeneratorMotion, ct_hu: np.ndarray, steps: int, phase
 
     t0 = time.perf_counter()
     lat = model.gen.sample_latents(model.image_latent, phases, SamplerConfig(name="ddim", steps=steps), seed, 1)
-    ref = model.gen.decode(lat, field_ids=[f"ref_{k:02d}" for k in phases])[0].cpu()  # (P, 3, Z, Y, X) mm
+    ref = model.gen.decode(lat, field_ids=[f"ref_{k:02d}" for k in phases], features=model.features)[0].cpu()  # (P, 3, Z, Y, X) mm
     fast = torch.from_numpy(model.moving[0, [PHASES.index(k) - 1 for k in phases]])
     lung = torch.from_numpy(lung_mask(ct_hu) > 0)
     diff = (fast - ref).norm(dim=1)[:, lung]

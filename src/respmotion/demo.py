@@ -48,9 +48,9 @@ class DemoConfig:
         subsample=((1, 1, 1), (1, 1, 1))))
     ae_steps: int = 100
     dvf_steps: int = 600  # its reconstruction error is the floor of the generated motion (docs/demo.md)
-    diffusion_steps: int = 250
+    diffusion_steps: int = 500
     train_fields: str = "gt"  # gt: phantom's exact motion; registration: the registration stage's fields
-    motion_prior: str = "scaled"  # DVF VAE codes (u - training patients' mean field) / phase scale (models.prior)
+    motion_prior: str = "regressed"  # DVF VAE codes (u - prior regressed on the CT's lung features) / phase scale (models.prior)
     image_condition: str = "both"  # diffusion conditioning on the image latent (see diffusion.model.ImageCondition)
     ae_channels: int = 8
     dvf_coarse_levels: int = 0  # full-resolution DVF decoder (1 level coarser lost to the population mean here: docs/demo.md)
@@ -123,13 +123,14 @@ def _registration_error(studies, reg: Path) -> dict:
 
 def _generator_table(report: dict) -> dict[str, dict[str, float]]:
     """Per-phase rows of the printed summary (mm, mean over the held-out patients): the model's single sample,
-    K-sample mean, energy score and spread, the population-mean field and no motion."""
+    K-sample mean, energy score and spread, its motion prior without the network, the population-mean field and
+    no motion."""
     gen = report.get("generator") or {}
     dvf = report.get("dvf_error_per_phase") or {}
     rows = {"model, one sample": gen.get("single_sample_error") or dvf.get("model"),
             "model, mean of K samples": gen.get("mean_error"), "model, energy score": gen.get("energy_score"),
-            "model, spread of samples": gen.get("spread"), "population-mean field": dvf.get("population_mean"),
-            "no motion": dvf.get("zero")}
+            "model, spread of samples": gen.get("spread"), "model's prior, no network": dvf.get("model_prior"),
+            "population-mean field": dvf.get("population_mean"), "no motion": dvf.get("zero")}
     return {name: {k: round(float(v), 3) for k, v in sorted(row.items(), key=lambda kv: int(kv[0])) if k != "00"}
             for name, row in rows.items() if row}
 

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from ..anatomy.features import LUNG_FEATURES, lung_features
 from ..io.atomic import clean_stale_tmp, file_sha256, read_json, read_npy, read_npz, write_json, write_npy
-from ..io.layout import PHASES, StudyDir, iter_studies
+from ..io.layout import PHASES, REFERENCE_PHASE, StudyDir, iter_studies
 from ..runtime import resolve_device, resolve_rank
 
 log = logging.getLogger("respmotion")
@@ -47,7 +47,6 @@ log = logging.getLogger("respmotion")
 FORMAT = "respmotion.latents/1"
 PROVENANCE = "provenance.json"
 STUDY_MARKER = "latents.json"
-REFERENCE_PHASE = 0
 
 
 # ---------------------------------------------------------------------------- sharding
@@ -144,7 +143,8 @@ def encode_study(
 
     ``sources`` are :class:`respmotion.training.data.FieldSource` objects; images are encoded
     from HU, fields from mm, by the autoencoders' ``encode_latent``; with ``prior``
-    (:class:`respmotion.models.prior.MotionPrior`) the field minus ``prior[id]`` is encoded.
+    (:class:`respmotion.models.prior.MotionPrior`) the field's residual to the prior (for the study's lung
+    features when the prior is regressed) is encoded.
     """
     written = 0
     files: dict[str, list[int]] = {}
@@ -166,12 +166,18 @@ def encode_study(
     ids = [fid for src in sources for fid in src.field_ids(study)]
     owner = {fid: src for src in sources for fid in src.field_ids(study)}
     todo = [fid for fid in ids if not (out_dir / f"dvf_{fid}.npy").exists()]
+    features = None
+    if prior is not None and prior.needs_features:
+        if "error" in anatomy:
+            raise ValueError(f"{anatomy['error']} (the DVF autoencoder's regressed motion prior needs the lung features)")
+        features = [anatomy[k] for k in LUNG_FEATURES]
+
     def field(fid: str) -> np.ndarray:
         arr = owner[fid].load(study, fid).array
         if prior is None:
             return arr
         prior.check_shape(arr.shape[1:], f"{study.key} {fid}")
-        return prior.residual(fid, arr)
+        return prior.residual(fid, arr, features)
 
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]

@@ -13,9 +13,9 @@ sampled and chained by composition (:func:`respmotion.core.warp.compose`, never 
 ``ref_{k+1} = compose(ref_k, step_k)``; ``closure_mm`` reports how far the composed 90 -> 00
 transition is from closing the cycle.
 
-Motion prior (default): the DVF autoencoder codes the residual ``u - u_bar[id]`` to the training
-patients' mean field of each target (:mod:`respmotion.models.prior`); :meth:`MotionGenerator.decode`
-adds ``u_bar`` back, so an untrained or uncertain model falls back to the population mean, not
+Motion prior (default): the DVF autoencoder codes the residual of each target to what the training
+patients' fields predict for the CT (:mod:`respmotion.models.prior`); :meth:`MotionGenerator.decode`
+adds the prior back, so an untrained or uncertain model falls back to the population mean, not
 to "no motion" (the measurements behind this design: ``docs/diffusion.md``).
 The research code's setting (full field, plain image condition, epsilon) remains selectable:
 ``data.motion_prior=none`` (DVF autoencoder), ``model.image_condition=plain`` and
@@ -122,16 +122,22 @@ class MotionGenerator:
     def default_sampler(self) -> SamplerConfig:
         return from_dict(SamplerConfig, self.extra["sampler"]) if "sampler" in self.extra else SamplerConfig()
 
+    def features(self, ct_hu: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor | None:
+        """The CT's lung features ``(F,)`` (:func:`respmotion.anatomy.features.lung_features`) when the model reads
+        them (anatomy condition or regressed prior), else ``None``."""
+        if self.diffusion.anatomy is None and not (self.prior is not None and self.prior.needs_features):
+            return None
+        return torch.from_numpy(lung_features(ct_hu.cpu().numpy(), spacing)).float()
+
     @torch.no_grad()
-    def encode_image(self, ct_hu: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
-        """CT ``(Z, Y, X)`` HU with ``spacing`` (z, y, x) mm -> the UNet's condition ``(Ci * m [+ F], Z', Y', X')``:
-        the image latent (:class:`respmotion.diffusion.model.ImageCondition`) and, for a model conditioned on
-        anatomy, the CT's lung features (:func:`respmotion.anatomy.features.lung_features`)."""
+    def encode_image(self, ct_hu: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """CT ``(Z, Y, X)`` HU -> the UNet's condition ``(Ci * m [+ F], Z', Y', X')``: the image latent
+        (:class:`respmotion.diffusion.model.ImageCondition`) and, for a model conditioned on anatomy, the CT's
+        lung ``features`` (:meth:`features`)."""
         z = self.image_ae.encode_latent(ct_hu.to(self.device, torch.float32)[None, None])
-        features = None
-        if self.diffusion.anatomy is not None:
-            features = torch.from_numpy(lung_features(ct_hu.cpu().numpy(), spacing))[None].float()
-        return self.diffusion.condition(z, features)[0]
+        if self.diffusion.anatomy is not None and features is None:
+            raise ValueError("this diffusion model is conditioned on the CT's lung features: pass features")
+        return self.diffusion.condition(z, None if self.diffusion.anatomy is None else features[None])[0]
 
     #: voxels decoded at once (batch x field size): one field at 50x256x256, dozens at the demo's 16x64x64
     DECODE_VOXELS = 1 << 22
@@ -141,11 +147,12 @@ class MotionGenerator:
         return max(1, self.DECODE_VOXELS // max(1, math.prod(int(n) for n in shape)))
 
     @torch.no_grad()
-    def decode(self, latents_n: torch.Tensor, batch: int = 1, field_ids: Sequence[str] | None = None) -> torch.Tensor:
+    def decode(self, latents_n: torch.Tensor, batch: int = 1, field_ids: Sequence[str] | None = None,
+               features: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised DVF latents ``(..., P, Cd, Z', Y', X')`` -> fields ``(..., P, 3, Z, Y, X)`` in mm.
 
         With a motion prior, ``field_ids`` (P ids such as ``"ref_40"``, one per phase axis entry)
-        name the prior field added to each decoded residual.
+        name the prior field added to each decoded residual; a regressed prior needs the CT's lung ``features``.
         """
         lead = latents_n.shape[:-4]
         flat = latents_n.reshape(-1, *latents_n.shape[-4:])
@@ -167,7 +174,7 @@ class MotionGenerator:
             raise ValueError(f"decoding with a motion prior needs one field id per phase ({out.shape[-5]}), "
                              f"got {field_ids}")
         self.prior.check_shape(out.shape[-3:], "decoded field")
-        return self.prior.restore(field_ids, out)
+        return self.prior.restore(field_ids, out, None if features is None else features.tolist())
 
     @torch.no_grad()
     def sample_latents(self, image_latent_n: torch.Tensor, phases: Sequence[int], sampler: SamplerConfig | None = None,
@@ -180,18 +187,30 @@ class MotionGenerator:
                              cfg.shared_noise)
 
     @torch.no_grad()
+    def prior_cycle(self, ct_hu: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor | None:
+        """The motion prior alone for a CT (what the network starts from, no sampling): ``(10, 3, Z, Y, X)`` mm for
+        phases 00..90 relative to 00, or ``None`` for a model without a prior or in step mode."""
+        if self.prior is None or self.target != "ref":
+            return None
+        features = self.features(ct_hu, spacing)
+        ids = [f"ref_{k:02d}" for k in PHASES[1:]]
+        moving = self.prior.stack(ids, features=None if features is None else features.tolist())
+        return torch.cat([torch.zeros_like(moving[:1]), moving], 0)
+
+    @torch.no_grad()
     def cycle(self, ct_hu: torch.Tensor, spacing: Sequence[float], sampler: SamplerConfig | None = None,
               seed: int = 0, num_samples: int = 1) -> CycleResult:
         """Reference-relative fields of phases 00..90 for a CT ``(Z, Y, X)`` HU with ``spacing`` (z, y, x) mm."""
-        img = self.encode_image(ct_hu, spacing)
+        features = self.features(ct_hu, spacing)
+        img = self.encode_image(ct_hu, features)
         phases = list(PHASES)
         if self.target == "ref":
             lat = self.sample_latents(img, phases[1:], sampler, seed, num_samples)
-            moving = self.decode(lat, self.decode_batch(ct_hu.shape), [f"ref_{k:02d}" for k in phases[1:]])
+            moving = self.decode(lat, self.decode_batch(ct_hu.shape), [f"ref_{k:02d}" for k in phases[1:]], features)
             zero = torch.zeros_like(moving[:, :1])
             return CycleResult(phases, torch.cat([zero, moving], 1))
         lat = self.sample_latents(img, phases, sampler, seed, num_samples)
-        steps = self.decode(lat, self.decode_batch(ct_hu.shape), [f"step_{k:02d}" for k in phases])  # k -> k + 10
+        steps = self.decode(lat, self.decode_batch(ct_hu.shape), [f"step_{k:02d}" for k in phases], features)  # k -> k + 10
         refs = [torch.zeros_like(steps[:, 0])]
         for k in range(len(phases) - 1):
             refs.append(W.compose(refs[-1], steps[:, k], spacing))

@@ -5,7 +5,8 @@ compared with
 
 * the reference motion: the phantom's exact ground truth (``gt/``) and/or registration fields,
 * the **zero field** (no motion) and the **population-mean field** (mean of the training
-  studies' reference fields, phase by phase) as baselines a useful model must beat.
+  studies' reference fields, phase by phase) as baselines a useful model must beat; for a diffusion model
+  with a motion prior also the **model's prior** alone (``model_prior``: what the network starts from).
 
 Per phase: DVF error in the lungs (mean, p95), SSIM/PSNR/MAE of the warped CT vs the real phase,
 % folding voxels, lung volume change, diaphragm superior-inferior excursion (00 -> 50), the
@@ -221,7 +222,8 @@ def run_evaluation(studies: Sequence[StudyDir], model, train_studies: Sequence[S
     per_study = {}
     for sd in tqdm(studies, desc=f"evaluate ({samples} sample{'s' if samples > 1 else ''} each)", unit="patient"):
         ct = sd.load_phase(0)
-        cycles = model_for(sd).generate(ct, samples, seed)
+        motion = model_for(sd)
+        cycles = motion.generate(ct, samples, seed)
         cands: dict[str, Mapping[int, DisplacementField]] = {"model": cycles[0]}
         if samples > 1:
             cands["model_mean"] = {k: DisplacementField(np.mean([c[k].array for c in cycles], axis=0), ct.geometry)
@@ -230,6 +232,9 @@ def run_evaluation(studies: Sequence[StudyDir], model, train_studies: Sequence[S
         cands["zero"] = zero
         if baseline_mean is not None:
             cands["population_mean"] = baseline_mean
+        prior = motion.prior_fields(ct) if hasattr(motion, "prior_fields") else None
+        if prior is not None:
+            cands["model_prior"] = prior
         tr = gt_fields(sd) if truth == "gt" and sd.gt_path("ref", 0).exists() else None
         rec = evaluate_study(sd, cands, tr)
         if samples > 1:

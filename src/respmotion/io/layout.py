@@ -26,6 +26,8 @@ from .atomic import read_json, write_json
 from .volumes import load_field, load_volume, save_field, save_volume
 
 PHASES: tuple[int, ...] = tuple(range(0, 100, 10))
+#: the phase every field is relative to (end-inhale, 00): the reference CT of a study
+REFERENCE_PHASE = 0
 STUDY_MARKER = "study.json"
 
 

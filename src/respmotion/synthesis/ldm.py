@@ -36,6 +36,16 @@ class DiffusionMotion:
         return [{k: DisplacementField(fields[s, i], ct.geometry, {"sample": s, "phase": k})
                  for i, k in enumerate(res.phases)} for s in range(fields.shape[0])]
 
+    def prior_fields(self, ct: Volume) -> dict[int, DisplacementField] | None:
+        """The model's motion prior for ``ct`` without the network (``None`` when it has none): a baseline the
+        evaluation reports beside the samples, to show what the network adds."""
+        fields = self.generator.prior_cycle(torch.as_tensor(ct.array), ct.geometry.spacing)
+        if fields is None:
+            return None
+        arr = fields.cpu().numpy()
+        return {k: DisplacementField(arr[i], ct.geometry, {"phase": k, "source": "motion prior"})
+                for i, k in enumerate(range(0, 100, 10))}
+
     def describe(self) -> dict:
         """What summary.json records about the motion: sampler, its steps (network evaluations per
         trajectory), delta_t, eta and the model grid."""

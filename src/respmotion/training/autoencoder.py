@@ -3,9 +3,9 @@
 
 ``kind="image"``: CT volumes of every phase (HU -> [-1, 1]), loss :class:`~respmotion.models.losses.LPELoss`.
 ``kind="dvf"``: displacement fields of a field source (mm -> mm / 10), VAE with
-:class:`~respmotion.models.losses.DVFLoss` + KL.  By default (``data.motion_prior="mean"``) the
-VAE learns the residual ``u - u_bar[id]`` to the training patients' mean field of each target
-(:mod:`respmotion.models.prior`), saved as ``<run>/motion_prior.npy`` and recorded (path,
+:class:`~respmotion.models.losses.DVFLoss` + KL.  By default (``data.motion_prior="regressed"``) the
+VAE learns the residual of each target to what the training patients' fields predict for the CT's lung
+features, divided by the target's scale (:mod:`respmotion.models.prior`), saved as ``<run>/motion_prior.npy`` and recorded (path,
 sha256) in every checkpoint's ``extra["motion_prior"]``.  Patients are split train/val/test with a fixed
 seed; the split is stored in the run folder (``split.json``) and in every checkpoint, and
 evaluation uses the stored test patients.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..anatomy.features import LUNG_FEATURES
 from ..io.layout import PHASES
 from ..models.autoencoder import Autoencoder, AutoencoderNetConfig
 from .autoencoder_task import AutoencoderTask, DVFLossConfig, ImageLossConfig
@@ -42,10 +43,10 @@ class AEDataConfig:
     patient_split: SplitSettings = field(default_factory=SplitSettings)  # train, val, test (patient level)
     phases: list[int] = field(default_factory=lambda: list(PHASES))  # image AE: phases used
     field_source: str = "gt_step"  # DVF AE: gt_step | gt_ref (phantom) | reg_ref@DIR | reg_step@DIR
-    # DVF AE: "scaled" = learn the residual to the per-target mean field of the training patients divided by
-    # the target's scale (respmotion.models.prior; written to <run>/motion_prior.npy), "mean" = the residual
-    # unscaled, "none" = the full field (research code)
-    motion_prior: str = "scaled"
+    # DVF AE: what it codes (respmotion.models.prior; written to <run>/motion_prior.npy): "regressed" = the residual
+    # to the training patients' fields regressed on the CT's lung features, divided by the target's scale;
+    # "scaled" = the residual to their mean field, divided so; "mean" = unscaled; "none" = the full field
+    motion_prior: str = "regressed"
 
     RENAMED: ClassVar[dict[str, str]] = SPLIT_RENAMED
 
@@ -82,11 +83,15 @@ def make_dataset(cfg: AutoencoderRunConfig, patients: tuple[str, ...] | list[str
 
 
 def build_prior(cfg: AutoencoderRunConfig, split: Split) -> MotionPrior:
-    """Per-field-id mean of the training patients' fields (the DVF AE's own training targets)."""
+    """The prior of the training patients' fields (the DVF AE's own training targets) in ``data.motion_prior``
+    mode; a regressed prior reads each training patient's lung features from its reference CT."""
     ds = make_dataset(cfg, split.train)
     meta = {"patients": list(split.train), "field_source": cfg.data.field_source, "data": str(Path(cfg.data.root).resolve())}
-    return MotionPrior.from_fields((ds.raw(i) for i in range(len(ds))), meta,
-                                   scaled=cfg.data.motion_prior == "scaled")
+    features = None
+    if cfg.data.motion_prior == "regressed":
+        features = {ds.items[i][0].key: ds.features(i) for i in range(len(ds))}
+    return MotionPrior.from_fields(lambda: (ds.raw(i) for i in range(len(ds))), meta, cfg.data.motion_prior, features,
+                                   LUNG_FEATURES)
 
 
 def _prior_for_run(cfg: AutoencoderRunConfig, split: Split, run_dir: Path, info) -> MotionPrior | None:

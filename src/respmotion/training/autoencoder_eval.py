@@ -100,7 +100,8 @@ def evaluate_model(model: Autoencoder, dataset, device: torch.device, max_items:
             m = _image_metrics(model, x)
         else:
             fid = item["field_id"]
-            base = None if prior is None else prior.stack([fid], like=x)
+            base = None if prior is None else prior.stack(
+                [fid], like=x, features=dataset.features(i) if prior.needs_features else None)
             m = _dvf_metrics(model, x, base, 1.0 if prior is None else prior.scales[fid])
         per_item.append({"key": item["key"], **m})
     keys = sorted({k for r in per_item for k in r if k != "key"})

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..core.types import DisplacementField
-from ..io.layout import PHASES, StudyDir, phase_name
+from ..anatomy.features import lung_features
+from ..io.layout import PHASES, REFERENCE_PHASE, StudyDir, phase_name
 
 
 class FieldSource(Protocol):
@@ -150,8 +151,9 @@ class FieldDataset(_ShapeChecked):
     """Displacement fields of a :class:`FieldSource`: item ``{"x": (3, Z, Y, X) mm float32, "key", "field_id"}``.
 
     With a ``prior`` (:class:`respmotion.models.prior.MotionPrior`) ``x`` is the residual
-    ``prior.residual(field_id, u)`` (``u - prior[field_id]`` in mm, divided by the id's scale for a scaled prior:
-    what the DVF VAE trains on in prior mode).
+    ``prior.residual(field_id, u, features)`` (``u`` minus the prior's field in mm, divided by the id's scale for a
+    scaled or regressed prior: what the DVF VAE trains on in prior mode); a regressed prior reads each study's lung
+    features from its reference CT (:meth:`features`).
     """
 
     def __init__(self, studies: Sequence[StudyDir], source: FieldSource, prior=None) -> None:
@@ -159,19 +161,33 @@ class FieldDataset(_ShapeChecked):
         self.source = source
         self.prior = prior
         self.items = [(s, f) for s in studies for f in source.field_ids(s)]
+        self._features: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def raw(self, i: int) -> tuple[str, np.ndarray]:
-        """``(field_id, field (3, Z, Y, X) mm)`` of item ``i`` without the prior subtracted."""
+    def raw(self, i: int) -> tuple[str, np.ndarray, str]:
+        """``(field_id, field (3, Z, Y, X) mm, study key)`` of item ``i`` without the prior subtracted."""
         study, fid = self.items[i]
-        return fid, self._check(self.source.load(study, fid).array.astype(np.float32, copy=False), f"{study.key} {fid}")
+        arr = self._check(self.source.load(study, fid).array.astype(np.float32, copy=False), f"{study.key} {fid}")
+        return fid, arr, study.key
+
+    def features(self, i: int) -> np.ndarray:
+        """Lung features (:func:`respmotion.anatomy.features.lung_features`) of item ``i``'s reference CT, read
+        once per study; a study whose CT shows no lung is named in the error."""
+        study = self.items[i][0]
+        if study.key not in self._features:
+            ref = study.load_phase(REFERENCE_PHASE)
+            try:
+                self._features[study.key] = lung_features(ref.array, ref.geometry.spacing)
+            except ValueError as exc:
+                raise ValueError(f"{study.phase_path(REFERENCE_PHASE)}: {exc} (a regressed motion prior reads the "
+                                 f"lung features; use data.motion_prior=scaled for CTs without lungs)") from exc
+        return self._features[study.key]
 
     def __getitem__(self, i: int) -> dict:
-        study, fid = self.items[i]
-        _, arr = self.raw(i)
+        fid, arr, key = self.raw(i)
         if self.prior is not None:
-            self.prior.check_shape(arr.shape[1:], f"{study.key} {fid}")
-            arr = self.prior.residual(fid, arr)
-        return {"x": torch.from_numpy(np.ascontiguousarray(arr)), "key": f"{study.key}/{fid}", "field_id": fid}
+            self.prior.check_shape(arr.shape[1:], f"{key} {fid}")
+            arr = self.prior.residual(fid, arr, self.features(i) if self.prior.needs_features else None)
+        return {"x": torch.from_numpy(np.ascontiguousarray(arr)), "key": f"{key}/{fid}", "field_id": fid}
