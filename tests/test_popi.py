@@ -81,7 +81,7 @@ def test_population_prior_on_popi_moves_the_lungs_not_the_spine(popi):
     from respmotion.anatomy.lung_frame import motion_regions
     from respmotion.evaluation.landmarks import landmark_error
     from respmotion.io.landmarks import read_popi_csv
-    from respmotion.models.prior import PriorMotion
+    from respmotion.models.anatomical_prior import PriorMotion
 
     root, full, _, _ = popi
     model = PriorMotion()

@@ -12,7 +12,7 @@ from respmotion.core.geometry import Geometry
 from respmotion.core.ops import resample_volume
 from respmotion.core.types import Volume
 from respmotion.data.phantom import Phantom
-from respmotion.models.prior import AnatomicalPrior, PriorMotion
+from respmotion.models.anatomical_prior import AnatomicalPrior, PriorMotion
 
 SHAPE = (24, 64, 64)
 

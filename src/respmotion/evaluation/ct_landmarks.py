@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    from ..models.prior import PriorMotion
+    from ..models.anatomical_prior import PriorMotion
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--ct", required=True)

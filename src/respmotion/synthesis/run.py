@@ -94,7 +94,7 @@ def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
         if _sampler_given(cfg):
             raise ValueError("--sampler/--steps/--delta-t choose how a diffusion bundle samples; the default "
                              "motion prior has none (give --model BUNDLE_DIR)")
-        from ..models.prior import PriorMotion
+        from ..models.anatomical_prior import PriorMotion
 
         return PriorMotion()
     if cfg.model == "gt":
