@@ -5,19 +5,19 @@ breathing amplitudes outside the tuning patients' range and whose pairs the tuni
 
     python -m bench.registration --set tune --tune          # ours: the candidates of registration_candidates.yaml
     python -m bench.registration --set tune --tune --methods deepali-example   # the same for deepali's example
-    python -m bench.registration --set heldout --methods ours,deepali          # the acceptance
+    python -m bench.registration --set heldout --methods ours,ours-pair,deepali --repeats 3   # the acceptance
     python -m bench.registration --set real                 # real-texture lung CT pair, 51 landmarks
     python -m bench.registration --set native --methods ours --pairs ref_50   # time and memory at 141x512x512
     python -m bench.registration --set phantom --seed 0     # one phantom (``--pairs``; what `python -m bench` runs)
 
-Common flags: ``--shape 50,256,256`` (phantom grid), ``--methods ours,deepali,deepali-example,elastix,convexadam``,
-``--threads 2``, ``--repeats 3`` (ours and both deepali methods are timed this many times: median and spread;
-elastix and ConvexAdam once), ``--device cpu|cuda``.
+Common flags: ``--shape 50,256,256`` (phantom grid),
+``--methods ours,ours-pair,deepali,deepali-example,elastix,convexadam``, ``--threads 2``, ``--repeats 3`` (ours and
+both deepali methods are timed this many times: median and spread; elastix and ConvexAdam once), ``--device cpu|cuda``.
 
-Sets (:data:`~bench.registration_cases.SETS`): *tune* = phantom seeds 5, 6, 9, pairs ``ref_50``, ``step_20``;
-*tune_small* = the same seeds' pairs ``step_00``, ``step_60`` (small motion); *heldout* = seeds 0 (12.2 mm) and
-4 (3.5 mm), pairs ``ref_50``, ``step_70``; *real* = the small real lung CT of ``shared/data/elastix-lung-ct-small``;
-*native* = the phantom ``--seed``'s ``--pairs`` resampled to 141x512x512.
+Sets (:data:`~bench.registration_cases.SETS`): *tune* = phantom seeds 5, 6, 9, pairs ``ref_20``, ``ref_50``;
+*tune_small* = the same seeds' pairs ``step_00``, ``step_60`` (small motion); *heldout* = seeds 12 and 13, pairs
+``ref_20``, ``ref_50`` (reporting only; ``--tune`` runs on the tuning sets only); *real* = the small real lung CT of
+``shared/data/elastix-lung-ct-small``; *native* = the phantom ``--seed``'s ``--pairs`` resampled to 141x512x512.
 
 Per method and pair: seconds (each repeat, median, spread), lung DVF error (mean / p95 mm on the fixed phase's true
 lung voxels, against the exact pull field), landmark TRE split by the in-lung flag and binned by the target
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,39 +41,47 @@ import torch
 from respmotion.registration.config import FFDSettings
 
 from .registration_candidates import SETTINGS, load_candidates
-from .registration_cases import DEFAULT_PAIRS, SET_NAMES, Case, cases_for
+from .registration_cases import DEFAULT_PAIRS, SET_NAMES, TUNING_SETS, Case, cases_for
 from .registration_methods import (METHODS, DeepaliSettings, run_anchor_deepali, run_convexadam, run_deepali,
                                    run_elastix, run_ours)
 from .registration_metrics import acceptance, metrics
 
 BASELINES = ("deepali", "deepali-example")  # what ours is accepted against
-TIMED = ("ours", *BASELINES)  # methods timed `repeats` times
+OURS = ("ours", "ours-pair")  # a patient's pairs as one batch; one pair at a time
+TIMED = (*OURS, *BASELINES)  # methods timed `repeats` times
 
 
-def _timing(seconds: list[float]) -> dict[str, Any]:
+def _timing(seconds: list[float], cpu: list[float]) -> dict[str, Any]:
+    """Wall seconds per pair (median, each repeat, spread) and the process's CPU seconds per pair (median over
+    repeats, all threads): on a loaded machine the wall ratio of two methods drifts, the CPU one much less."""
     return {"seconds": statistics.median(seconds), "seconds_repeats": [round(t, 3) for t in seconds],
-            "seconds_spread": (max(seconds) - min(seconds)) / statistics.median(seconds) if seconds else None}
+            "seconds_spread": (max(seconds) - min(seconds)) / statistics.median(seconds) if seconds else None,
+            "cpu_seconds": statistics.median(cpu)}
 
 
-def _run_ours(cases: Sequence[Case], device: str, repeats: int, settings: FFDSettings | None) -> dict[str, Any]:
-    """Ours on ``cases``, one batch per group (patient); metrics of the last repeat, the batch's optimiser log and
-    peak resident memory (``rss_peak_mb``)."""
+def _run_ours(cases: Sequence[Case], device: str, repeats: int, settings: FFDSettings | None,
+              batched: bool = True) -> dict[str, Any]:
+    """Ours on ``cases``, one batch per group (patient), or with ``batched`` False one pair at a time; metrics of the
+    last repeat, each batch's optimiser log and peak resident memory (``rss_peak_mb``)."""
     from bench.common import PeakRSS
 
     rec: dict[str, Any] = {"pairs": {}, "log": {}}
-    for group in dict.fromkeys(c.group for c in cases):
-        sub = [c for c in cases if c.group == group]
-        times = []
+    groups = dict.fromkeys(c.group for c in cases) if batched else [c.name for c in cases]
+    for group in groups:
+        sub = [c for c in cases if (c.group if batched else c.name) == group]
+        times, cpu = [], []
         for _ in range(max(1, repeats)):
+            c0 = time.process_time()
             with PeakRSS() as mem:
                 fields, per_pair, log = run_ours([c.fixed for c in sub], [c.moving for c in sub], sub[0].geom,
                                                  device, settings)
             times.append(per_pair)
+            cpu.append((time.process_time() - c0) / len(sub))
         rec["log"][group] = {"level_seconds": [round(lv["seconds"], 2) for lv in log["levels"]],
                              "level_iterations": [lv.get("iterations") for lv in log["levels"]],
                              "repair": log.get("repair"), "pairs_in_batch": len(sub), **mem.to_dict()}
         for c, u in zip(sub, fields):
-            rec["pairs"][c.name] = {**_timing(times), **metrics(u, c)}
+            rec["pairs"][c.name] = {**_timing(times, cpu), **metrics(u, c)}
     return rec
 
 
@@ -90,11 +99,13 @@ def _run_pairwise(method: str, cases: Sequence[Case], device: str, threads: int,
 
     rec: dict[str, Any] = {"pairs": {}}
     for c in cases:
-        times = []
+        times, cpu = [], []
         for _ in range(max(1, repeats) if method in TIMED else 1):
+            c0 = time.process_time()
             u, dt = one(c)
             times.append(dt)
-        rec["pairs"][c.name] = {**_timing(times), **metrics(u, c)}
+            cpu.append(time.process_time() - c0)
+        rec["pairs"][c.name] = {**_timing(times, cpu), **metrics(u, c)}
     return rec
 
 
@@ -103,36 +114,29 @@ def evaluate(cases: Sequence[Case], methods: Sequence[str], device: str = "cpu",
              deepali_settings: DeepaliSettings | None = None) -> dict[str, Any]:
     """Run ``methods`` (:data:`~bench.registration_methods.METHODS`) on ``cases``; ``settings`` are ours,
     ``deepali_settings`` deepali-example's (None: the defaults)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r} ({', '.join(METHODS)})")
+    check_methods(methods)
     out: dict[str, Any] = {"cases": {c.name: {"info": c.info, "shape": list(c.geom.shape),
                                               "spacing_mm": list(c.geom.spacing),
                                               "no_registration": metrics(np.zeros_like(c.gt), c)} for c in cases},
                            "methods": {}}
     for method in methods:
-        rec = (_run_ours(cases, device, repeats, settings) if method == "ours"
+        rec = (_run_ours(cases, device, repeats, settings, batched=method == "ours") if method in OURS
                else _run_pairwise(method, cases, device, threads, repeats, deepali_settings))
-        keys = ("seconds", "lung_error_mean_mm", "lung_error_p95_mm", "landmark_error_mm", "folding_percent")
+        keys = ("seconds", "cpu_seconds", "lung_error_mean_mm", "lung_error_p95_mm", "landmark_error_mm",
+                "folding_percent")
         rec["mean"] = {k: float(np.mean([p[k] for p in rec["pairs"].values()])) for k in keys}
         out["methods"][method] = rec
-    if "ours" in out["methods"]:
-        ours = out["methods"]["ours"]["pairs"]
-        out["acceptance"] = {b: acceptance(ours, out["methods"][b]["pairs"]) for b in BASELINES if b in out["methods"]}
+    out["acceptance"] = {f"{o} vs {b}": acceptance(out["methods"][o]["pairs"], out["methods"][b]["pairs"])
+                         for o in OURS for b in BASELINES if o in out["methods"] and b in out["methods"]}
     return out
 
 
-def tune(cases: Sequence[Case], device: str = "cpu", method: str = "ours",
-         names: Sequence[str] | None = None) -> dict[str, Any]:
-    """``method``'s tuning candidates (``bench/registration_candidates.yaml``; ``names``: a subset) on ``cases``;
-    score = mean over pairs of lung error mean + p95 + landmark TRE (mm), lower is better."""
-    table = load_candidates(method)
-    unknown = sorted(set(names or ()) - set(table))
-    if unknown:
-        raise ValueError(f"unknown {method} tuning candidates {unknown} (known: {', '.join(table)})")
+def tune(cases: Sequence[Case], candidates: dict[str, Any], device: str = "cpu",
+         method: str = "ours") -> dict[str, Any]:
+    """Score ``method``'s tuning ``candidates`` (``{name: settings}``, :func:`load_candidates` or a subset of it) on
+    ``cases``; score = mean over pairs of lung error mean + p95 + landmark TRE (mm), lower is better."""
     out: dict[str, Any] = {"method": method, "candidates": {}}
-    for name in names or table:
-        s = table[name]
+    for name, s in candidates.items():
         rec = evaluate(cases, [method], device, settings=s if method == "ours" else None,
                        deepali_settings=s if method != "ours" else None)["methods"][method]
         pairs = rec["pairs"].values()
@@ -151,24 +155,42 @@ def tune(cases: Sequence[Case], device: str = "cpu", method: str = "ours",
     return out
 
 
+def select_candidates(method: str, names: Sequence[str] = ()) -> dict[str, Any]:
+    """``method``'s tuning candidates (the candidates file read once), all of them or the ``names`` subset in that
+    order; ``ValueError`` names the unknown ones."""
+    table = load_candidates(method)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown {method} tuning candidates {','.join(unknown)} (known: {', '.join(table)})")
+    return {n: table[n] for n in names} if names else table
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """``ValueError`` naming the methods not in :data:`~bench.registration_methods.METHODS`."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {','.join(unknown)} ({', '.join(METHODS)})")
+
+
 def run(device: str = "cpu", shape: Sequence[int] = (50, 256, 256), pairs: Sequence[str] = DEFAULT_PAIRS,
         methods: Sequence[str] = ("ours", "deepali", "elastix"), seed: int = 0, threads: int = 2,
-        batch: str = "pairs", set_name: str = "phantom", repeats: int = 1, do_tune: bool = False,
-        candidates: Sequence[str] | None = None) -> dict:
+        batch: str = "pairs", set_name: str = "phantom", repeats: int = 1,
+        candidates: dict[str, Any] | None = None) -> dict:
     """Benchmark the methods on one set (:data:`~bench.registration_cases.SET_NAMES`; ``phantom`` and ``native``
-    take ``seed`` and ``pairs``), or with ``do_tune`` score one method's tuning candidates; returns the JSON-ready
-    record.  ``batch`` is kept for ``python -m bench`` (ours batches a patient's pairs)."""
+    take ``seed`` and ``pairs``), or, given ``candidates`` (:func:`select_candidates` of the one method in
+    ``methods``), score those tuning candidates; returns the JSON-ready record.  ``batch`` is kept for
+    ``python -m bench`` (ours batches a patient's pairs)."""
     from bench.common import environment
 
+    if candidates is not None and len(methods) != 1:
+        raise ValueError(f"tuning takes one method, got {','.join(methods)}")
     torch.set_num_threads(threads)
     env_before = environment(device)
     cases = cases_for(set_name, shape, seed, pairs)
     out: dict[str, Any] = {"set": set_name, "shape": list(shape), "threads": threads, "repeats": repeats,
                            "ours_batch": batch}
-    if do_tune:
-        if len(methods) != 1:
-            raise ValueError(f"tuning takes one method, got {','.join(methods)}")
-        out["tuning"] = tune(cases, device, methods[0], candidates)
+    if candidates is not None:
+        out["tuning"] = tune(cases, candidates, device, methods[0])
     else:
         out.update(evaluate(cases, methods, device, threads, repeats))
     out["environment"] = {"before": env_before, "after": environment(device)}
@@ -190,23 +212,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args(argv)
-    if a.tune and a.set == "heldout":
-        ap.error("--tune runs on the tuning sets only (--set tune or tune_small)")
+    if a.tune and a.set not in TUNING_SETS:
+        ap.error(f"--tune runs on the tuning sets only (--set {' or '.join(TUNING_SETS)})")
     methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"--methods {','.join(unknown)}: not among {','.join(METHODS)}")
+    if a.tune and a.methods == ap.get_default("methods"):
+        methods = ["ours"]
     names = [n for n in a.candidates.split(",") if n]
-    if a.tune:
-        methods = ["ours"] if a.methods == ap.get_default("methods") else methods
-        if len(methods) != 1 or methods[0] not in SETTINGS:
-            ap.error(f"--tune takes one of --methods {', '.join(SETTINGS)}, not {a.methods}")
-        unknown = sorted(set(names) - set(load_candidates(methods[0])))
-        if unknown:
-            ap.error(f"--candidates {','.join(unknown)}: not among {','.join(load_candidates(methods[0]))}")
+    try:
+        check_methods(methods)
+        if a.tune and (len(methods) != 1 or methods[0] not in SETTINGS):
+            raise ValueError(f"--tune takes one of --methods {', '.join(SETTINGS)}, not {a.methods}")
+        candidates = select_candidates(methods[0], names) if a.tune else None
+    except ValueError as e:
+        ap.error(str(e))
     shape = tuple(int(v) for v in a.shape.replace("x", ",").split(","))
     rec = run(a.device, shape, a.pairs.split(","), methods, a.seed, a.threads, "pairs", a.set,
-              a.repeats, a.tune, names or None)
+              a.repeats, candidates)
     print(json.dumps(rec, indent=1))
     return 0
 

@@ -3,7 +3,7 @@ one :class:`~respmotion.core.Geometry` and returning the pull field ``(3, z, y, 
 along the array axes z, y, x) with the seconds it took.
 
 * ``ours``: :func:`respmotion.registration.ffd.register` with :class:`~respmotion.registration.config.FFDSettings`
-  (all pairs of a patient as one batch, :func:`run_ours`);
+  (all pairs of a patient as one batch, :func:`run_ours`; ``ours-pair``: the same, one pair at a time);
 * ``deepali``: the shared yardstick, ``register_deepali`` of ``shared/anchors/deepali_ffd.py`` (hf-deepali FFD set
   up for thoracic 4D-CT; :func:`run_anchor_deepali`), when that file exists;
 * ``deepali-example``: hf-deepali FFD as its own ``examples/ffd`` registers a pair (:class:`DeepaliSettings`,
@@ -33,7 +33,7 @@ from respmotion.registration.bspline import blend_weight
 from respmotion.registration.config import FFDSettings
 from respmotion.registration.ffd import register
 
-METHODS = ("ours", "deepali", "deepali-example", "elastix", "convexadam")
+METHODS = ("ours", "ours-pair", "deepali", "deepali-example", "elastix", "convexadam")
 ANCHOR = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "deepali_ffd.py"
 
 

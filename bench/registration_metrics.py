@@ -68,6 +68,7 @@ def acceptance(ours: dict, deepali: dict) -> dict[str, Any]:
                      "tre": o["landmark_error_mm"] <= d["landmark_error_mm"], "bands": all(bands.values()),
                      "bands_failed": [b for b, ok in bands.items() if not ok],
                      "folding_zero": o["folding_percent"] == 0.0,
-                     "time_ratio": o["seconds"] / d["seconds"], "time": o["seconds"] <= 0.25 * d["seconds"]}
+                     "time_ratio": o["seconds"] / d["seconds"], "time": o["seconds"] <= 0.25 * d["seconds"],
+                     "cpu_time_ratio": o["cpu_seconds"] / d["cpu_seconds"] if d.get("cpu_seconds") else None}
     flags = ("lung_mean", "lung_p95", "tre", "bands", "folding_zero", "time")
     return {"pairs": per, "all": {f: all(p[f] for p in per.values()) for f in flags}}

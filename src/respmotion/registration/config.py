@@ -26,20 +26,21 @@ class FFDSettings:
     stride: tuple[float, float, float] = (3.0, 12.0, 12.0)  # control point spacing, voxels (z, y, x)
     levels: tuple[tuple[float, float, float], ...] = ((4, 4, 4), (2, 2, 2), (1, 1, 1))  # downsampling per level
     reference_shape: tuple[int, int, int] | None = (50, 256, 256)  # None: voxels of the image itself
-    iterations: tuple[int, ...] = (150, 100, 100)  # Adam steps per level
-    lr_mm: tuple[float, ...] = (1.0, 0.5, 0.25)  # Adam step per level, mm
+    iterations: tuple[int, ...] = (100, 60, 50)  # Adam steps per level
+    lr_mm: tuple[float, ...] = (1.0, 0.5, 0.4)  # Adam step per level, mm
     subsample: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (1, 2, 2))  # similarity voxel stride per level
-    bending_weight: float = 50.0  # bending energy (mm^-2) weight
+    bending_weight: float = 10.0  # bending energy (mm^-2) weight
     bending_weight_outside: float | None = None  # sliding: the outside field's bending weight (None: bending_weight)
     # both bending weights times this per level: stiff coarse levels keep texture-poor regions (abdomen below the
     # diaphragm, chest wall) from taking a wrong large-scale motion (empty: 1 everywhere)
     bending_scale: tuple[float, ...] = (10.0, 3.0, 1.0)
     # per level: each knot's bending weight times 1 + strength * (its lack of texture in [0, 1],
-    # respmotion.registration.texture.texture_poverty) (empty or 0: one weight everywhere)
-    bending_texture: tuple[float, ...] = (0.0, 0.0, 30.0)
+    # respmotion.registration.texture.texture_poverty) (empty or 0: one weight everywhere; e.g. (0, 0, 30) with
+    # texture_air_hu -500 for small motion)
+    bending_texture: tuple[float, ...] = ()
     texture_fields: str = "both"  # sliding: both | outside (the inside field keeps one weight everywhere)
     # knots whose blurred HU is below this (air: aerated lung, outside the body) keep one weight (None: none do)
-    texture_air_hu: float | None = BODY_THRESHOLD_HU
+    texture_air_hu: float | None = None
     jacobian_weight: float = 1.0e2  # penalty on Jacobian determinants below jacobian_min at the knots
     jacobian_min: float = 0.2
     hu_window: HUWindow = HU_WINDOW  # both images clipped to this HU window before the similarity
