@@ -193,8 +193,10 @@ def test_kill_sharded_registration_and_rerun(tmp_path):
     started = lambda: any(out.glob("*/*/ref_*.npz"))  # noqa: E731
     killed = [kill_when(procs[0], started, rng.uniform(0.0, 1.5)), kill_when(procs[1], started, rng.uniform(0.0, 1.0))]
     assert any(killed), "both shards finished before the kill: make the work longer"
-    done_before = sorted(p.name for p in out.glob("*/*/*.npz"))
-    for p in out.glob("*/*/*.npz"):  # what a reader sees after the kill: complete files only
+    # what a reader sees after the kill: complete files only (a killed shard's partial write keeps its temp name)
+    finished = [p for p in out.glob("*/*/*.npz") if not p.name.startswith(".tmp-")]
+    done_before = sorted(p.name for p in finished)
+    for p in finished:
         dense_field(p)
     summaries = [json.loads(run_ok(shard_cmd(r), tmp_path / f"reg{r}b").stdout().strip().splitlines()[-1])
                  for r in (0, 1)]
