@@ -16,11 +16,14 @@ DDIM in N steps for ``--reference-phases`` (default 2 phases, to bound the time:
 JSON) and reports ``mean |u_fast - u_ddim| / mean |u_ddim|`` over the CT's lungs
 (:func:`respmotion.anatomy.masks.lung_mask`).  The weights are untrained, so the check measures the
 sampler's agreement on this network, not a trained model's (``bench.model_cost sampler`` does that
-at the demo size).  On 2 CPU cores the default-size network takes minutes, so ``python -m bench``
+at the demo size).  ``--precision bf16`` runs the networks in bfloat16
+(:meth:`respmotion.diffusion.pipeline.MotionGenerator.set_precision`) and then samples
+``--reference-phases`` again in fp32 from the same noise: ``precision_check`` gives the same relative
+difference against that fp32 field.  On 2 CPU cores the default-size network takes minutes, so ``python -m bench``
 runs it only on CUDA unless asked by name (``--only synthesis_ldm``).
 
     python -m bench.synthesis [--device cpu|cuda] [--variant fixed|ldm] [--steps N] [--quick]
-                              [--reference-ddim 200 [--reference-phases 10,50]]
+                              [--reference-ddim 200 [--reference-phases 10,50]] [--precision fp32|bf16|auto]
 """
 
 from __future__ import annotations
@@ -103,24 +106,26 @@ def untrained_generator(device: str, dvf_coarse_levels: int = DVF_COARSE_LEVELS)
     return MotionGenerator(diff, image_ae, dvf_ae)
 
 
-def reference_check(model: GeneratorMotion, ct_hu: np.ndarray, steps: int, phases: tuple[int, ...],
-                    seed: int = 0) -> dict[str, Any]:
-    """DDIM with ``steps`` steps from the same model, image latent and noise (``seed``) as the fast run
-    of ``model`` for ``phases``: ``mean |u_fast - u_ddim| / mean |u_ddim|`` over the lungs of ``ct_hu``."""
+def reference_check(model: GeneratorMotion, ct_hu: np.ndarray, sampler, phases: tuple[int, ...], reference: str,
+                    seed: int = 0, reencode: bool = False) -> dict[str, Any]:
+    """Fields for ``phases`` from the same model and noise (``seed``) as the fast run of ``model``, sampled with
+    ``sampler`` (a :class:`~respmotion.diffusion.config.SamplerConfig`) in the generator's current precision
+    (``reencode``: the image latent encoded again in it, else the fast run's): ``mean |u_fast - u_ref| /
+    mean |u_ref|`` over the lungs of ``ct_hu``; ``reference`` says what the reference is."""
     import torch
 
     from respmotion.anatomy.masks import lung_mask
-    from respmotion.diffusion.config import SamplerConfig
     from respmotion.io.layout import PHASES
 
     t0 = time.perf_counter()
-    lat = model.gen.sample_latents(model.image_latent, phases, SamplerConfig(name="ddim", steps=steps), seed, 1)
+    img = model.gen.encode_image(torch.from_numpy(ct_hu), model.features) if reencode else model.image_latent
+    lat = model.gen.sample_latents(img, phases, sampler, seed, 1)
     ref = model.gen.decode(lat, field_ids=[f"ref_{k:02d}" for k in phases], features=model.features)[0].cpu()  # (P, 3, Z, Y, X) mm
     fast = torch.from_numpy(model.moving[0, [PHASES.index(k) - 1 for k in phases]])
     lung = torch.from_numpy(lung_mask(ct_hu) > 0)
     diff = (fast - ref).norm(dim=1)[:, lung]
     size = ref.norm(dim=1)[:, lung]
-    return {"reference": f"ddim {steps} steps, same model, image latent and noise (seed {seed})",
+    return {"reference": f"{reference}, same model and noise (seed {seed})",
             "phases": list(phases), "restricted": f"{len(phases)} of 9 phases, to bound the reference's time",
             "lung_voxels": int(lung.sum()), "mean_abs_u_reference_mm": round(float(size.mean()), 4),
             "rel_diff": round(float(diff.mean() / size.mean()), 4),
@@ -131,12 +136,13 @@ def reference_check(model: GeneratorMotion, ct_hu: np.ndarray, steps: int, phase
 def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = False, variant: str = "fixed",
         cache_dir: str | None = None, formats: tuple[str, ...] = ("nifti", "mha"), steps: int = 0,
         reference_ddim: int = 0, reference_phases: tuple[int, ...] = (10, 50), bundle: str = "",
-        dvf_coarse_levels: int = DVF_COARSE_LEVELS) -> dict[str, Any]:
+        dvf_coarse_levels: int = DVF_COARSE_LEVELS, precision: str = "fp32") -> dict[str, Any]:
     """One synthesis of one sample (10 phases); ``quick`` writes only .mha files.  ``ldm``: DPM-Solver++(2M)
     with ``steps`` steps (0: :data:`respmotion.diffusion.config.DEFAULT_SAMPLER`); the record
     splits the time into read / encode / sample / decode / warp and write, gives the seconds per network
     evaluation (sample / steps) and the cycle composed for 10, 20 and 200 steps, and with
-    ``reference_ddim`` the field check against DDIM (:func:`reference_check`).  ``bundle``: a trained
+    ``reference_ddim`` the field check against DDIM (:func:`reference_check`); ``precision`` other than fp32:
+    the networks' precision, and the field check against fp32 (``precision_check``).  ``bundle``: a trained
     ``ref``-mode diffusion bundle instead of the untrained default-size one (``shape`` must then be
     its grid)."""
     from pathlib import Path
@@ -146,6 +152,7 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
     from respmotion.core.types import DisplacementField, Volume
     from respmotion.diffusion.config import DEFAULT_SAMPLER, SamplerConfig
     from respmotion.io.volumes import load_volume, save_volume
+    from respmotion.runtime import resolve_precision
     from respmotion.synthesis.pipeline import FixedMotion, SynthesisOptions, synthesize
 
     steps = steps or DEFAULT_SAMPLER.steps
@@ -171,6 +178,12 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
                     f"reference check is not evidence of a trained model's), sampler {sampler.name} {sampler.steps} steps")
     else:
         raise ValueError(f"variant must be fixed or ldm, got {variant!r}")
+    dtype = resolve_precision(precision, device)
+    if variant == "ldm":
+        model.gen.set_precision(dtype)
+        what += f", networks in {'fp32' if dtype is None else 'bf16'}"
+    elif dtype is not None:
+        raise ValueError(f"--precision {precision}: the fixed variant runs no network")
     del cts, dvfs
     setup_s = time.perf_counter() - t0
     fmts = ("mha",) if quick else tuple(formats)
@@ -189,7 +202,14 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
         files = [p for p in out.rglob("*") if p.is_file()]
         written_mb = sum(p.stat().st_size for p in files) / 2**20
     if variant == "ldm" and reference_ddim:
-        reference = {"reference_check": reference_check(model, ct.array, reference_ddim, tuple(reference_phases))}
+        reference["reference_check"] = reference_check(model, ct.array, SamplerConfig(name="ddim", steps=reference_ddim),
+                                                       tuple(reference_phases), f"ddim {reference_ddim} steps")
+    if variant == "ldm" and dtype is not None:
+        model.gen.set_precision(None)
+        reference["precision_check"] = reference_check(model, ct.array, sampler, tuple(reference_phases),
+                                                       f"fp32 (image latent encoded again), {sampler.name} "
+                                                       f"{sampler.steps} steps", reencode=True)
+        model.gen.set_precision(dtype)
     return {
         "variant": variant, "motion": what, "shape_zyx": list(shape), "formats": list(fmts), "render": False,
         "setup_s": round(setup_s, 2), "seconds": round(seconds, 2), "seconds_read_ct": round(read_s, 2),
@@ -225,13 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dvf-coarse-levels", type=int, default=DVF_COARSE_LEVELS,
                    help="ldm: the untrained DVF decoder's coarse levels (0 = full resolution)")
     p.add_argument("--shape", default="50x256x256", help="grid z x y x x (a trained bundle's own grid)")
+    p.add_argument("--precision", default="fp32", help="ldm: the networks' precision, fp32, bf16 or auto (bf16 also "
+                   "samples --reference-phases in fp32 and reports the difference)")
     a = p.parse_args(argv)
     phases = tuple(int(k) for k in a.reference_phases.split(",") if k)
     shape = tuple(int(n) for n in a.shape.split("x"))
     formats = tuple(f for f in a.formats.split(",") if f)
     print(json.dumps(run(a.device, shape, quick=a.quick, variant=a.variant, formats=formats, steps=a.steps,
                          reference_ddim=a.reference_ddim, reference_phases=phases, bundle=a.bundle,
-                         dvf_coarse_levels=a.dvf_coarse_levels), indent=1))
+                         dvf_coarse_levels=a.dvf_coarse_levels, precision=a.precision), indent=1))
     return 0
 
 

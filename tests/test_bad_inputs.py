@@ -316,6 +316,13 @@ def test_overwrite_with_a_bad_ct_keeps_the_earlier_output(cli, cohort, tmp_path)
     assert tree(out) == before
 
 
+def test_precision_is_for_a_bundle(cli, cohort, tmp_path):
+    """--precision sets a diffusion bundle's networks; with the phantom's fields (no network) it is refused."""
+    out = tmp_path / "out"
+    check(cli, Case(["synthesize", study_of(cohort), "--model", "gt", "--precision", "bf16", "--out", out,
+                     "--no-render"], "--precision bf16", r"only a diffusion bundle", [out]))
+
+
 def test_bundle_folder_without_checkpoints_refused(cli, cohort, tmp_path):
     bundle, out = tmp_path / "bundle", tmp_path / "out"
     bundle.mkdir()

@@ -129,3 +129,14 @@ def test_demo_bench_summarises_a_demo_folder_and_its_checks(tmp_path):
                              "energy_vs_population": round(0.7 / 1.1, 3), "single_below_population": True}
     over = bench_demo.spread([rec, {**rec, "pipeline_s": 50.5}])
     assert over["pipeline_s"] == {"mean": 45.5, "min": 40.5, "max": 50.5}
+
+
+def test_synthesis_bench_precision_check(tmp_path):
+    """``bench.synthesis --variant ldm --precision bf16`` records the networks' precision and the field difference to
+    fp32 from the same noise: not zero (bf16 ran), a few percent at most on a tiny grid."""
+    from bench.synthesis import run
+
+    rec = run(shape=(8, 32, 32), variant="ldm", quick=True, steps=2, precision="bf16", cache_dir=str(tmp_path))
+    check = rec["precision_check"]
+    assert rec["motion"].endswith("networks in bf16") and check["phases"] == [10, 50]
+    assert 0 < check["rel_diff"] < 0.2, check

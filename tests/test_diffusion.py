@@ -359,3 +359,22 @@ def test_bundle_carries_the_prior_and_synthesizes_at_its_grid(chain):
     assert not np.any(fields[0].array)
     with pytest.raises(ValueError, match="sha256"):
         MotionPrior.load(rec["path"], sha256="0" * 64)
+
+
+@pytest.mark.slow
+def test_bf16_networks_give_the_fp32_fields_within_a_few_percent(chain):
+    """``precision="bf16"`` runs the networks under autocast: the cycle differs from fp32 (the setting acts) but
+    by a few percent of the motion (same noise), and summary.json's motion record says which precision ran."""
+    from respmotion.io.layout import iter_studies
+    from respmotion.synthesis.ldm import load_bundle
+
+    study = next(s for s in iter_studies(chain["root"]) if s.patient in chain["split"]["test"])
+    ct = study.load_phase(0)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        model = load_bundle(chain["run"].model_path, sampler="dpm", steps=5, precision=precision)
+        out[precision] = np.stack([f.array for k, f in sorted(model.generate(ct, samples=1, seed=0)[0].items())])
+        assert model.describe()["precision"] == {"fp32": "fp32", "bf16": "bfloat16"}[precision]
+        assert out[precision].dtype == np.float32
+    diff = np.abs(out["bf16"] - out["fp32"]).mean()
+    assert 0 < diff < 0.05 * np.abs(out["fp32"]).mean(), (diff, np.abs(out["fp32"]).mean())

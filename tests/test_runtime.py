@@ -40,3 +40,15 @@ def test_one_device_rule():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             resolve_device("cuda:1")
+
+
+def test_one_precision_rule():
+    """fp32 is no autocast, bf16 is bfloat16, auto is bf16 exactly where the device has it natively; other names
+    are refused in one line naming the flag."""
+    from respmotion.runtime import native_bf16, resolve_precision
+
+    assert resolve_precision("fp32", "cpu") is None
+    assert resolve_precision("bf16", "cpu") is torch.bfloat16
+    assert resolve_precision("auto", "cpu") is (torch.bfloat16 if native_bf16("cpu") else None)
+    with pytest.raises(ValueError, match="--precision must be one of fp32, bf16, auto"):
+        resolve_precision("fp16", "cpu")

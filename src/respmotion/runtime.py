@@ -14,6 +14,8 @@
   ``os.cpu_count()``, which is what torch assumes by default).  Every config's ``threads`` means this.
 * :func:`resolve_device` ``(name)`` -- the ``torch.device`` of every config's ``device`` setting
   (``auto``, the default everywhere: CUDA when available, else the CPU).
+* :func:`resolve_precision` ``(name, device)`` -- the autocast dtype of a ``precision`` setting (networks at
+  inference: ``fp32``, ``bf16``, or ``auto``: bf16 where the device computes it natively).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
@@ -132,3 +135,46 @@ def use_threads(requested: int = 0) -> int:
     n = requested if requested > 0 else available_cpus()
     torch.set_num_threads(n)
     return n
+
+
+#: what a ``precision`` setting may say (inference of the networks; training is always fp32)
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def native_bf16(device: "torch.device | str") -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA device that supports it, or a CPU with the
+    AVX512-BF16 or AMX-BF16 instructions (Linux: read from ``/proc/cpuinfo``; other systems: no).  Elsewhere
+    bf16 is emulated and slower than fp32."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap, public way to ask the CPU
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def check_precision(name: str) -> str:
+    """``name`` if it is one of :data:`PRECISIONS`, else a one-line ``ValueError`` naming ``--precision``."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return name
+
+
+def resolve_precision(name: str, device: "torch.device | str") -> "torch.dtype | None":
+    """The autocast dtype of a ``precision`` setting on ``device``: ``fp32`` -> ``None`` (no autocast), ``bf16``
+    -> ``torch.bfloat16``, ``auto`` -> bf16 where :func:`native_bf16`, else ``None``.  Another name, or bf16 on
+    a CUDA device without it, raises a one-line ``ValueError`` naming ``--precision``."""
+    import torch
+
+    if check_precision(name) == "fp32":
+        return None
+    native = native_bf16(device)
+    if name == "auto":
+        return torch.bfloat16 if native else None
+    if torch.device(device).type == "cuda" and not native:
+        raise ValueError(f"--precision bf16: device {device} does not support bfloat16 (use fp32)")
+    return torch.bfloat16

@@ -39,7 +39,8 @@ def _motion(cfg: EvaluateSynthesisConfig, study):
     from ..synthesis.run import SynthesizeConfig, load_motion
 
     return load_motion(SynthesizeConfig(ct=str(study.path) if study else cfg.ct, model=cfg.model, device=cfg.device,
-                                        sampler=cfg.sampler, steps=cfg.steps, delta_t=cfg.delta_t), study)
+                                        sampler=cfg.sampler, steps=cfg.steps, delta_t=cfg.delta_t,
+                                        precision=cfg.precision), study)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data, "ct": args.ct, "landmarks": args.landmarks, "model": args.model, "out": args.out,
         "patients": args.patients, "split": args.split, "samples": args.samples, "seed": args.seed,
         "device": args.device, "sampler": args.sampler, "steps": args.steps,
-        "delta_t": args.delta_t})
+        "delta_t": args.delta_t, "precision": args.precision})
     if not cfg.model:
         raise UserError("no motion model given (--model BUNDLE_DIR or --model gt)")
     out = Path(cfg.out)

@@ -20,7 +20,8 @@ class EvaluateSynthesisConfig:
     """``model`` as :class:`respmotion.synthesis.run.SynthesizeConfig`'s (``gt``: the phantom's ground truth);
     ``samples`` cycles per study (K: a generator is judged by K samples, their mean, energy score and spread,
     :mod:`respmotion.evaluation.ensemble`; deterministic models give K equal cycles); ``sampler``, ``steps``,
-    ``delta_t`` None: the model's own; ``device`` as :func:`respmotion.runtime.resolve_device`."""
+    ``delta_t`` None: the model's own; ``device`` as :func:`respmotion.runtime.resolve_device`, ``precision`` as
+    :func:`respmotion.runtime.resolve_precision`."""
 
     data: str = ""
     ct: str = ""
@@ -36,5 +37,6 @@ class EvaluateSynthesisConfig:
     sampler: str | None = None
     steps: int | None = None
     delta_t: int | None = None
+    precision: str = "fp32"
 
     RENAMED: ClassVar[dict[str, str]] = SPLIT_RENAMED

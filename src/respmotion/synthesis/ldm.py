@@ -48,22 +48,28 @@ class DiffusionMotion:
 
     def describe(self) -> dict:
         """What summary.json records about the motion: sampler, its steps (network evaluations per
-        trajectory), delta_t, eta and the model grid."""
+        trajectory), delta_t, eta, the model grid and the networks' precision."""
+        dtype = self.generator.precision
         return {"kind": "latent diffusion", "sampler": self.sampler.name,
                 "steps": self.sampler.num_steps(self.generator.schedule.T), "delta_t": self.sampler.delta_t,
-                "eta": self.sampler.eta, "model_shape": list(self.shape)}
+                "eta": self.sampler.eta, "model_shape": list(self.shape),
+                "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch.")}
 
 
 def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = None, steps: int | None = None,
-                shape: tuple[int, int, int] | None = None, delta_t: int | None = None) -> DiffusionMotion:
+                shape: tuple[int, int, int] | None = None, delta_t: int | None = None,
+                precision: str = "fp32") -> DiffusionMotion:
     """Load a trained diffusion model bundle (its ``model.pt``, a ``<step>.pt`` or the run folder: its ``model.pt``,
     else its newest ``<step>.pt``); ``sampler`` / ``steps`` / ``delta_t`` override its default
-    sampler (:func:`respmotion.diffusion.config.choose_sampler`: one-line ``ValueError`` when impossible)."""
+    sampler (:func:`respmotion.diffusion.config.choose_sampler`: one-line ``ValueError`` when impossible);
+    ``precision`` (``fp32``, ``bf16``, ``auto``: :func:`respmotion.runtime.resolve_precision`) is the networks'."""
     from ..diffusion.config import choose_sampler
     from ..diffusion.pipeline import MotionGenerator
     from ..io.checkpoint import run_weights
+    from ..runtime import resolve_precision
 
     p = Path(path)
+    dtype = resolve_precision(precision, device)
     if not p.exists():
         raise FileNotFoundError(f"{p}: model bundle not found")
     ckpt = run_weights(p, kind="model bundle")
@@ -72,4 +78,4 @@ def load_bundle(path: str | Path, device: str = "cpu", sampler: str | None = Non
         cfg = choose_sampler(gen.default_sampler, gen.schedule.T, sampler, steps, delta_t)
     except ValueError as exc:
         raise ValueError(f"{p}: {exc}") from None
-    return DiffusionMotion(gen, cfg, shape)
+    return DiffusionMotion(gen.set_precision(dtype), cfg, shape)

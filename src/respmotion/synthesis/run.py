@@ -11,7 +11,7 @@ import numpy as np
 from ..core.types import Volume
 from ..io.atomic import read_npy, write_json
 from ..io.layout import PHASES, StudyDir
-from ..runtime import resolve_device
+from ..runtime import check_precision, resolve_device
 from .breathing import BreathingTrace
 from .pipeline import FixedMotion, MotionModel, SynthesisOptions, SynthesisResult, render_result, synthesize
 
@@ -34,6 +34,7 @@ class SynthesizeConfig:
     steps: int | None = None  # number of sampling steps (None: the sampler's default)
     delta_t: int | None = None  # research-code timestep stride: num_train_timesteps / delta_t steps
     device: str = "auto"  # auto | cpu | cuda | cuda:N (respmotion.runtime.resolve_device)
+    precision: str = "fp32"  # a bundle's networks: fp32 | bf16 | auto (respmotion.runtime.resolve_precision)
     threads: int = 0  # torch CPU threads (0: the CPUs this process may use, respmotion.runtime.use_threads)
     trace: str = ""
     dicom: bool = False
@@ -67,6 +68,8 @@ def output_identity(cfg: SynthesizeConfig) -> dict:
     ident["ct"] = str(Path(cfg.ct).resolve())
     ident["model"] = cfg.model if cfg.model in ("gt", "") else str(Path(cfg.model).resolve())
     ident["structures"] = [str(Path(s).resolve()) for s in cfg.structures]
+    if cfg.precision == "fp32":  # what every folder made before the setting existed was made with
+        del ident["precision"]
     return ident
 
 
@@ -90,6 +93,10 @@ def load_input(path: str | Path, phase: int | str = 0) -> tuple[Volume, StudyDir
 
 
 def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
+    bundle = cfg.model not in ("", "default", "gt") and not cfg.model.startswith("seed:")
+    if check_precision(cfg.precision) != "fp32" and not bundle:
+        raise ValueError(f"--precision {cfg.precision}: only a diffusion bundle's networks take it "
+                         f"(--model BUNDLE_DIR)")
     if cfg.model in ("", "default"):  # the default model: the anatomical population prior (docs/motion.md)
         if _sampler_given(cfg):
             raise ValueError("--sampler/--steps/--delta-t choose how a diffusion bundle samples; the default "
@@ -112,7 +119,8 @@ def load_motion(cfg: SynthesizeConfig, study: StudyDir | None) -> MotionModel:
                                 steps=cfg.steps, delta_t=cfg.delta_t)
     from .ldm import load_bundle
 
-    return load_bundle(cfg.model, device=device, sampler=cfg.sampler, steps=cfg.steps, delta_t=cfg.delta_t)
+    return load_bundle(cfg.model, device=device, sampler=cfg.sampler, steps=cfg.steps, delta_t=cfg.delta_t,
+                       precision=cfg.precision)
 
 
 def _sampler_given(cfg: SynthesizeConfig) -> bool:
