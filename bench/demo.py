@@ -2,7 +2,7 @@
 
     python -m bench.demo [--seeds 0,1,2] [--patients 48] [--threads 2] [--out-root /tmp/bench-demo] [--record FILE]
     python -m bench.demo --existing DIR [DIR ...] [--record FILE]     # summarise demo folders already run
-    python -m bench.demo --patients 24,48,96 --heldout COHORT          # learning curve on one fixed held-out set
+    python -m bench.demo --seeds 0,1,2 --patients 24,48,96 --heldout COHORT   # learning curve on one fixed held-out set
 
 Each run is ``respmotion demo --out <out-root>/<label> seed=S patients=N threads=T`` in this process (the same
 code path as ``make demo``).  The JSON record holds the command, the code commit, the machine
