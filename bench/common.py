@@ -307,5 +307,13 @@ def _tail(text: str | None, lines: int = 8) -> str:
     return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
+def commit() -> str:
+    """The checkout's commit (``+dirty`` when files differ from it)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
 if __name__ == "__main__":
     sys.exit(child_main(sys.argv[1:]))

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, environment
+from bench.common import commit, environment
 
 HEADLINE = {"one_sample_mm": "model/dvf_error_lung_mean_mm", "k_mean_mm": "model_mean/dvf_error_lung_mean_mm",
             "energy_score_mm": "model/energy_score_mm", "spread_mm": "model/spread_mm",
@@ -43,14 +42,6 @@ HEADLINE = {"one_sample_mm": "model/dvf_error_lung_mean_mm", "k_mean_mm": "model
             "landmarks_one_sample_mm": "model/landmark_error_mean_mm",
             "landmarks_k_mean_mm": "model_mean/landmark_error_mean_mm",
             "landmarks_population_mean_mm": "population_mean/landmark_error_mean_mm"}
-
-
-def commit() -> str:
-    """The checkout's commit (``+dirty`` when files differ from it)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True)
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
 def summarise(out: Path) -> dict[str, Any]:

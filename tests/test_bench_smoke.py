@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from bench import sampling  # the repository root is on sys.path under `python -m pytest` (make test)
@@ -140,3 +141,22 @@ def test_synthesis_bench_precision_check(tmp_path):
     check = rec["precision_check"]
     assert rec["motion"].endswith("networks in bf16") and check["phases"] == [10, 50]
     assert 0 < check["rel_diff"] < 0.2, check
+
+
+def test_heldout_draws_scores_a_cohort_with_a_known_answer():
+    """Every patient's cycle is its amplitude times one shared cycle: the amplitude oracle is exact (error 0), the
+    population mean is not, and the regressed prior reading a feature that is the amplitude beats the mean field."""
+    from bench.heldout_draws import score_split
+
+    rng = np.random.default_rng(0)
+    patients, shape = 26, (2, 4, 4)
+    amp = rng.uniform(0.5, 1.5, patients)
+    cycle = np.sin(np.pi * np.arange(1, 10) / 10.0)[:, None, None, None, None] * rng.normal(size=(1, 3, *shape))
+    fields = (amp[:, None, None, None, None, None] * cycle[None]).astype(np.float32)
+    lungs = np.ones((patients, 9, *shape), bool)
+    feats = np.c_[amp, rng.normal(size=(patients, 2))]
+    keys = [f"p{i}" for i in range(patients)]
+    err = score_split(np.arange(20), np.arange(20, 26), keys, fields, lungs, feats)
+    assert set(err) == {"population mean", "amplitude oracle", "regressed prior"}
+    assert np.all(err["amplitude oracle"] < 1e-5) and np.all(err["population mean"] > 0.05)
+    assert np.all(err["regressed prior"] < err["population mean"])
