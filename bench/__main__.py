@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .common import ROOT, device_name, environment, loadavg, run_isolated
+from .common import ROOT, device_name, emit, environment, loadavg, run_isolated
 
 
 @dataclass
@@ -154,16 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # e.g. --device cuda without CUDA
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        from pathlib import Path
-
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".tmp-{out.name}")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+    emit(doc, args.out)
     return 1 if doc["errors"] else 0
 
 

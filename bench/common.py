@@ -315,5 +315,17 @@ def commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
+def emit(record: dict[str, Any], path: str | os.PathLike | None = None) -> None:
+    """Print a benchmark's JSON record and, with ``path``, write it there too (temp file, then rename)."""
+    text = json.dumps(record, indent=1)
+    print(text)
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".tmp-{out.name}")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
+
+
 if __name__ == "__main__":
     sys.exit(child_main(sys.argv[1:]))

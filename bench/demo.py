@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import commit, environment
+from bench.common import commit, emit, environment
 
 HEADLINE = {"one_sample_mm": "model/dvf_error_lung_mean_mm", "k_mean_mm": "model_mean/dvf_error_lung_mean_mm",
             "energy_score_mm": "model/energy_score_mm", "spread_mm": "model/spread_mm",
@@ -164,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     record["runs"] = runs
     if len(runs) > 1:
         record["over_runs"] = spread(runs)
-    text = json.dumps(record, indent=1)
-    print(text)
-    if args.record:
-        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.record).write_text(text + "\n")
+    emit(record, args.record)
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import commit, environment
+from bench.common import commit, emit, environment
 
 PREDICTORS = ("amplitude oracle", "regressed prior")
 
@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"benchmark": "heldout_draws", "command": "python -m bench.heldout_draws " + " ".join(sys.argv[1:]),
               "commit": commit(), "machine": environment("cpu"),
               "runs": [run(Path(d), args.draws, args.seed) for d in args.runs]}
-    text = json.dumps(record, indent=1)
-    print(text)
-    if args.record:
-        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.record).write_text(text + "\n")
+    emit(record, args.record)
     return 0
 
 
