@@ -361,6 +361,27 @@ def test_bundle_carries_the_prior_and_synthesizes_at_its_grid(chain):
         MotionPrior.load(rec["path"], sha256="0" * 64)
 
 
+def test_a_ct_outside_the_training_patients_is_named_in_one_warning(chain, caplog):
+    """A held-out phantom lies within the training patients' lung features: no warning.  The same CT read with
+    three times its slice spacing has three times its lung heights: the warning names them and their distance."""
+    from respmotion.io.layout import iter_studies
+
+    gen = chain["gen"]
+    assert gen.diffusion.anatomy is not None
+    study = next(s for s in iter_studies(chain["root"]) if s.patient in chain["split"]["test"])
+    ct = study.load_phase(0)
+    hu = torch.from_numpy(ct.array)
+    with caplog.at_level(logging.WARNING, logger="respmotion"):
+        gen.features(hu, ct.geometry.spacing)
+    assert not caplog.records
+    dz, dy, dx = ct.geometry.spacing
+    with caplog.at_level(logging.WARNING, logger="respmotion"):
+        f = gen.features(hu, (3 * dz, dy, dx))
+    assert len(caplog.records) == 1 and "outside the patients the diffusion model was trained on" in caplog.text
+    assert "lung_height_mean_mm" in caplog.text and "sd above the training mean" in caplog.text
+    assert f is not None and f.shape == (3,)
+
+
 @pytest.mark.slow
 def test_bf16_networks_give_the_fp32_fields_within_a_few_percent(chain):
     """``precision="bf16"`` runs the networks under autocast: the cycle differs from fp32 (the setting acts) but

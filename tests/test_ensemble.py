@@ -4,7 +4,7 @@ on cases with a known answer."""
 import numpy as np
 import pytest
 
-from respmotion.anatomy.features import LUNG_FEATURES, lung_features
+from respmotion.anatomy.features import LUNG_FEATURES, lung_features, outside_training
 from respmotion.evaluation.ensemble import energy_score, ensemble_scores
 
 
@@ -79,3 +79,11 @@ def test_lung_features_of_a_box_of_air_in_tissue():
 def test_lung_features_refuse_a_ct_without_lungs():
     with pytest.raises(ValueError, match="no lung"):
         lung_features(np.zeros((8, 16, 16), np.float32), (2.0, 1.0, 1.0))
+
+
+def test_outside_training_names_each_feature_beyond_the_limit():
+    mean, std = [2000.0, 80.0, 95.0], [200.0, 3.0, 4.0]
+    assert outside_training([2100.0, 82.0, 90.0], mean, std, 3.0) == []
+    far = outside_training([2100.0, 140.0, 70.0], mean, std, 3.0)
+    assert far == ["lung_height_mean_mm 140 is 20.0 sd above the training mean 80 (sd 3)",
+                   "lung_height_p90_mm 70 is 6.2 sd below the training mean 95 (sd 4)"]

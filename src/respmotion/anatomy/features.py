@@ -21,7 +21,8 @@ grids).  Gas in the bowel and stomach counts too; it is small beside the lungs':
 
 Use: ``lung_features(hu, spacing)`` with ``hu`` a ``(z, y, x)`` HU array and ``spacing`` ``(z, y, x)`` mm;
 returns a float64 array in the order of :data:`LUNG_FEATURES`.  The array z axis must be the superior-inferior
-axis (every CT the project reads is stored so).
+axis (every CT the project reads is stored so).  ``outside_training(features, mean, std, limit)`` names the
+features a model trained on other patients has not seen (more than ``limit`` sd from their mean).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from .masks import body_mask
 
 #: names (and order) of :func:`lung_features`' values
 LUNG_FEATURES = ("lung_gas_ml", "lung_height_mean_mm", "lung_height_p90_mm")
+#: a model reading these features clips their standardised values ``(f - mean) / std`` of its training patients to
+#: +- this many sd: a CT far outside the training patients' range (another scanner, a real CT for a phantom-trained
+#: model) is not extrapolated
+FEATURE_LIMIT = 3.0
 #: columns with less gas than this (mm) are the lungs' rim and are left out of the height statistics
 MIN_COLUMN_MM = 10.0
 
@@ -55,3 +60,17 @@ def lung_features(hu: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         raise ValueError(f"no lung found (no column of the body holds {MIN_COLUMN_MM:g} mm of gas)")
     volume_ml = float(gas.sum()) * dz * dy * dx / 1000.0
     return np.array([volume_ml, float(heights[cols].mean()), float(np.percentile(heights[cols], 90))])
+
+
+def outside_training(features: Sequence[float], mean: Sequence[float], std: Sequence[float],
+                     limit: float) -> list[str]:
+    """One phrase per feature lying more than ``limit`` sd from the training patients' ``mean`` (``std`` > 0),
+    e.g. ``"lung_height_p90_mm 142.6 is 13.9 sd above the training mean 95.29 (sd 3.39)"``; empty when all lie
+    within."""
+    out = []
+    for name, f, m, s in zip(LUNG_FEATURES, features, mean, std):
+        z = (float(f) - float(m)) / float(s)
+        if abs(z) > limit:
+            out.append(f"{name} {float(f):.4g} is {abs(z):.1f} sd {'above' if z > 0 else 'below'} the training mean "
+                       f"{float(m):.4g} (sd {float(s):.3g})")
+    return out

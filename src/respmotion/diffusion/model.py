@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..anatomy.features import LUNG_FEATURES
+from ..anatomy.features import FEATURE_LIMIT, LUNG_FEATURES
 from .config import DiffusionModelConfig
 from .sampling import LatentNorm
 from .unet import PhaseConditionedUNet
@@ -80,10 +80,8 @@ class AnatomyCondition(nn.Module):
     Why: the breathing amplitude is the largest patient-to-patient difference in motion and a CT shows it
     through a few numbers (how much gas the lungs hold, how low they reach); as channels of their own the
     UNet can scale its output by them from tens of training patients (docs/diffusion.md).  Standardised values
-    are clipped to +-:attr:`LIMIT` so a CT far outside the training patients' range (another scanner, another
-    body) cannot drive the network into untrained extrapolation."""
-
-    LIMIT = 3.0
+    are clipped to +-:data:`~respmotion.anatomy.features.FEATURE_LIMIT` so a CT far outside the training
+    patients' range (another scanner, another body) cannot drive the network into untrained extrapolation."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
@@ -102,7 +100,7 @@ class AnatomyCondition(nn.Module):
         f = torch.as_tensor(features, dtype=torch.float32, device=self.mean.device)
         if f.ndim != 2 or f.shape[1] != self.channels:
             raise ValueError(f"anatomy features must be (B, {self.channels}), got {tuple(f.shape)}")
-        f = ((f - self.mean) / self.std).clamp(-self.LIMIT, self.LIMIT)
+        f = ((f - self.mean) / self.std).clamp(-FEATURE_LIMIT, FEATURE_LIMIT)
         return f[:, :, None, None, None].expand(*f.shape, *spatial)
 
     def to_dict(self) -> dict[str, Any]:

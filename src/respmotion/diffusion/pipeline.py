@@ -27,6 +27,7 @@ The research code's setting (full field, plain image condition, epsilon) remains
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..anatomy.features import lung_features
+from ..anatomy.features import FEATURE_LIMIT, lung_features, outside_training
 from ..config import from_dict
 from ..core import warp as W
 from ..io.layout import PHASES
@@ -46,6 +47,8 @@ from .latents import field_kind
 from .sampling import sample_cycles
 from .unet import phase_index
 from .schedulers import NoiseSchedule, make_sampler
+
+log = logging.getLogger("respmotion")
 
 
 def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> tuple[LatentDiffusion, dict[str, Any]]:
@@ -142,10 +145,23 @@ class MotionGenerator:
 
     def features(self, ct_hu: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor | None:
         """The CT's lung features ``(F,)`` (:func:`respmotion.anatomy.features.lung_features`) when the model reads
-        them (anatomy condition or regressed prior), else ``None``."""
+        them (anatomy condition or regressed prior), else ``None``.  A feature more than
+        :data:`~respmotion.anatomy.features.FEATURE_LIMIT` sd from the training patients' mean is named in one
+        warning: the model clips it and does not extrapolate."""
         if self.diffusion.anatomy is None and not (self.prior is not None and self.prior.needs_features):
             return None
-        return torch.from_numpy(lung_features(ct_hu.cpu().numpy(), spacing)).float()
+        f = lung_features(ct_hu.cpu().numpy(), spacing)
+        if self.diffusion.anatomy is not None:
+            mean, std = self.diffusion.anatomy.mean.tolist(), self.diffusion.anatomy.std.tolist()
+        else:
+            mean, std = self.prior.feature_mean.tolist(), self.prior.feature_std.tolist()
+        far = outside_training(f, mean, std, FEATURE_LIMIT)
+        if far:
+            log.warning("this CT lies outside the patients the diffusion model was trained on: %s; the model clips "
+                        "it to %g sd, so its motion is that of its most extreme training patients (a model trained "
+                        "on phantoms does not fit real CTs: --model default is the calibrated one)",
+                        "; ".join(far), FEATURE_LIMIT)
+        return torch.from_numpy(f).float()
 
     @torch.no_grad()
     def encode_image(self, ct_hu: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ..anatomy.features import FEATURE_LIMIT
 from ..io.atomic import file_sha256, read_json, read_npy, write_json, write_npy
 from ..io.checkpoint import recorded_file
 
@@ -54,9 +55,6 @@ NPY, JSON = "motion_prior.npy", "motion_prior.json"
 PRIOR_MODES = ("none", "mean", "scaled", "regressed")
 #: smallest residual scale: a target whose mean field is tiny is not blown up by more than 1 / this
 MIN_SCALE = 0.1
-#: standardised lung features are clipped to +- this many sd: a CT far outside the training patients' range (another
-#: scanner, a real CT for a phantom-trained prior) is not extrapolated linearly
-FEATURE_LIMIT = 3.0
 #: ridge penalties (in patients) the regressed prior chooses from by leave-one-out error on its training items;
 #: the last is large enough to give the mean field
 RIDGE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 1e6)
