@@ -96,6 +96,7 @@ def amplitude_oracle(out: Path) -> dict[str, float]:
     the population's.  Where this oracle loses to the unscaled mean field at a phase, so must such a model."""
     import numpy as np
 
+    from bench.heldout_draws import amplitude_scaled, phase_errors
     from respmotion.io.atomic import read_npy
     from respmotion.io.layout import PHASES
     from respmotion.training.splits import Split
@@ -109,10 +110,8 @@ def amplitude_oracle(out: Path) -> dict[str, float]:
     test = split.studies(out / "data", "test")
     for sd in test:
         truth = load(sd)
-        gain = float((truth * mean).sum() / (mean * mean).sum())
-        for i, k in enumerate(moving):
-            lung = read_npy(sd.mask_path("lung", k)) > 0
-            per[i] += np.linalg.norm(gain * mean[i] - truth[i], axis=0)[lung].mean() / len(test)
+        lungs = np.stack([read_npy(sd.mask_path("lung", k)) > 0 for k in moving])
+        per += phase_errors(amplitude_scaled(mean, truth), truth, lungs) / len(test)
     return {f"{k:02d}": round(float(v), 3) for k, v in zip(moving, per)}
 
 

@@ -57,9 +57,16 @@ def _cohort(out: Path) -> tuple[list[str], dict[str, int], np.ndarray, np.ndarra
     return [sd.key for sd in studies], sizes, fields, lungs, np.stack(feats)
 
 
-def _errors(pred: np.ndarray, truth: np.ndarray, lungs: np.ndarray) -> np.ndarray:
-    """Per-phase mean lung DVF error (mm) of ``pred`` vs ``truth``, both ``(9, 3, Z, Y, X)``."""
+def phase_errors(pred: np.ndarray, truth: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """Per-phase mean lung DVF error (mm) of ``pred`` vs ``truth``, both ``(9, 3, Z, Y, X)``, in ``lungs``
+    ``(9, Z, Y, X)``."""
     return np.array([np.linalg.norm(pred[i] - truth[i], axis=0)[lungs[i]].mean() for i in range(len(truth))])
+
+
+def amplitude_scaled(mean: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The amplitude oracle's cycle: ``mean`` ``(9, 3, Z, Y, X)`` mm times the least-squares gain of ``truth``'s
+    cycle onto it (the patient's true amplitude, the population's timing)."""
+    return float((truth * mean).sum() / (mean * mean).sum()) * mean
 
 
 def score_split(train: np.ndarray, test: np.ndarray, keys: list[str], fields: np.ndarray, lungs: np.ndarray,
@@ -77,11 +84,10 @@ def score_split(train: np.ndarray, test: np.ndarray, keys: list[str], fields: np
                                     feature_names=LUNG_FEATURES)
     out = {name: np.zeros(len(ids)) for name in ("population mean", *PREDICTORS)}
     for p in test:
-        gain = float((fields[p] * mean).sum() / (mean * mean).sum())
-        out["population mean"] += _errors(mean, fields[p], lungs[p]) / len(test)
-        out["amplitude oracle"] += _errors(gain * mean, fields[p], lungs[p]) / len(test)
-        out["regressed prior"] += _errors(np.stack([prior.field(f, feats[p]) for f in ids]), fields[p],
-                                          lungs[p]) / len(test)
+        out["population mean"] += phase_errors(mean, fields[p], lungs[p]) / len(test)
+        out["amplitude oracle"] += phase_errors(amplitude_scaled(mean, fields[p]), fields[p], lungs[p]) / len(test)
+        out["regressed prior"] += phase_errors(np.stack([prior.field(f, feats[p]) for f in ids]), fields[p],
+                                               lungs[p]) / len(test)
     return out
 
 
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the draws")
     ap.add_argument("--record", help="also write the JSON record to this file")
     args = ap.parse_args(argv)
+    if args.draws < 1:
+        ap.error(f"--draws must be at least 1, got {args.draws}")
     record = {"benchmark": "heldout_draws", "command": "python -m bench.heldout_draws " + " ".join(sys.argv[1:]),
               "commit": commit(), "machine": environment("cpu"),
               "runs": [run(Path(d), args.draws, args.seed) for d in args.runs]}

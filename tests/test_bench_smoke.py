@@ -160,3 +160,11 @@ def test_heldout_draws_scores_a_cohort_with_a_known_answer():
     assert set(err) == {"population mean", "amplitude oracle", "regressed prior"}
     assert np.all(err["amplitude oracle"] < 1e-5) and np.all(err["population mean"] > 0.05)
     assert np.all(err["regressed prior"] < err["population mean"])
+
+
+def test_heldout_draws_refuses_zero_draws(tmp_path, capsys):
+    from bench.heldout_draws import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), "--draws", "0"])
+    assert exc.value.code == 2 and "--draws must be at least 1" in capsys.readouterr().err
