@@ -202,8 +202,9 @@ def run(device: str = "cpu", shape: tuple[int, int, int] = SHAPE, quick: bool = 
         files = [p for p in out.rglob("*") if p.is_file()]
         written_mb = sum(p.stat().st_size for p in files) / 2**20
     if variant == "ldm" and reference_ddim:
-        reference["reference_check"] = reference_check(model, ct.array, SamplerConfig(name="ddim", steps=reference_ddim),
-                                                       tuple(reference_phases), f"ddim {reference_ddim} steps")
+        ddim = SamplerConfig(name="ddim", steps=reference_ddim)
+        reference["reference_check"] = reference_check(model, ct.array, ddim, tuple(reference_phases),
+                                                       f"ddim {reference_ddim} steps")
     if variant == "ldm" and dtype is not None:
         model.gen.set_precision(None)
         reference["precision_check"] = reference_check(model, ct.array, sampler, tuple(reference_phases),

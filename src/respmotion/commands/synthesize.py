@@ -73,8 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(SynthesizeConfig, args, {
         "ct": args.ct, "out": args.out, "model": args.model, "sampler": args.sampler, "steps": args.steps,
-        "delta_t": args.delta_t, "precision": args.precision, "device": args.device, "threads": args.threads, "trace": args.trace,
-        "dicom": args.dicom, "structures": args.structures, "structure_names": args.structure_names,
+        "delta_t": args.delta_t, "precision": args.precision, "device": args.device, "threads": args.threads,
+        "trace": args.trace, "dicom": args.dicom, "structures": args.structures,
+        "structure_names": args.structure_names,
         "render": args.render, "heatmap": args.heatmap, "fps": args.fps, "num_slices": args.num_slices,
         "options.samples": args.samples, "options.seed": args.seed,
         "options.formats": args.formats.split(",") if args.formats else None, "options.amplitude": args.amplitude,

@@ -174,8 +174,8 @@ class MotionPrior:
         function returning a fresh iterable, or anything iterable twice).
 
         The regression's ridge penalty is chosen among :data:`RIDGE_GRID` by its leave-one-out error over the
-        training items (closed form, from a second read of the items): with few patients the slopes shrink to the mean field, with
-        many they follow the data."""
+        training items (closed form, from a second read of the items): with few patients the slopes shrink to the
+        mean field, with many they follow the data."""
         if mode not in PRIOR_MODES[1:]:
             raise ValueError(f"motion prior mode must be one of {PRIOR_MODES[1:]}, got {mode!r}")
         fresh = items if callable(items) else (lambda: items)
